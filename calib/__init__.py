@@ -1,0 +1,1 @@
+"""Calibration data collection from real media for INT8 builds."""

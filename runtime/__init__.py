@@ -1,0 +1,1 @@
+"""Torch-free runtime: media decoding, preprocessing, backends, generation."""
