@@ -36,7 +36,7 @@ def llama_hf_config(config: LlmConfig) -> LlamaConfig:
 
 
 class LlmDecoder(nn.Module):
-    """inputs_embeds [B, T, H], attention_mask [B, P+T], position_ids [B, T], past -> logits [B, T, V], present."""
+    """inputs_embeds [B, T, H], attention_mask [B, P+T], position_ids [B, T], cache -> logits [B, T, V], cache."""
 
     def __init__(self, config: LlmConfig):
         super().__init__()
@@ -52,13 +52,13 @@ class LlmDecoder(nn.Module):
         inputs_embeds: torch.Tensor,
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
-        past_key_values=None,
+        cache=None,
     ):
         out = self.model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=True,
         )
-        return out.logits, out.past_key_values
+        return out.logits, out.cache

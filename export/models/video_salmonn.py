@@ -23,7 +23,7 @@ class VideoSalmonn(nn.Module):
     whisper_encoder(input_features) -> speech_tokens
     beats_encoder(fbank) -> audio_tokens
     mrc_qformer(av_features, slot_mask) -> llm_tokens
-    llm(inputs_embeds, attention_mask, position_ids, past_key_values) -> logits, present
+    llm(inputs_embeds, attention_mask, position_ids, cache) -> logits, cache
     """
 
     def __init__(self, config: ModelConfig):

@@ -1,0 +1,173 @@
+"""The PyTorch reference pipeline (fp32, CPU): the oracle the runtime is compared with.
+
+media file -> the release's frame and audio sampling -> reference features (transformers'
+WhisperFeatureExtractor, Kaldi fbank) -> parts -> alignment -> MRC Q-Former -> prompt embeddings
+-> transformers generate (greedy or beam) with the release's decoding settings.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vsal.export.models.alignment import align_streams
+from vsal.runtime import media
+from vsal.runtime.errors import MediaError
+from vsal.runtime.features import beats_fbank
+from vsal.runtime.prompt import PROMPT_BEFORE, DecodingOptions, cut_answer, prompt_after
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+INSTRUCTION_MAX_LENGTH = 512  # the release truncates the instruction at max_tgt_len, from the left
+
+
+@dataclass
+class MediaInputs:
+    """What the encoders read; None for an absent modality."""
+
+    pixel_values: torch.Tensor | None  # [N, 3, 224, 224]
+    input_features: torch.Tensor | None  # [1, n_mels, 3000]
+    fbank: torch.Tensor | None  # [1, F, 128]
+
+
+@dataclass
+class Answer:
+    text: str
+    token_ids: list[int]
+    av_tokens: int  # LLM tokens that carry the clip
+
+
+def preprocess_frame(frame: np.ndarray, size: int = 224) -> torch.Tensor:
+    """RGB uint8 [H, W, 3] -> [3, size, size]: /255, bicubic resize (torch, no antialias), CLIP norm.
+
+    The release resizes the [0, 1] float clip with F.interpolate(mode="bicubic", align_corners=False)
+    and normalises after, so values may overshoot [0, 1] before normalisation, as here.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1).float()[None] / 255.0
+    x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)[0]
+    mean = torch.tensor(CLIP_MEAN)[:, None, None]
+    std = torch.tensor(CLIP_STD)[:, None, None]
+    return (x - mean) / std
+
+
+def prepare_audio(waveform: np.ndarray, config) -> np.ndarray:
+    """Zero-pad to the release's 3 s minimum."""
+    align = config.alignment
+    minimum = int(align.min_audio_seconds * align.sample_rate)
+    if waveform.shape[0] < minimum:
+        waveform = np.pad(waveform, (0, minimum - waveform.shape[0]))
+    return waveform.astype(np.float32)
+
+
+class ReferencePipeline:
+    """Answers a prompt about a clip with the PyTorch parts of a `VideoSalmonn`."""
+
+    def __init__(self, model, llama_tokenizer_dir: str | os.PathLike, bert_tokenizer_dir: str | os.PathLike):
+        """`llama_tokenizer_dir` holds tokenizer.model (+ tokenizer_config.json), as a Vicuna folder does;
+        `bert_tokenizer_dir` holds bert-base-uncased's vocab.txt."""
+        from transformers import BertTokenizer, LlamaTokenizer, WhisperFeatureExtractor
+
+        self.model = model.eval()
+        self.config = model.config
+        self.llama_tokenizer = LlamaTokenizer.from_pretrained(str(llama_tokenizer_dir))
+        self.bert_tokenizer = BertTokenizer.from_pretrained(str(bert_tokenizer_dir), truncation_side="left")
+        self.bert_tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+        self.whisper_features = WhisperFeatureExtractor(feature_size=self.config.whisper.num_mel_bins)
+
+    # --- media -> encoder inputs -------------------------------------------------------------
+    def prepare(self, video: str | os.PathLike | None = None, audio: str | os.PathLike | None = None) -> MediaInputs:
+        """Decode and preprocess; with only `video`, its own audio track is used when it has one."""
+        if video is None and audio is None:
+            raise MediaError("give a video file, an audio file or both")
+        pixels = None
+        if video is not None:
+            frames = [
+                preprocess_frame(f, self.config.vision.img_size)
+                for f in media.sample_video_frames(video, self.config.alignment.max_clips)
+            ]
+            pixels = torch.stack(frames)
+            if audio is None and media.has_audio(video):
+                audio = video
+        features = fbank = None
+        if audio is not None:
+            align = self.config.alignment
+            wave = prepare_audio(media.load_audio(audio, align.sample_rate), self.config)
+            feats = self.whisper_features(
+                wave, sampling_rate=align.sample_rate, return_tensors="pt",
+                max_length=int(align.max_audio_seconds * align.sample_rate),
+            )
+            features = feats["input_features"]
+            beats_wave = wave[: int(align.max_audio_seconds * align.sample_rate)]  # truncated, not padded
+            fbank = torch.from_numpy(beats_fbank(beats_wave, align.sample_rate, self.config.beats.n_mels))[None]
+        return MediaInputs(pixels, features, fbank)
+
+    def instruction(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.bert_tokenizer(
+            [prompt], padding="longest", truncation=True, max_length=INSTRUCTION_MAX_LENGTH, return_tensors="pt"
+        )
+        return enc["input_ids"], enc["attention_mask"]
+
+    # --- encoders -> LLM tokens ------------------------------------------------------------------
+    @torch.no_grad()
+    def av_tokens(self, inputs: MediaInputs, prompt: str) -> torch.Tensor:
+        """[1, 3S, llm hidden]: the clip as the LLM reads it."""
+        m = self.model
+        video_tokens = audio_tokens = None
+        if inputs.pixel_values is not None:
+            ids, mask = self.instruction(prompt)
+            frame_tokens = m.frame_qformer(m.vision_encoder(inputs.pixel_values), ids, mask)
+            video_tokens = frame_tokens.reshape(1, -1, frame_tokens.shape[-1])
+        if inputs.input_features is not None:
+            speech = m.whisper_encoder(inputs.input_features)
+            sound = m.beats_encoder(inputs.fbank)
+            audio_tokens = torch.cat([speech, sound], dim=-1)
+        av_features, slot_mask = align_streams(video_tokens, audio_tokens, self.config)
+        return m.mrc_qformer(av_features, slot_mask)
+
+    def text_ids(self, text: str) -> torch.Tensor:
+        return self.llama_tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+
+    @torch.no_grad()
+    def inputs_embeds(self, av_tokens: torch.Tensor, prompt: str) -> torch.Tensor:
+        """[bos] + "USER: <Img>" + av tokens + "</Img> {prompt}\\nASSISTANT:", embedded."""
+        embed = self.model.llm.embed
+        bos = torch.tensor([[self.config.llm.bos_token_id]])
+        return torch.cat(
+            [embed(bos), embed(self.text_ids(PROMPT_BEFORE)), av_tokens, embed(self.text_ids(prompt_after(prompt)))],
+            dim=1,
+        )
+
+    # --- generation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, inputs_embeds: torch.Tensor, options: DecodingOptions) -> list[int]:
+        out = self.model.llm.model.generate(
+            inputs_embeds=inputs_embeds,
+            attention_mask=torch.ones(inputs_embeds.shape[:2], dtype=torch.long),
+            max_new_tokens=options.max_new_tokens,
+            min_length=options.min_length,
+            do_sample=False,
+            num_beams=options.num_beams,
+            repetition_penalty=options.repetition_penalty,
+            length_penalty=options.length_penalty,
+            eos_token_id=self.config.llm.eos_token_id,
+            pad_token_id=self.config.llm.pad_token_id,
+        )
+        return out[0].tolist()
+
+    def ask(
+        self,
+        prompt: str,
+        video: str | os.PathLike | None = None,
+        audio: str | os.PathLike | None = None,
+        options: DecodingOptions | None = None,
+    ) -> Answer:
+        options = options or DecodingOptions()
+        av = self.av_tokens(self.prepare(video=video, audio=audio), prompt)
+        ids = self.generate(self.inputs_embeds(av, prompt), options)
+        text = self.llama_tokenizer.decode(ids, skip_special_tokens=True)
+        return Answer(text=cut_answer(text), token_ids=ids, av_tokens=av.shape[1])
+
