@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
-
 from vsal.export.lora import merge_lora
 
 
@@ -59,10 +58,14 @@ _IGNORED = [
     (re.compile(r"\.position_ids$"), "buffer rebuilt by the module"),
     (re.compile(r"rotary_emb\.inv_freq$"), "buffer rebuilt by the module"),
     (re.compile(r"^llm_proj\."), "InstructBLIP's own projection into Vicuna; video-SALMONN does not use it"),
-    (re.compile(r"^(video|joint)_Qformer\.bert\.embeddings\.(word|position)_embeddings\."),
-     "the release sets the MRC Q-Former's text embeddings to None"),
-    (re.compile(r"^(video|joint)_Qformer\.bert\.encoder\.layer\.\d+\.(intermediate|output)\."),
-     "the release removes the MRC Q-Former's text FFN"),
+    (
+        re.compile(r"^(video|joint)_Qformer\.bert\.embeddings\.(word|position)_embeddings\."),
+        "the release sets the MRC Q-Former's text embeddings to None",
+    ),
+    (
+        re.compile(r"^(video|joint)_Qformer\.bert\.encoder\.layer\.\d+\.(intermediate|output)\."),
+        "the release removes the MRC Q-Former's text FFN",
+    ),
 ]
 
 # Aliases: the release registers shared modules twice (ext_same_qformer); both names hold one tensor.
@@ -97,7 +100,13 @@ _EVA_BIAS = re.compile(r"^blocks\.(\d+)\.attn\.(q|v)_bias$")
 _LORA = re.compile(r"^(?P<base>.+)\.lora_(?P<ab>[AB])\.[^.]+\.weight$")
 _LLM_PREFIXES = ("llama_model.base_model.model.", "llama_model.")
 
-_MRC_TOP = ("ln_video.", "video_frame_position_embedding.", "video_query_tokens", "low_query_tokens", "llama_proj.")
+_MRC_TOP = (
+    "ln_video.",
+    "video_frame_position_embedding.",
+    "video_query_tokens",
+    "low_query_tokens",
+    "llama_proj.",
+)
 
 
 def _rename(name: str, rules) -> str:
@@ -123,21 +132,23 @@ class ReleaseLoader:
         """The vsal destination of a release key, or None when it is not understood."""
         for alias, primary in _ALIASES:
             if key.startswith(alias):
-                key = primary + key[len(alias):]
+                key = primary + key[len(alias) :]
         if key.startswith("visual_encoder."):
-            rest = key[len("visual_encoder."):]
+            rest = key[len("visual_encoder.") :]
             m = _EVA_BIAS.match(rest)
             if m:
-                return Target(f"vision_encoder.model.encoder.layers.{m[1]}.self_attn.qkv.bias", 0 if m[2] == "q" else 2)
+                return Target(
+                    f"vision_encoder.model.encoder.layers.{m[1]}.self_attn.qkv.bias", 0 if m[2] == "q" else 2
+                )
             return Target("vision_encoder.model." + _rename(rest, _EVA_RENAMES))
         if key.startswith("ln_vision."):
-            return Target("vision_encoder.model.post_layernorm." + key[len("ln_vision."):])
+            return Target("vision_encoder.model.post_layernorm." + key[len("ln_vision.") :])
         if key == "query_tokens":
             return Target("frame_qformer.query_tokens")
         if key.startswith("Qformer.bert."):
-            return Target("frame_qformer.qformer." + _rename(key[len("Qformer.bert."):], _BERT_RENAMES))
+            return Target("frame_qformer.qformer." + _rename(key[len("Qformer.bert.") :], _BERT_RENAMES))
         if key.startswith("speech_encoder."):
-            return Target("whisper_encoder.encoder." + key[len("speech_encoder."):])
+            return Target("whisper_encoder.encoder." + key[len("speech_encoder.") :])
         if key.startswith("speech_pre_qformer_proj."):
             return Target("whisper_encoder." + key)
         if key.startswith("beats."):
@@ -145,12 +156,12 @@ class ReleaseLoader:
         if key.startswith("beats_pre_qformer_proj."):
             return Target("beats_encoder." + key)
         if key.startswith("video_Qformer.bert."):
-            return Target("mrc_qformer.qformer." + key[len("video_Qformer.bert."):])
+            return Target("mrc_qformer.qformer." + key[len("video_Qformer.bert.") :])
         if key.startswith(_MRC_TOP):
             return Target("mrc_qformer." + key)
         for prefix in _LLM_PREFIXES:
             if key.startswith(prefix):
-                rest = key[len(prefix):].replace(".base_layer.", ".")  # newer peft names the base weight so
+                rest = key[len(prefix) :].replace(".base_layer.", ".")  # newer peft names the base weight so
                 return Target("llm.model." + rest)
         return None
 
@@ -186,11 +197,13 @@ class ReleaseLoader:
             if dest.third is not None:
                 width = param.shape[0] // 3
                 if tensor.shape != (width,):
-                    self._errors.append(f"{source}: {key} has shape {tuple(tensor.shape)}, expected ({width},)")
+                    self._errors.append(
+                        f"{source}: {key} has shape {tuple(tensor.shape)}, expected ({width},)"
+                    )
                     return
                 if dest.key not in self._filled:
                     param.zero_()  # the k third of the fused bias stays zero: EVA has no k bias
-                param[dest.third * width:(dest.third + 1) * width].copy_(tensor)
+                param[dest.third * width : (dest.third + 1) * width].copy_(tensor)
             else:
                 if tensor.shape != param.shape:
                     self._errors.append(
@@ -270,7 +283,7 @@ def to_release_layout(model) -> dict[str, torch.Tensor]:
         if key.startswith("vision_encoder.model.post_layernorm."):
             out["ln_vision." + key.rsplit(".", 1)[1]] = tensor
         elif key.startswith("vision_encoder.model."):
-            rest = key[len("vision_encoder.model."):]
+            rest = key[len("vision_encoder.model.") :]
             m = _QKV_BIAS.match(rest)
             if m:
                 q, _, v = tensor.chunk(3)
@@ -281,17 +294,17 @@ def to_release_layout(model) -> dict[str, torch.Tensor]:
         elif key == "frame_qformer.query_tokens":
             out["query_tokens"] = tensor
         elif key.startswith("frame_qformer.qformer."):
-            out["Qformer.bert." + _rename(key[len("frame_qformer.qformer."):], _BERT_INVERSE)] = tensor
+            out["Qformer.bert." + _rename(key[len("frame_qformer.qformer.") :], _BERT_INVERSE)] = tensor
         elif key.startswith("whisper_encoder.encoder."):
-            out["speech_encoder." + key[len("whisper_encoder.encoder."):]] = tensor
+            out["speech_encoder." + key[len("whisper_encoder.encoder.") :]] = tensor
         elif key.startswith(("whisper_encoder.", "beats_encoder.")):
             out[key.split(".", 1)[1]] = tensor
         elif key.startswith("mrc_qformer.qformer."):
-            out["video_Qformer.bert." + key[len("mrc_qformer.qformer."):]] = tensor
+            out["video_Qformer.bert." + key[len("mrc_qformer.qformer.") :]] = tensor
         elif key.startswith("mrc_qformer."):
-            out[key[len("mrc_qformer."):]] = tensor
+            out[key[len("mrc_qformer.") :]] = tensor
         elif key.startswith("llm.model."):
-            out["llama_model.base_model.model." + key[len("llm.model."):]] = tensor
+            out["llama_model.base_model.model." + key[len("llm.model.") :]] = tensor
         else:
             raise CheckpointError(f"no release name for vsal key {key}")
     return out

@@ -15,7 +15,9 @@ def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torc
     return (lora_b.float() @ lora_a.float()) * scale
 
 
-def merge_lora(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+def merge_lora(
+    weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float
+) -> torch.Tensor:
     """W + (B @ A) * scale, computed in fp32 and returned in W's dtype."""
     delta = lora_delta(lora_a, lora_b, scale)
     if delta.shape != weight.shape:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from vsal.export.models.alignment import align_streams
 from vsal.runtime import media
 from vsal.runtime.errors import MediaError
@@ -79,7 +78,9 @@ class ReferencePipeline:
         self.whisper_features = WhisperFeatureExtractor(feature_size=self.config.whisper.num_mel_bins)
 
     # --- media -> encoder inputs -------------------------------------------------------------
-    def prepare(self, video: str | os.PathLike | None = None, audio: str | os.PathLike | None = None) -> MediaInputs:
+    def prepare(
+        self, video: str | os.PathLike | None = None, audio: str | os.PathLike | None = None
+    ) -> MediaInputs:
         """Decode and preprocess; with only `video`, its own audio track is used when it has one."""
         if video is None and audio is None:
             raise MediaError("give a video file, an audio file or both")
@@ -97,17 +98,25 @@ class ReferencePipeline:
             align = self.config.alignment
             wave = prepare_audio(media.load_audio(audio, align.sample_rate), self.config)
             feats = self.whisper_features(
-                wave, sampling_rate=align.sample_rate, return_tensors="pt",
+                wave,
+                sampling_rate=align.sample_rate,
+                return_tensors="pt",
                 max_length=int(align.max_audio_seconds * align.sample_rate),
             )
             features = feats["input_features"]
             beats_wave = wave[: int(align.max_audio_seconds * align.sample_rate)]  # truncated, not padded
-            fbank = torch.from_numpy(beats_fbank(beats_wave, align.sample_rate, self.config.beats.n_mels))[None]
+            fbank = torch.from_numpy(beats_fbank(beats_wave, align.sample_rate, self.config.beats.n_mels))[
+                None
+            ]
         return MediaInputs(pixels, features, fbank)
 
     def instruction(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         enc = self.bert_tokenizer(
-            [prompt], padding="longest", truncation=True, max_length=INSTRUCTION_MAX_LENGTH, return_tensors="pt"
+            [prompt],
+            padding="longest",
+            truncation=True,
+            max_length=INSTRUCTION_MAX_LENGTH,
+            return_tensors="pt",
         )
         return enc["input_ids"], enc["attention_mask"]
 
@@ -137,7 +146,12 @@ class ReferencePipeline:
         embed = self.model.llm.embed
         bos = torch.tensor([[self.config.llm.bos_token_id]])
         return torch.cat(
-            [embed(bos), embed(self.text_ids(PROMPT_BEFORE)), av_tokens, embed(self.text_ids(prompt_after(prompt)))],
+            [
+                embed(bos),
+                embed(self.text_ids(PROMPT_BEFORE)),
+                av_tokens,
+                embed(self.text_ids(prompt_after(prompt))),
+            ],
             dim=1,
         )
 
@@ -170,4 +184,3 @@ class ReferencePipeline:
         ids = self.generate(self.inputs_embeds(av, prompt), options)
         text = self.llama_tokenizer.decode(ids, skip_special_tokens=True)
         return Answer(text=cut_answer(text), token_ids=ids, av_tokens=av.shape[1])
-

@@ -19,7 +19,6 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
-
 from vsal.runtime.errors import MediaError
 
 CLIP_SECONDS = 1  # the release's clip_duration

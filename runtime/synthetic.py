@@ -37,7 +37,7 @@ def write_clip(
         for i in range(n_frames):
             img = np.broadcast_to(ramp * (0.3 + 0.7 * i / max(n_frames - 1, 1)), (height, width, 3)).copy()
             x = int((width - 40) * i / max(n_frames - 1, 1))
-            img[height // 3: height // 3 + 40, x: x + 40] = (255, 40, 40)
+            img[height // 3 : height // 3 + 40, x : x + 40] = (255, 40, 40)
             frame = av.VideoFrame.from_ndarray(img.astype(np.uint8), format="rgb24")
             container.mux(video.encode(frame))
         container.mux(video.encode(None))
@@ -47,7 +47,7 @@ def write_clip(
             planes = np.stack([tone] * audio_channels)
             block = 1024
             for start in range(0, planes.shape[1], block):
-                chunk = np.ascontiguousarray(planes[:, start: start + block])
+                chunk = np.ascontiguousarray(planes[:, start : start + block])
                 frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=layout)
                 frame.sample_rate = audio_rate
                 container.mux(audio.encode(frame))

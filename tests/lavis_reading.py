@@ -28,7 +28,9 @@ def eva_vit_forward(sd, pixels, depth, heads, ln_vision_eps=1e-5):
     for i in range(depth):
         p = f"visual_encoder.blocks.{i}."
         h = _ln(x, sd, p + "norm1.", 1e-6)
-        bias = torch.cat([sd[p + "attn.q_bias"], torch.zeros_like(sd[p + "attn.v_bias"]), sd[p + "attn.v_bias"]])
+        bias = torch.cat(
+            [sd[p + "attn.q_bias"], torch.zeros_like(sd[p + "attn.v_bias"]), sd[p + "attn.v_bias"]]
+        )
         qkv = F.linear(h, sd[p + "attn.qkv.weight"], bias)
         b, n, c = h.shape
         qkv = qkv.reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from vsal.export import build_model
 from vsal.export.checkpoints import CheckpointError, to_release_layout
 
@@ -36,7 +35,9 @@ def test_release_extras_are_ignored_or_reported(tiny_model, tiny_config):
     sd["Qformer.cls.predictions.bias"] = torch.zeros(4)
     sd["something_new.weight"] = torch.zeros(1)
     # ext_same_qformer: the shared MRC modules appear a second time under joint_* names.
-    sd["joint_Qformer.bert.embeddings.LayerNorm.weight"] = sd["video_Qformer.bert.embeddings.LayerNorm.weight"]
+    sd["joint_Qformer.bert.embeddings.LayerNorm.weight"] = sd[
+        "video_Qformer.bert.embeddings.LayerNorm.weight"
+    ]
     sd["ln_joint.weight"] = sd["ln_video.weight"]
     report = _fresh(tiny_config).load_release_state_dict(sd)
     assert report.unexpected == ["something_new.weight"]
@@ -107,9 +108,11 @@ def test_merged_lora_equals_unmerged_forward(tiny_model, tiny_config, peft_layou
     hooks = []
     for (layer, proj), (a, b) in factors.items():
         module = getattr(tiny_model.llm.model.model.layers[layer].self_attn, proj)
-        hooks.append(module.register_forward_hook(
-            lambda mod, args, out, a=a, b=b: out + scale * F.linear(F.linear(args[0], a), b)
-        ))
+        hooks.append(
+            module.register_forward_hook(
+                lambda mod, args, out, a=a, b=b: out + scale * F.linear(F.linear(args[0], a), b)
+            )
+        )
     embeds = torch.randn(1, 6, tiny_config.llm.hidden_size)
     inputs = dict(attention_mask=torch.ones(1, 6, dtype=torch.long), position_ids=torch.arange(6)[None])
     try:

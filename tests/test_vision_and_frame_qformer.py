@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from vsal.export.checkpoints import to_release_layout
 
 from tests.lavis_reading import eva_vit_forward, instructblip_qformer_forward
-from vsal.export.checkpoints import to_release_layout
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +51,13 @@ def test_frame_qformer_matches_lavis(tiny_config, release_sd, loaded, frames, le
     ids = torch.randint(0, qc.vocab_size, (1, length))
     mask = torch.ones(1, length, dtype=torch.long)
     expected = instructblip_qformer_forward(
-        release_sd, image_embeds, ids.expand(frames, -1), mask.expand(frames, -1),
-        qc.num_hidden_layers, qc.num_attention_heads, qc.cross_attention_freq,
+        release_sd,
+        image_embeds,
+        ids.expand(frames, -1),
+        mask.expand(frames, -1),
+        qc.num_hidden_layers,
+        qc.num_attention_heads,
+        qc.cross_attention_freq,
     )
     with torch.no_grad():
         got = loaded.frame_qformer(image_embeds, ids, mask)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
-
 from vsal.export.config import LlmConfig
 
 
@@ -36,7 +35,8 @@ def llama_hf_config(config: LlmConfig) -> LlamaConfig:
 
 
 class LlmDecoder(nn.Module):
-    """inputs_embeds [B, T, H], attention_mask [B, P+T], position_ids [B, T], cache -> logits [B, T, V], cache."""
+    """inputs_embeds [B, T, H], attention_mask [B, P+T], position_ids [B, T], cache
+    -> logits [B, T, V], cache (past length P)."""
 
     def __init__(self, config: LlmConfig):
         super().__init__()

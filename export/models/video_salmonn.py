@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from torch import nn
-
 from vsal.export.config import ModelConfig
 from vsal.export.models.beats import BeatsEncoder
 from vsal.export.models.frame_qformer import FrameQFormer

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import InstructBlipVisionConfig, InstructBlipVisionModel
-
 from vsal.export.config import VisionConfig
 
 LN_VISION_EPS = 1e-5  # LAVIS builds ln_vision as nn.LayerNorm(1408): torch's default eps, not the ViT's 1e-6

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
-
 from vsal.export.config import ModelConfig
 
 

@@ -1,0 +1,176 @@
+"""`vsal-export`: a thin click CLI over vsal.export's Python API."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+from vsal.runtime.errors import VsalError
+
+RANDOM_WEIGHTS_NOTICE = (
+    "note: preset {name!r} has seeded random weights: its answers are meaningless until real "
+    "checkpoints are given (--checkpoint or --checkpoint-dir)"
+)
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (VsalError, ValueError, OSError) as exc:
+        click.echo(f"vsal-export: error: {exc}", err=True)
+        sys.exit(1)
+
+
+@click.group(help="Export video-SALMONN: model parts, checkpoints, the PyTorch reference pipeline.")
+@click.version_option(package_name="vsal")
+def cli() -> None:
+    pass
+
+
+@cli.command(help="List the built-in model presets with their parameter counts.")
+def presets() -> None:
+    import torch
+    from vsal.export import build_model
+    from vsal.export import presets as preset_table
+
+    for name in preset_table.names():
+        with torch.device("meta"):  # shapes only: no memory, even for 13b
+            counts = build_model(preset_table.get(name)).parameter_counts()
+        parts = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items())
+        click.echo(f"{name:6s} {sum(counts.values()) / 1e6:9.1f}M  ({parts})")
+
+
+def _model_options(fn):
+    fn = click.option(
+        "--checkpoint-dir",
+        type=click.Path(path_type=Path, file_okay=False),
+        help="Folder with the six released files (see docs/checkpoints.md).",
+    )(fn)
+    fn = click.option(
+        "--checkpoint",
+        type=click.Path(path_type=Path, dir_okay=False),
+        help="A consolidated checkpoint from `vsal-export convert`.",
+    )(fn)
+    fn = click.option(
+        "--preset", default=None, help="Built-in preset with seeded random weights (default: tiny)."
+    )(fn)
+    return fn
+
+
+def _load(preset: str | None, checkpoint: Path | None, checkpoint_dir: Path | None):
+    """(model, llama tokenizer folder, bert tokenizer folder) for the chosen weights."""
+    from vsal.export import build_model, presets
+    from vsal.export.assets import ensure_tokenizer_assets
+
+    chosen = sum(x is not None for x in (preset, checkpoint, checkpoint_dir))
+    if chosen > 1:
+        raise click.UsageError("give only one of --preset, --checkpoint, --checkpoint-dir")
+    assets = ensure_tokenizer_assets()
+    llama_dir, bert_dir = assets.llama_dir, assets.bert_vocab.parent
+    if checkpoint is not None:
+        from vsal.export.consolidated import load_consolidated
+
+        model = load_consolidated(checkpoint)
+    elif checkpoint_dir is not None:
+        from vsal.export.release_files import load_release_files
+
+        model, report = load_release_files(checkpoint_dir, presets.get("13b"), progress=True)
+        click.echo(report.summary(), err=True)
+        llama_dir = Path(checkpoint_dir) / "vicuna-13b-v1.5"
+    else:
+        import torch
+
+        name = preset or "tiny"
+        torch.manual_seed(0)
+        model = build_model(presets.get(name))
+        click.echo(RANDOM_WEIGHTS_NOTICE.format(name=name), err=True)
+    return model, llama_dir, bert_dir
+
+
+@cli.command(help="Answer a prompt about a clip with the PyTorch reference pipeline (fp32, CPU).")
+@_model_options
+@click.option("--video", type=click.Path(path_type=Path), help="Video file (its audio track is used too).")
+@click.option("--audio", type=click.Path(path_type=Path), help="Audio file (alone, or beside --video).")
+@click.option("--prompt", required=True, help="The question.")
+@click.option("--beams", default=5, show_default=True, help="Beam width (1 = greedy; the release uses 5).")
+@click.option("--max-new-tokens", default=512, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print answer, token ids and timing as JSON.")
+def reference(
+    preset, checkpoint, checkpoint_dir, video, audio, prompt, beams, max_new_tokens, as_json
+) -> None:
+    import time
+
+    from vsal.export.reference import ReferencePipeline
+    from vsal.runtime.prompt import DecodingOptions
+
+    if video is None and audio is None:
+        raise click.UsageError("give --video, --audio or both")
+    options = DecodingOptions(num_beams=beams, max_new_tokens=max_new_tokens)
+    model, llama_dir, bert_dir = _load(preset, checkpoint, checkpoint_dir)
+    pipeline = ReferencePipeline(model, llama_dir, bert_dir)
+    start = time.perf_counter()
+    answer = pipeline.ask(prompt, video=video, audio=audio, options=options)
+    seconds = time.perf_counter() - start
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "answer": answer.text,
+                    "token_ids": answer.token_ids,
+                    "av_tokens": answer.av_tokens,
+                    "seconds": round(seconds, 3),
+                }
+            )
+        )
+    else:
+        click.echo(answer.text if answer.text.strip() else "(empty answer)")
+        click.echo(
+            f"[{len(answer.token_ids)} tokens from {answer.av_tokens} clip tokens in {seconds:.1f} s]",
+            err=True,
+        )
+
+
+@cli.command(help="The built-in default job: a generated clip, the tiny preset, the reference pipeline.")
+@click.option(
+    "--workdir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Where to write the generated clip (default: a temporary folder).",
+)
+@click.option("--prompt", default="What happens in the video and what can be heard?", show_default=True)
+def demo(workdir: Path | None, prompt: str) -> None:
+    from vsal.runtime.synthetic import write_clip
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = workdir or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        clip = write_clip(folder / "demo.mp4", seconds=10.0)
+        click.echo(f"generated a 10 s clip with a tone sweep: {clip}", err=True)
+        ctx = click.get_current_context()
+        ctx.invoke(reference, video=clip, prompt=prompt, beams=1, max_new_tokens=24)
+
+
+@cli.command(help="Write one consolidated checkpoint (LoRA merged) from the six released files.")
+@click.option("--checkpoint-dir", required=True, type=click.Path(path_type=Path, file_okay=False))
+@click.option(
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Output .safetensors file.",
+)
+def convert(checkpoint_dir: Path, output: Path) -> None:
+    from vsal.export import presets
+    from vsal.export.consolidated import convert_release_files
+
+    report = convert_release_files(checkpoint_dir, output, presets.get("13b"), progress=True)
+    click.echo(report.summary(), err=True)
+    click.echo(f"wrote {output}")
