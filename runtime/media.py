@@ -163,3 +163,47 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
     if not chunks:
         raise MediaError(f"{path}: the audio stream holds no decodable samples")
     return np.ascontiguousarray(np.concatenate(chunks), dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    video_codec: str | None
+    width: int | None
+    height: int | None
+    video_seconds: float | None
+    clips: int  # 1-second clips the release samples (2 frames each)
+    truncated: bool  # longer than max_clips seconds
+    audio_codec: str | None
+    sample_rate: int | None
+    channels: int | None
+    audio_seconds: float | None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def probe_media(path: str | os.PathLike, max_clips: int = 60) -> MediaInfo:
+    """Stream facts of a media file, without decoding it."""
+    path = _check_file(path)
+    with _open(path) as container:
+        video = container.streams.video[0] if container.streams.video else None
+        audio = container.streams.audio[0] if container.streams.audio else None
+        if video is None and audio is None:
+            raise MediaError(f"{path}: no video or audio stream")
+        video_seconds = _stream_duration(container, video) if video is not None else None
+        audio_seconds = None
+        if audio is not None:
+            audio_seconds = _stream_duration(container, audio)
+        clips = len(clip_timepoints(video_seconds, max_clips)) if video_seconds is not None else 0
+        return MediaInfo(
+            video_codec=video.codec_context.name if video is not None else None,
+            width=video.codec_context.width if video is not None else None,
+            height=video.codec_context.height if video is not None else None,
+            video_seconds=video_seconds,
+            clips=clips,
+            truncated=video_seconds is not None and video_seconds > max_clips,
+            audio_codec=audio.codec_context.name if audio is not None else None,
+            sample_rate=audio.codec_context.sample_rate if audio is not None else None,
+            channels=audio.codec_context.channels if audio is not None else None,
+            audio_seconds=audio_seconds,
+        )

@@ -54,3 +54,23 @@ def write_clip(
             container.mux(audio.encode(None))
     os.replace(tmp, path)
     return path
+
+
+def write_tone(path: str | os.PathLike, seconds: float = 4.0, rate: int = 16000, channels: int = 1) -> Path:
+    """Write an audio-only PCM file with a 300 Hz tone on the first channel (silence on the others)."""
+    import av
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial{path.suffix}")
+    t = np.arange(int(rate * seconds)) / rate
+    planes = np.zeros((channels, t.shape[0]), dtype=np.float32)
+    planes[0] = 0.3 * np.sin(2 * np.pi * 300 * t)
+    layout = {1: "mono", 2: "stereo"}.get(channels, f"{channels}c")
+    with av.open(str(tmp), "w", format=path.suffix.lstrip(".") or "wav") as out:
+        stream = out.add_stream("pcm_s16le", rate=rate, layout=layout)
+        frame = av.AudioFrame.from_ndarray(planes, format="fltp", layout=layout)
+        frame.sample_rate = rate
+        out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    os.replace(tmp, path)
+    return path

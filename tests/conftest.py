@@ -20,3 +20,19 @@ def tiny_model(tiny_config):
 
     torch.manual_seed(0)
     return build_model(tiny_config)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_assets():
+    """The LLaMA-2 sentencepiece model and bert-base-uncased vocab (downloaded once, then cached)."""
+    from vsal.export.assets import ensure_tokenizer_assets
+
+    return ensure_tokenizer_assets(quiet=True)
+
+
+@pytest.fixture(scope="session")
+def clip_10s(tmp_path_factory):
+    """A 10 s, 25 fps, 320x240 clip with a stereo 44.1 kHz tone sweep."""
+    from vsal.runtime.synthetic import write_clip
+
+    return write_clip(tmp_path_factory.mktemp("media") / "clip10.mp4", seconds=10.0)

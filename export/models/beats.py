@@ -19,7 +19,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
 from vsal.export.config import BeatsConfig, ModelConfig
 
 # The release divides q by 32 before q @ k^T and multiplies the max-subtracted scores back by 32
@@ -201,8 +200,10 @@ class BeatsTransformer(nn.Module):
         """Relative position bias [H, T, T] for T = length, built with tensor ops only."""
         positions = torch.arange(length, device=self.bucket_table.device)
         relative = positions[None, :] - positions[:, None]  # key - query
-        direction = (relative > 0).to(torch.long) * (self.num_buckets // 2)
-        bucket = direction + self.bucket_table[relative.abs().clamp(max=self.max_distance)]
+        distance = relative.abs().clamp(max=self.max_distance)
+        # index_select on the flattened distances exports as a plain Gather (indexing: GatherND).
+        magnitude = self.bucket_table.index_select(0, distance.flatten()).view(distance.shape)
+        bucket = (relative > 0).to(torch.long) * (self.num_buckets // 2) + magnitude
         return self.layers[0].self_attn.relative_attention_bias(bucket).permute(2, 0, 1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -236,9 +237,8 @@ class BEATs(nn.Module):
         self.patch_embedding = nn.Conv2d(1, cfg.embed_dim, patch, stride=patch, bias=cfg.conv_bias)
         self.layer_norm = nn.LayerNorm(cfg.embed_dim)
         # As the release: no projection when the patch and encoder widths agree.
-        self.post_extract_proj = (
-            nn.Linear(cfg.embed_dim, cfg.encoder_embed_dim) if cfg.embed_dim != cfg.encoder_embed_dim else None
-        )
+        width = cfg.encoder_embed_dim
+        self.post_extract_proj = nn.Linear(cfg.embed_dim, width) if cfg.embed_dim != width else None
         self.encoder = BeatsTransformer(cfg)
 
     def num_tokens(self, num_frames: int) -> int:
@@ -269,7 +269,8 @@ class BeatsEncoder(nn.Module):
         super().__init__()
         self.num_frames = config.alignment.audio_frames
         self.beats = BEATs(config.beats)
-        self.beats_pre_qformer_proj = nn.Linear(config.beats.encoder_embed_dim, config.frame_qformer.hidden_size)
+        width = config.beats.encoder_embed_dim
+        self.beats_pre_qformer_proj = nn.Linear(width, config.frame_qformer.hidden_size)
 
     def forward(self, fbank: Tensor) -> Tensor:
         """fbank [B, F, 128] -> audio_tokens [B, 1500, frame_qformer.hidden_size].
