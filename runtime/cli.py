@@ -51,7 +51,8 @@ def probe(path: Path, as_json: bool) -> None:
         click.echo("  video: none")
     if info.audio_seconds is not None:
         click.echo(
-            f"  audio: {info.audio_codec} {info.sample_rate} Hz, {info.channels} channel(s), {info.audio_seconds:.2f} s"
+            f"  audio: {info.audio_codec} {info.sample_rate} Hz, {info.channels} channel(s), "
+            f"{info.audio_seconds:.2f} s"
         )
     else:
         click.echo("  audio: none")
