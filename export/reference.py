@@ -8,6 +8,7 @@ WhisperFeatureExtractor, Kaldi fbank) -> parts -> alignment -> MRC Q-Former -> p
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -158,7 +159,15 @@ class ReferencePipeline:
     # --- generation ------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, inputs_embeds: torch.Tensor, options: DecodingOptions) -> list[int]:
-        out = self.model.llm.model.generate(
+        # With only inputs_embeds the repetition penalty sees generated tokens alone; the release
+        # generates from inputs_embeds too, so that is the behaviour to keep (transformers warns).
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Passing `repetition_penalty` with `inputs_embeds`")
+            out = self._generate(inputs_embeds, options)
+        return out[0].tolist()
+
+    def _generate(self, inputs_embeds: torch.Tensor, options: DecodingOptions) -> torch.Tensor:
+        return self.model.llm.model.generate(
             inputs_embeds=inputs_embeds,
             attention_mask=torch.ones(inputs_embeds.shape[:2], dtype=torch.long),
             max_new_tokens=options.max_new_tokens,
@@ -170,7 +179,6 @@ class ReferencePipeline:
             eos_token_id=self.config.llm.eos_token_id,
             pad_token_id=self.config.llm.pad_token_id,
         )
-        return out[0].tolist()
 
     def ask(
         self,

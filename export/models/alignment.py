@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-
 from vsal.export.config import ModelConfig
 
 

@@ -56,7 +56,6 @@ import math
 
 import torch
 from torch import Tensor, nn
-
 from vsal.export.config import ModelConfig, QFormerConfig
 
 _ACTIVATIONS = {
@@ -177,7 +176,9 @@ class QFormerLayer(nn.Module):
         # Width encoder_width, same head count: 12 heads x 192 at the released size.
         self.encoder_causal_attention = BertAttention(config.encoder_width, config.encoder_width, heads, eps)
 
-    def forward(self, queries: Tensor, encoder_states: Tensor, causal_mask: Tensor, cross_mask: Tensor) -> Tensor:
+    def forward(
+        self, queries: Tensor, encoder_states: Tensor, causal_mask: Tensor, cross_mask: Tensor
+    ) -> Tensor:
         """queries [N, Q, D], encoder_states [N, L, E] (the original window states), causal_mask
         [1, 1, L, L] and cross_mask [N, 1, 1, L] additive -> [N, Q, D]."""
         encoder_states = self.encoder_causal_attention(encoder_states, encoder_states, causal_mask)
@@ -214,10 +215,13 @@ class CausalQFormer(nn.Module):
         self.embeddings = QueryEmbeddings(config)
         self.encoder = QFormerEncoder(config)
 
-    def forward(self, queries: Tensor, encoder_states: Tensor, causal_mask: Tensor, cross_mask: Tensor) -> Tensor:
+    def forward(
+        self, queries: Tensor, encoder_states: Tensor, causal_mask: Tensor, cross_mask: Tensor
+    ) -> Tensor:
         """queries [1, Q, D] (expanded to the N windows here), encoder_states [N, L, E] -> [N, Q, D]."""
-        # LayerNorm is per token, so normalising before the expand equals the release's order.
-        x = self.embeddings(queries).expand(encoder_states.shape[0], -1, -1)
+        # Expand first, as the release does: the same values as normalising once, but later GEMMs on
+        # a contiguous [N, Q, D] round exactly like the release's (bitwise parity in fp32).
+        x = self.embeddings(queries.expand(encoder_states.shape[0], -1, -1))
         for layer in self.encoder.layer:  # fixed depth: unrolled at export
             x = layer(x, encoder_states, causal_mask, cross_mask)
         return x
@@ -269,7 +273,9 @@ class MrcQFormer(nn.Module):
         states = self.ln_video(states) + self.video_frame_position_embedding(positions)
 
         dtype = states.dtype
-        causal = additive_mask(slot_causal_mask(window, self.tokens_per_slot, slots.device), dtype)[None, None]
+        causal = additive_mask(slot_causal_mask(window, self.tokens_per_slot, slots.device), dtype)[
+            None, None
+        ]
         cross = additive_mask(token_mask, dtype)[:, None, None, :]
         out = self.qformer(queries, states, causal, cross)  # [B*S/window, Q, D]
         return out.reshape(slots.shape[0], -1, out.shape[-1])
