@@ -19,10 +19,11 @@ from vsal.runtime import media
 from vsal.runtime.errors import MediaError
 from vsal.runtime.features import beats_fbank
 from vsal.runtime.prompt import PROMPT_BEFORE, DecodingOptions, cut_answer, prompt_after
+from vsal.runtime.tokenizers import InstructionTokenizer, LlamaTokenizer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-INSTRUCTION_MAX_LENGTH = 512  # the release truncates the instruction at max_tgt_len, from the left
+INSTRUCTION_LIMIT = 512  # the release truncates the instruction at max_tgt_len, from the left
 
 
 @dataclass
@@ -69,13 +70,17 @@ class ReferencePipeline:
     def __init__(self, model, llama_tokenizer_dir: str | os.PathLike, bert_tokenizer_dir: str | os.PathLike):
         """`llama_tokenizer_dir` holds tokenizer.model (+ tokenizer_config.json), as a Vicuna folder does;
         `bert_tokenizer_dir` holds bert-base-uncased's vocab.txt."""
-        from transformers import BertTokenizer, LlamaTokenizer, WhisperFeatureExtractor
+        from transformers import WhisperFeatureExtractor
 
         self.model = model.eval()
         self.config = model.config
-        self.llama_tokenizer = LlamaTokenizer.from_pretrained(str(llama_tokenizer_dir))
-        self.bert_tokenizer = BertTokenizer.from_pretrained(str(bert_tokenizer_dir), truncation_side="left")
-        self.bert_tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+        # vsal's sentencepiece/WordPiece tokenizers, not transformers 5's: they give the ids of the
+        # release's pinned transformers 4.40.1 slow tokenizers (tests/test_tokenizers.py), which
+        # transformers 5's LlamaTokenizer does not on leading or repeated spaces.
+        self.llama_tokenizer = LlamaTokenizer(llama_tokenizer_dir)
+        self.instruction_tokenizer = InstructionTokenizer(
+            bert_tokenizer_dir, max_length=INSTRUCTION_LIMIT
+        )
         self.whisper_features = WhisperFeatureExtractor(feature_size=self.config.whisper.num_mel_bins)
 
     # --- media -> encoder inputs -------------------------------------------------------------
@@ -106,20 +111,14 @@ class ReferencePipeline:
             )
             features = feats["input_features"]
             beats_wave = wave[: int(align.max_audio_seconds * align.sample_rate)]  # truncated, not padded
-            fbank = torch.from_numpy(beats_fbank(beats_wave, align.sample_rate, self.config.beats.n_mels))[
-                None
-            ]
+            fbank = beats_fbank(beats_wave, align.sample_rate, self.config.beats.n_mels)
+            fbank = torch.from_numpy(fbank)[None]
         return MediaInputs(pixels, features, fbank)
 
     def instruction(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        enc = self.bert_tokenizer(
-            [prompt],
-            padding="longest",
-            truncation=True,
-            max_length=INSTRUCTION_MAX_LENGTH,
-            return_tensors="pt",
-        )
-        return enc["input_ids"], enc["attention_mask"]
+        """The frame Q-Former's instruction: the prompt as WordPiece ids and mask, [1, L] each."""
+        ids, mask = self.instruction_tokenizer.encode(prompt)
+        return torch.from_numpy(ids), torch.from_numpy(mask)
 
     # --- encoders -> LLM tokens ------------------------------------------------------------------
     @torch.no_grad()
@@ -139,7 +138,7 @@ class ReferencePipeline:
         return m.mrc_qformer(av_features, slot_mask)
 
     def text_ids(self, text: str) -> torch.Tensor:
-        return self.llama_tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        return torch.tensor([self.llama_tokenizer.encode(text)], dtype=torch.long)
 
     @torch.no_grad()
     def inputs_embeds(self, av_tokens: torch.Tensor, prompt: str) -> torch.Tensor:
