@@ -78,9 +78,7 @@ class ReferencePipeline:
         # release's pinned transformers 4.40.1 slow tokenizers (tests/test_tokenizers.py), which
         # transformers 5's LlamaTokenizer does not on leading or repeated spaces.
         self.llama_tokenizer = LlamaTokenizer(llama_tokenizer_dir)
-        self.instruction_tokenizer = InstructionTokenizer(
-            bert_tokenizer_dir, max_length=INSTRUCTION_LIMIT
-        )
+        self.instruction_tokenizer = InstructionTokenizer(bert_tokenizer_dir, max_length=INSTRUCTION_LIMIT)
         self.whisper_features = WhisperFeatureExtractor(feature_size=self.config.whisper.num_mel_bins)
 
     # --- media -> encoder inputs -------------------------------------------------------------
