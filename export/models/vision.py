@@ -34,6 +34,7 @@ class VisionEncoder(nn.Module):
             layer_norm_eps=config.norm_eps,
             qkv_bias=config.qkv_bias,
             attention_dropout=0.0,
+            initializer_range=0.02,  # HF's default (1e-10) makes a random preset's ViT output constant
         )
         hf_config._attn_implementation = "eager"
         self.model = InstructBlipVisionModel(hf_config)
