@@ -6,8 +6,8 @@ from vsal.export.config import ModelConfig
 __all__ = ["ModelConfig", "build_model", "presets"]
 
 
-def build_model(config: ModelConfig):
-    """Build a randomly initialised `VideoSalmonn` for `config` (load weights afterwards)."""
+def build_model(config: ModelConfig, seed: int | None = 0):
+    """A `VideoSalmonn` for `config` with seeded random weights (None: torch's current RNG state)."""
     from vsal.export.models.video_salmonn import VideoSalmonn
 
-    return VideoSalmonn(config)
+    return VideoSalmonn(config, seed)

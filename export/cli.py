@@ -87,10 +87,7 @@ def _load(preset: str | None, checkpoint: Path | None, checkpoint_dir: Path | No
         click.echo(report.summary(), err=True)
         llama_dir = Path(checkpoint_dir) / "vicuna-13b-v1.5"
     else:
-        import torch
-
         name = preset or "tiny"
-        torch.manual_seed(0)
         model = build_model(presets.get(name))
         click.echo(RANDOM_WEIGHTS_NOTICE.format(name=name), err=True)
     return model, llama_dir, bert_dir
@@ -174,3 +171,110 @@ def convert(checkpoint_dir: Path, output: Path) -> None:
     report = convert_release_files(checkpoint_dir, output, presets.get("13b"), progress=True)
     click.echo(report.summary(), err=True)
     click.echo(f"wrote {output}")
+
+
+@cli.command(
+    name="export", help="Export a model package: ONNX graphs validated against PyTorch, manifest, tokenizers."
+)
+@_model_options
+@click.option(
+    "--output", required=True, type=click.Path(path_type=Path, file_okay=False), help="Package folder."
+)
+@click.option("--opset", default=None, type=int, help="ONNX opset (default: vsal's tested one).")
+@click.option("--graphs", default=None, help="Comma-separated subset of graphs (default: all).")
+@click.option("--no-slim", is_flag=True, help="Skip onnxslim (it is kept only when validation still passes).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing package at --output.")
+def export(preset, checkpoint, checkpoint_dir, output, opset, graphs, no_slim, overwrite) -> None:
+    from vsal.export.onnx_export import DEFAULT_OPSET
+    from vsal.export.package import ALL_GRAPHS, export_package
+
+    chosen = tuple(g.strip() for g in graphs.split(",")) if graphs else ALL_GRAPHS
+    with tempfile.TemporaryDirectory(prefix="vsal-export-") as tmp:
+        source, tokenizers = _export_source(preset, checkpoint, checkpoint_dir, Path(tmp))
+        if source.random_weights:
+            click.echo(RANDOM_WEIGHTS_NOTICE.format(name=source.config.name), err=True)
+        manifest = export_package(
+            source,
+            output,
+            tokenizers,
+            graphs=chosen,
+            opset=opset or DEFAULT_OPSET,
+            slim=not no_slim,
+            overwrite=overwrite,
+        )
+    click.echo(f"exported {len(manifest.graphs)} graphs to {output}")
+
+
+def _export_source(preset, checkpoint, checkpoint_dir, tmp: Path):
+    """(ExportSource, TokenizerFiles) for the chosen weights; part loaders never hold the whole model."""
+    from vsal.export import build_model, presets
+    from vsal.export.assets import ensure_tokenizer_assets
+    from vsal.export.package import ExportSource, TokenizerFiles, consolidated_filler
+
+    if checkpoint is not None and checkpoint_dir is not None:
+        raise click.UsageError("give only one of --checkpoint, --checkpoint-dir")
+    assets = ensure_tokenizer_assets()
+    tokenizers = TokenizerFiles(assets.llm_dir, assets.bert_vocab)
+    if checkpoint_dir is not None:
+        from vsal.export.consolidated import convert_release_files
+
+        config = presets.get(preset or "13b")
+        consolidated = tmp / "consolidated.safetensors"
+        click.echo(f"converting the released files in {checkpoint_dir} (streamed, LoRA merged)", err=True)
+        convert_release_files(checkpoint_dir, consolidated, config, progress=True)
+        vicuna = Path(checkpoint_dir) / "vicuna-13b-v1.5"
+        if (vicuna / "tokenizer.model").is_file():
+            tokenizers = TokenizerFiles(vicuna, assets.bert_vocab)
+        return ExportSource(config, False, consolidated_filler(consolidated)), tokenizers
+    if checkpoint is not None:
+        from vsal.export.consolidated import FORMAT, read_consolidated_config
+
+        if _is_consolidated(checkpoint, FORMAT):
+            return ExportSource(
+                read_consolidated_config(checkpoint), False, consolidated_filler(checkpoint)
+            ), tokenizers
+        # One state dict in the release's key layout: small models only (the whole model is built).
+        config = presets.get(preset or "13b")
+        model = build_model(config, seed=None)
+        report = model.load_release_state_dict(_read_state_dict(checkpoint))
+        click.echo(report.summary(), err=True)
+
+        def fill(name, module):
+            module.load_state_dict(getattr(model, name).state_dict())
+
+        return ExportSource(config, False, fill), tokenizers
+    return ExportSource(presets.get(preset or "tiny"), True), tokenizers
+
+
+def _is_consolidated(path: Path, format_name: str) -> bool:
+    if path.suffix != ".safetensors":
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == format_name
+    except Exception:
+        return False
+
+
+def _read_state_dict(path: Path):
+    from vsal.export.checkpoints import CheckpointError
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    from vsal.export.release_files import _torch_load
+
+    data = _torch_load(path)
+    if isinstance(data, dict) and "model" in data and isinstance(data["model"], dict):
+        data = data["model"]
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a state dict, found {type(data).__name__}")
+    return data

@@ -18,8 +18,7 @@ def tiny_config():
 def tiny_model(tiny_config):
     from vsal.export import build_model
 
-    torch.manual_seed(0)
-    return build_model(tiny_config)
+    return build_model(tiny_config, seed=0)
 
 
 @pytest.fixture(scope="session")

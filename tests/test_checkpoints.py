@@ -12,8 +12,7 @@ LLM = "llama_model.base_model.model.model.layers"
 
 
 def _fresh(config):
-    torch.manual_seed(123)
-    return build_model(config)
+    return build_model(config, seed=123)  # other weights than tiny_model's (seed 0)
 
 
 def test_release_layout_round_trips(tiny_model, tiny_config):

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
 from torch import nn
+
 from vsal.export.config import ModelConfig
 from vsal.export.models.beats import BeatsEncoder
 from vsal.export.models.frame_qformer import FrameQFormer
@@ -11,7 +15,25 @@ from vsal.export.models.mrc_qformer import MrcQFormer
 from vsal.export.models.vision import VisionEncoder
 from vsal.export.models.whisper import WhisperSpeechEncoder
 
-GRAPH_NAMES = ("vision_encoder", "frame_qformer", "whisper_encoder", "beats_encoder", "mrc_qformer", "llm")
+# Submodule name -> builder. Each part can be built alone, so an export holds one part at a time.
+PART_BUILDERS: dict[str, Callable[[ModelConfig], nn.Module]] = {
+    "vision_encoder": lambda c: VisionEncoder(c.vision),
+    "frame_qformer": lambda c: FrameQFormer(c.frame_qformer),
+    "whisper_encoder": WhisperSpeechEncoder,
+    "beats_encoder": BeatsEncoder,
+    "mrc_qformer": MrcQFormer,
+    "llm": lambda c: LlmDecoder(c.llm),
+}
+GRAPH_NAMES = tuple(PART_BUILDERS)
+
+
+def build_part(config: ModelConfig, name: str, seed: int | None = 0) -> nn.Module:
+    """One part, in eval mode. With a seed its random weights are those `VideoSalmonn(config, seed)` gets."""
+    if name not in PART_BUILDERS:
+        raise ValueError(f"unknown part {name!r}; parts are {', '.join(GRAPH_NAMES)}")
+    if seed is not None:
+        torch.manual_seed(seed + GRAPH_NAMES.index(name))
+    return PART_BUILDERS[name](config).eval()
 
 
 class VideoSalmonn(nn.Module):
@@ -25,15 +47,11 @@ class VideoSalmonn(nn.Module):
     llm(inputs_embeds, attention_mask, position_ids, cache) -> logits, cache
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, seed: int | None = 0):
         super().__init__()
         self.config = config
-        self.vision_encoder = VisionEncoder(config.vision)
-        self.frame_qformer = FrameQFormer(config.frame_qformer)
-        self.whisper_encoder = WhisperSpeechEncoder(config)
-        self.beats_encoder = BeatsEncoder(config)
-        self.mrc_qformer = MrcQFormer(config)
-        self.llm = LlmDecoder(config.llm)
+        for name in GRAPH_NAMES:
+            self.add_module(name, build_part(config, name, seed))
         self.eval()
 
     def load_release_state_dict(self, state_dict):

@@ -1,0 +1,298 @@
+"""ONNX export of one graph from its spec, and its validation against the PyTorch module.
+
+`export_graph` traces with torch.onnx's dynamo exporter at the spec's export sizes, with every
+axis dynamic, and names the graph's dynamic dimensions as the spec does ("N", "S*32", "3*S").
+`validate_graph` runs the ONNX graph in ONNX Runtime (CPU) at the spec's validation sizes, which
+differ from the traced ones (a graph can export fine and still be silently static), compares
+every output with the PyTorch module, collects every mismatch and raises them together.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+import logging
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+from vsal.export.specs import GraphSpec, TensorSpec
+from vsal.runtime.errors import VsalError
+
+DEFAULT_OPSET = 18
+EXTERNAL_DATA_THRESHOLD = 1 << 30  # weights past 1 GiB go to a side file (protobuf's limit is 2 GiB)
+
+
+class ExportError(VsalError):
+    """An export that failed or does not match its PyTorch module."""
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    kind: str  # "shape" | "tolerance" | "nonfinite" | "runtime" | "unknown axis"
+    graph: str
+    output: str
+    sizes: dict[str, int]
+    detail: str
+
+    def __str__(self) -> str:
+        where = ", ".join(f"{k}={v}" for k, v in self.sizes.items())
+        return f"{self.graph}.{self.output} at {where}: {self.kind}: {self.detail}"
+
+
+class ValidationError(ExportError):
+    def __init__(self, mismatches: list[Mismatch]):
+        self.mismatches = mismatches
+        lines = "\n  ".join(str(m) for m in mismatches)
+        super().__init__(f"{len(mismatches)} mismatch(es) between ONNX and PyTorch:\n  {lines}")
+
+
+@dataclass
+class CaseResult:
+    sizes: dict[str, int]
+    max_abs_error: dict[str, float]  # per output
+    max_abs_reference: dict[str, float]
+    seconds_onnx: float
+    seconds_torch: float
+
+
+@dataclass
+class GraphValidation:
+    graph: str
+    atol: float
+    rtol: float
+    cases: list[CaseResult] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def worst(self) -> float:
+        return max((e for c in self.cases for e in c.max_abs_error.values()), default=0.0)
+
+
+# --- export -----------------------------------------------------------------------------------
+
+
+def _linear(expr: str) -> tuple[str, int, int]:
+    """ "S*32" -> ("S", 32, 0); "N" -> ("N", 1, 0). Input dims must be linear in one axis."""
+    tree = ast.parse(expr, mode="eval").body
+    names = [n.id for n in ast.walk(tree) if isinstance(n, ast.Name)]
+    if len(set(names)) != 1:
+        raise ExportError(f"input dimension {expr!r} must depend on exactly one axis")
+    name = names[0]
+    from vsal.export.specs import evaluate
+
+    const = evaluate(expr, {name: 0})
+    coef = evaluate(expr, {name: 1}) - const
+    return name, coef, const
+
+
+def dynamic_shapes(spec: GraphSpec) -> tuple[dict[int, object], ...]:
+    """torch.export dynamic shapes, one Dim per axis shared across inputs (multiples as derived dims)."""
+    from torch.export import Dim
+
+    base = {}
+    for axis in spec.axes:
+        m = axis.multiple
+        if m == 1:
+            base[axis.name] = (Dim(axis.name, min=axis.min, max=axis.max), 1)
+        else:
+            base[axis.name] = (Dim(f"{axis.name}_by{m}", min=-(-axis.min // m), max=axis.max // m), m)
+    shapes = []
+    for tensor in spec.inputs:
+        dims = {}
+        for i, dim in enumerate(tensor.shape):
+            if isinstance(dim, int):
+                continue
+            name, coef, const = _linear(dim)
+            dim_obj, mult = base[name]
+            scale = coef * mult
+            expr = dim_obj if scale == 1 else scale * dim_obj
+            dims[i] = expr + const if const else expr
+        shapes.append(dims)
+    return tuple(shapes)
+
+
+def _torch_inputs(spec: GraphSpec, arrays: Mapping[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.from_numpy(np.ascontiguousarray(arrays[t.name])) for t in spec.inputs)
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The dynamo exporter logs every step and warns about torchvision; keep the screen for progress."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _name_dims(model: onnx.ModelProto, spec: GraphSpec) -> None:
+    """Give the graph's I/O the spec's dimension names (the exporter invents some, like "30*s74")."""
+    for values, tensors in ((model.graph.input, spec.inputs), (model.graph.output, spec.outputs)):
+        by_name = {t.name: t for t in tensors}
+        for value in values:
+            tensor: TensorSpec = by_name[value.name]
+            dims = value.type.tensor_type.shape.dim
+            if len(dims) != len(tensor.shape):
+                raise ExportError(
+                    f"{spec.name}.{value.name}: graph rank {len(dims)}, spec rank {len(tensor.shape)}"
+                )
+            for dim, want in zip(dims, tensor.shape, strict=True):
+                if isinstance(want, str):
+                    dim.dim_param = want.replace(" ", "")
+                elif dim.HasField("dim_param"):
+                    raise ExportError(
+                        f"{spec.name}.{value.name}: dimension {dim.dim_param} should be static {want}"
+                    )
+
+
+def export_graph(spec: GraphSpec, module: nn.Module, path: Path, opset: int = DEFAULT_OPSET) -> list[Path]:
+    """Export `module` to `path` (ONNX); returns the files written (the graph and any external data)."""
+    module.eval()
+    rng = np.random.default_rng(0)
+    args = _torch_inputs(spec, spec.make_inputs(spec.export_sizes(), rng))
+    with _quiet_exporter(), torch.no_grad():
+        try:
+            program = torch.onnx.export(
+                module,
+                args,
+                dynamo=True,
+                dynamic_shapes=dynamic_shapes(spec),
+                opset_version=opset,
+                input_names=[t.name for t in spec.inputs],
+                output_names=[t.name for t in spec.outputs],
+                optimize=True,
+                verbose=False,
+            )
+        except Exception as exc:  # the exporter raises many types; name the graph, keep the cause
+            raise ExportError(f"{spec.name}: torch.onnx export failed: {type(exc).__name__}: {exc}") from exc
+    model = program.model_proto
+    _name_dims(model, spec)
+    return save_onnx(model, path)
+
+
+def save_onnx(model: onnx.ModelProto, path: Path) -> list[Path]:
+    """Save, with weights in a side file `<name>.data` when large; written under temporary names."""
+    path = Path(path)
+    size = sum(t.ByteSize() for t in model.graph.initializer)
+    tmp = path.with_name(f".{path.name}.partial")
+    if size < EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(model, tmp)
+        os.replace(tmp, path)
+        return [path]
+    data = path.with_name(path.name + ".data")
+    tmp_data = data.with_name(f".{data.name}.partial")
+    onnx.save_model(
+        model,
+        tmp,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=tmp_data.name,
+        size_threshold=1024,
+    )
+    # The graph refers to its data file by name: point it at the final name before renaming both.
+    final = onnx.load_model(tmp, load_external_data=False)
+    for tensor in final.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = data.name
+    onnx.save_model(final, tmp)
+    os.replace(tmp_data, data)
+    os.replace(tmp, path)
+    return [path, data]
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def validate_graph(spec: GraphSpec, module: nn.Module, path: Path, seed: int = 1) -> GraphValidation:
+    """Run ONNX and PyTorch at every validation size; raise ValidationError listing every mismatch."""
+    import time
+
+    session = _session(path)
+    declared = {i.name for i in session.get_inputs()}
+    wanted = {t.name for t in spec.inputs}
+    if declared != wanted:
+        raise ExportError(f"{spec.name}: graph inputs {sorted(declared)}, spec inputs {sorted(wanted)}")
+    result = GraphValidation(spec.name, spec.atol, spec.rtol)
+    mismatches: list[Mismatch] = []
+    rng = np.random.default_rng(seed)
+    for sizes in spec.validation_sizes():
+        arrays = spec.make_inputs(sizes, rng)
+        start = time.perf_counter()
+        try:
+            got = session.run([t.name for t in spec.outputs], {t.name: arrays[t.name] for t in spec.inputs})
+        except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types
+            first = str(exc).strip().splitlines()[0][:300]
+            mismatches.append(Mismatch("runtime", spec.name, "*", sizes, f"ONNX Runtime failed: {first}"))
+            continue
+        seconds_onnx = time.perf_counter() - start
+        start = time.perf_counter()
+        with torch.no_grad():
+            ref = module(*_torch_inputs(spec, arrays))
+        seconds_torch = time.perf_counter() - start
+        refs = [r.numpy() for r in (ref if isinstance(ref, tuple | list) else (ref,))]
+        case = CaseResult(dict(sizes), {}, {}, seconds_onnx, seconds_torch)
+        for tensor, onnx_out, torch_out in zip(spec.outputs, got, refs, strict=True):
+            try:
+                want_shape = tensor.resolve(sizes)
+            except KeyError as exc:
+                mismatches.append(Mismatch("unknown axis", spec.name, tensor.name, sizes, str(exc)))
+                continue
+            if onnx_out.shape != want_shape or torch_out.shape != want_shape:
+                mismatches.append(
+                    Mismatch(
+                        "shape",
+                        spec.name,
+                        tensor.name,
+                        sizes,
+                        f"expected {want_shape}, ONNX gave {onnx_out.shape}, PyTorch {torch_out.shape}",
+                    )
+                )
+                continue
+            if not np.isfinite(onnx_out).all():
+                mismatches.append(
+                    Mismatch("nonfinite", spec.name, tensor.name, sizes, "ONNX output has NaN/inf")
+                )
+                continue
+            err = float(np.abs(onnx_out.astype(np.float64) - torch_out).max()) if onnx_out.size else 0.0
+            scale = float(np.abs(torch_out).max()) if torch_out.size else 0.0
+            case.max_abs_error[tensor.name] = err
+            case.max_abs_reference[tensor.name] = scale
+            limit = spec.atol + spec.rtol * scale
+            if err > limit:
+                mismatches.append(
+                    Mismatch(
+                        "tolerance",
+                        spec.name,
+                        tensor.name,
+                        sizes,
+                        f"max abs error {err:.3g} > {limit:.3g} (atol {spec.atol:g} + rtol {spec.rtol:g} x {scale:.3g})",
+                    )
+                )
+        result.cases.append(case)
+    if mismatches:
+        raise ValidationError(mismatches)
+    return result

@@ -1,0 +1,288 @@
+"""`vsal-export export`: a model package folder from a preset or checkpoint, graph by graph.
+
+The package is self-describing: manifest.json (config, graphs with I/O, axes and profiles, sha256
+of every file, tokenizers, special tokens, prompt template, decoding defaults, limits), one ONNX
+graph per part, the LLM's token-embedding table and both tokenizers, plus validation.json.
+Everything is written into `<output>.partial-<pid>/` and renamed to `<output>` when complete, so a
+crashed export never leaves a folder a later run would trust. Parts are built, exported, validated
+and freed one at a time, so the 13b preset never holds the whole model.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from vsal.export.config import ModelConfig
+from vsal.export.onnx_export import DEFAULT_OPSET, ExportError, GraphValidation, export_graph, validate_graph
+from vsal.export.specs import MAX_FRAMES, MAX_NEW_TOKENS, MAX_PROMPT_TEXT, MAX_SLOTS, GraphSpec, encoder_specs
+from vsal.runtime.manifest import FileInfo, GraphInfo, Manifest, TensorInfo, save_manifest, sha256_file
+from vsal.runtime.prompt import ANSWER_CUT, PROMPT_AFTER, PROMPT_BEFORE, DecodingOptions
+
+import vsal
+
+# Graph name -> the VideoSalmonn part it is exported from.
+GRAPH_PARTS = {
+    "vision_encoder": "vision_encoder",
+    "frame_qformer": "frame_qformer",
+    "whisper_encoder": "whisper_encoder",
+    "beats_encoder": "beats_encoder",
+    "mrc_qformer": "mrc_qformer",
+    "llm_decoder": "llm",
+}
+ALL_GRAPHS = tuple(GRAPH_PARTS)
+INSTRUCTION_BOS = 30522  # [DEC], added to bert-base-uncased's 30522 entries
+
+
+def graph_specs(config: ModelConfig) -> dict[str, GraphSpec]:
+    from vsal.export.llm_graph import llm_decoder_spec
+
+    specs = encoder_specs(config)
+    specs["llm_decoder"] = llm_decoder_spec(config)
+    return specs
+
+
+def graph_module(name: str, part: nn.Module) -> nn.Module:
+    """The module whose forward takes the graph's inputs in spec order."""
+    if name == "llm_decoder":
+        from vsal.export.llm_graph import LlmDecoderGraph
+
+        return LlmDecoderGraph(part)
+    return part
+
+
+@dataclass
+class ExportSource:
+    """Where a part's weights come from: seeded random init, or a loader that fills a built part."""
+
+    config: ModelConfig
+    random_weights: bool
+    fill: Callable[[str, nn.Module], None] | None = None  # (part name, module) -> loads its weights
+    seed: int = 0
+
+    def part(self, name: str) -> nn.Module:
+        from vsal.export.models.video_salmonn import build_part
+
+        module = build_part(self.config, name, self.seed if self.random_weights else None)
+        if self.fill is not None:
+            self.fill(name, module)
+        return module.eval()
+
+
+@dataclass
+class TokenizerFiles:
+    llm_dir: Path  # holds tokenizer.model (+ tokenizer_config.json)
+    bert_vocab: Path  # bert-base-uncased vocab.txt
+
+
+def _say(progress: bool, message: str) -> None:
+    if progress:
+        print(f"vsal-export: {message}", flush=True)
+
+
+def _prepare_output(output: Path, overwrite: bool) -> Path:
+    if output.exists():
+        is_package = (output / "manifest.json").is_file()
+        if not (overwrite and is_package):
+            why = (
+                "use --overwrite to replace it"
+                if is_package
+                else "it is not a vsal package; choose another path"
+            )
+            raise ExportError(f"{output}: already exists ({why})")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    work = output.with_name(f"{output.name}.partial-{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    return work
+
+
+def export_package(
+    source: ExportSource,
+    output: str | os.PathLike,
+    tokenizers: TokenizerFiles,
+    graphs: tuple[str, ...] = ALL_GRAPHS,
+    opset: int = DEFAULT_OPSET,
+    slim: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Manifest:
+    """Export, validate and package the chosen graphs; returns the manifest written."""
+    output = Path(output)
+    unknown = set(graphs) - set(ALL_GRAPHS)
+    if unknown:
+        raise ExportError(f"unknown graphs {sorted(unknown)}; graphs are {', '.join(ALL_GRAPHS)}")
+    config = source.config
+    specs = graph_specs(config)
+    work = _prepare_output(output, overwrite)
+    try:
+        (work / "graphs").mkdir()
+        entries: dict[str, GraphInfo] = {}
+        validations: dict[str, dict] = {}
+        embeddings = None
+        for index, name in enumerate(graphs, 1):
+            spec = specs[name]
+            _say(progress, f"[{index}/{len(graphs)}] {name}: building")
+            part = source.part(GRAPH_PARTS[name])
+            if name == "llm_decoder":
+                embeddings = _write_embeddings(part, work)
+            module = graph_module(name, part)
+            entry, validation = _export_one(spec, module, work, opset, slim, progress)
+            entries[name] = entry
+            validations[name] = validation
+            del part, module
+            gc.collect()
+        if embeddings is None:
+            raise ExportError(
+                "the package needs the llm_decoder graph (its token-embedding table ships with it)"
+            )
+        manifest = Manifest(
+            preset=config.name,
+            random_weights=source.random_weights,
+            config=config.to_dict(),
+            graphs=entries,
+            embeddings=embeddings,
+            llm_tokenizer=_copy(tokenizers.llm_dir / "tokenizer.model", work, "tokenizer/llm"),
+            instruction_tokenizer=_copy(tokenizers.bert_vocab, work, "tokenizer/instruction"),
+            special_tokens={
+                "bos": config.llm.bos_token_id,
+                "eos": config.llm.eos_token_id,
+                "pad": config.llm.pad_token_id,
+                "instruction_bos": INSTRUCTION_BOS,
+            },
+            prompt={"before": PROMPT_BEFORE, "after": PROMPT_AFTER, "answer_cut": ANSWER_CUT},
+            decoding=DecodingOptions().__dict__,
+            limits={
+                "max_frames": MAX_FRAMES,
+                "max_slots": MAX_SLOTS,
+                "max_prompt_text_tokens": MAX_PROMPT_TEXT,
+                "max_new_tokens": MAX_NEW_TOKENS,
+            },
+            vsal_version=vsal.__version__,
+            opset=opset,
+        )
+        config_src = tokenizers.llm_dir / "tokenizer_config.json"
+        if config_src.is_file():
+            shutil.copyfile(config_src, work / "tokenizer" / "llm" / "tokenizer_config.json")
+        (work / "validation.json").write_text(json.dumps(validations, indent=2) + "\n")
+        save_manifest(manifest, work)  # last: a folder without it is never trusted
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(work, output)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    _say(progress, f"package ready: {output}")
+    return manifest
+
+
+def _export_one(spec: GraphSpec, module: nn.Module, work: Path, opset: int, slim: bool, progress: bool):
+    path = work / "graphs" / f"{spec.name}.onnx"
+    start = time.perf_counter()
+    _say(progress, f"    exporting (dynamo, opset {opset}, axes {', '.join(a.name for a in spec.axes)})")
+    files = export_graph(spec, module, path, opset)
+    export_seconds = time.perf_counter() - start
+    _say(progress, f"    validating against PyTorch at {len(spec.validation_sizes())} sizes")
+    validation = validate_graph(spec, module, path)
+    slimmed = False
+    if slim:
+        slimmed, files, validation = _try_slim(spec, module, path, files, validation, progress)
+    report = validation.to_dict() | {"export_seconds": round(export_seconds, 2), "slimmed": slimmed}
+    _say(progress, "    " + _validation_line(validation) + (" (onnxslim kept)" if slimmed else ""))
+    entry = GraphInfo(
+        file=str(path.relative_to(work)),
+        sha256=sha256_file(path),
+        inputs=[TensorInfo(t.name, t.dtype, list(t.shape)) for t in spec.inputs],
+        outputs=[TensorInfo(t.name, t.dtype, list(t.shape)) for t in spec.outputs],
+        profile=spec.profile(),
+        axis_multiples={a.name: a.multiple for a in spec.axes if a.multiple > 1},
+        external_data={str(f.relative_to(work)): sha256_file(f) for f in files[1:]},
+    )
+    return entry, report
+
+
+def _validation_line(validation: GraphValidation) -> str:
+    cases = "; ".join(
+        ",".join(f"{k}={v}" for k, v in c.sizes.items()) + f": {max(c.max_abs_error.values()):.2e}"
+        for c in validation.cases
+    )
+    return f"max abs error vs PyTorch: {cases}"
+
+
+def _try_slim(spec, module, path: Path, files, validation, progress):
+    """Simplify with onnxslim; keep the result only if validation still passes."""
+    try:
+        import onnx
+        import onnxslim
+    except ImportError:
+        return False, files, validation
+    from vsal.export.onnx_export import ValidationError, save_onnx
+
+    if len(files) > 1:
+        return False, files, validation  # large graphs: slimming would load all weights into memory twice
+    backup = path.with_name(f".{path.name}.unslimmed")
+    shutil.copyfile(path, backup)
+    try:
+        slimmed = onnxslim.slim(onnx.load(str(path)))
+        save_onnx(slimmed, path)
+        checked = validate_graph(spec, module, path)
+    except (ValidationError, Exception) as exc:  # onnxslim failures are not ours to raise
+        _say(progress, f"    onnxslim result dropped ({type(exc).__name__}): keeping the exported graph")
+        os.replace(backup, path)
+        return False, files, validation
+    backup.unlink()
+    return True, files, checked
+
+
+def _write_embeddings(llm_part: nn.Module, work: Path) -> FileInfo:
+    table = llm_part.model.get_input_embeddings().weight.detach().float().numpy()
+    path = work / "embeddings.npy"
+    np.save(path, table)
+    return FileInfo(file=path.name, sha256=sha256_file(path))
+
+
+def _copy(src: Path, work: Path, subdir: str) -> FileInfo:
+    if not src.is_file():
+        raise ExportError(f"{src}: tokenizer file not found")
+    (work / subdir).mkdir(parents=True, exist_ok=True)
+    dest = work / subdir / src.name
+    shutil.copyfile(src, dest)
+    return FileInfo(file=f"{subdir}/{src.name}", sha256=sha256_file(dest))
+
+
+def consolidated_filler(path: Path) -> Callable[[str, nn.Module], None]:
+    """Load one part's tensors from a consolidated checkpoint (keys `<part>.*`), strictly."""
+    from safetensors import safe_open
+    from vsal.export.checkpoints import CheckpointError, _derived
+
+    def fill(name: str, module: nn.Module) -> None:
+        prefix = name + "."
+        params = module.state_dict()
+        with safe_open(str(path), framework="pt") as f:
+            keys = {k[len(prefix) :] for k in f.keys() if k.startswith(prefix)}
+            expected = {k for k in params if not _derived(k)}
+            if keys != expected:
+                raise CheckpointError(
+                    f"{path}: part {name} keys differ: missing {sorted(expected - keys)[:5]}, "
+                    f"unexpected {sorted(keys - expected)[:5]}"
+                )
+            with torch.no_grad():
+                for key in keys:
+                    tensor = f.get_tensor(prefix + key)
+                    if tensor.shape != params[key].shape:
+                        want = tuple(params[key].shape)
+                        raise CheckpointError(
+                            f"{path}: {prefix + key} has shape {tuple(tensor.shape)}, expected {want}"
+                        )
+                    params[key].copy_(tensor.to(params[key].dtype))
+
+    return fill
