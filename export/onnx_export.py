@@ -289,7 +289,8 @@ def validate_graph(spec: GraphSpec, module: nn.Module, path: Path, seed: int = 1
                         spec.name,
                         tensor.name,
                         sizes,
-                        f"max abs error {err:.3g} > {limit:.3g} (atol {spec.atol:g} + rtol {spec.rtol:g} x {scale:.3g})",
+                        f"max abs error {err:.3g} > {limit:.3g} "
+                        f"(atol {spec.atol:g} + rtol {spec.rtol:g} x {scale:.3g})",
                     )
                 )
         result.cases.append(case)

@@ -7,7 +7,7 @@ import onnx
 import pytest
 import torch
 from torch import nn
-from vsal.export.onnx_export import ExportError, ValidationError, dynamic_shapes, export_graph, validate_graph
+from vsal.export.onnx_export import ValidationError, dynamic_shapes, export_graph, validate_graph
 from vsal.export.specs import Axis, GraphSpec, TensorSpec, encoder_specs, evaluate
 
 

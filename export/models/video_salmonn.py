@@ -6,7 +6,6 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-
 from vsal.export.config import ModelConfig
 from vsal.export.models.beats import BeatsEncoder
 from vsal.export.models.frame_qformer import FrameQFormer
