@@ -278,3 +278,14 @@ def _read_state_dict(path: Path):
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a state dict, found {type(data).__name__}")
     return data
+
+
+@cli.command(
+    help="Check a package against TensorRT 10/11's documented ONNX support, and its integrity (no GPU)."
+)
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def check(model_dir: Path, as_json: bool) -> None:
+    from vsal.export.trt_check import main_check
+
+    sys.exit(main_check(model_dir, as_json))
