@@ -1,0 +1,152 @@
+"""Backends: load a graph, describe its inputs and outputs, run it with numpy arrays.
+
+One small interface (`Backend`), implemented by ONNX Runtime with the TensorRT, CUDA or CPU
+execution provider; the native TensorRT engine backend plugs in behind the same interface. The
+provider is chosen per graph from what the machine has and said on screen, never silently. Feeds
+are checked against the manifest (names, dtypes, ranks, static sizes, profile ranges, multiples)
+before running, so a wrong input is one clear error instead of a failure deep in a kernel.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from vsal.runtime.errors import VsalError
+from vsal.runtime.manifest import GraphInfo, TensorInfo
+
+PROVIDERS = {  # vsal's provider names -> ONNX Runtime's
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+PREFERENCE = ("tensorrt", "cuda", "cpu")
+
+
+class BackendError(VsalError):
+    """A graph that cannot be loaded or run, or feeds that do not fit it."""
+
+
+class Backend(Protocol):
+    name: str  # graph name
+    description: str  # what runs it, for the screen
+
+    def input_names(self) -> list[str]: ...
+
+    def output_names(self) -> list[str]: ...
+
+    def run(
+        self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None
+    ) -> dict[str, np.ndarray]: ...
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    have = set(ort.get_available_providers())
+    return [p for p in PREFERENCE if PROVIDERS[p] in have]
+
+
+def choose_provider(requested: str | None) -> str:
+    """The requested provider if this machine has it (else a clear error), or the best available."""
+    have = available_providers()
+    if requested is None:
+        return have[0]
+    if requested not in PROVIDERS:
+        raise BackendError(f"unknown provider {requested!r}; choose one of {', '.join(PROVIDERS)}")
+    if requested not in have:
+        raise BackendError(
+            f"provider {requested!r} is not available here (onnxruntime offers {', '.join(have)}); "
+            "install onnxruntime-gpu on a GPU machine for cuda/tensorrt"
+        )
+    return requested
+
+
+@dataclass
+class FeedChecker:
+    """Checks feeds against a graph's manifest entry: one message listing every problem."""
+
+    graph: str
+    info: GraphInfo
+
+    def check(self, feeds: dict[str, np.ndarray]) -> None:
+        problems = []
+        expected = {t.name: t for t in self.info.inputs}
+        missing = sorted(set(expected) - set(feeds))
+        extra = sorted(set(feeds) - set(expected))
+        if missing:
+            problems.append(f"missing inputs {missing}")
+        if extra:
+            problems.append(f"unknown inputs {extra}")
+        sizes: dict[str, int] = {}
+        for name, spec in expected.items():
+            if name in feeds:
+                problems += self._check_one(spec, feeds[name], sizes)
+        if problems:
+            raise BackendError(f"{self.graph}: " + "; ".join(problems))
+
+    def _check_one(self, spec: TensorInfo, array: np.ndarray, sizes: dict[str, int]) -> list[str]:
+        if array.dtype != np.dtype(spec.dtype):
+            return [f"{spec.name} is {array.dtype}, expected {spec.dtype}"]
+        if array.ndim != len(spec.shape):
+            return [f"{spec.name} has shape {array.shape}, expected rank {len(spec.shape)} {spec.shape}"]
+        problems = []
+        for dim, want in zip(array.shape, spec.shape, strict=True):
+            if isinstance(want, int):
+                if dim != want:
+                    problems.append(f"{spec.name} has shape {array.shape}, expected {spec.shape}")
+            elif want in self.info.profile:  # a plain axis: check its range and step
+                bounds = self.info.profile[want]
+                step = self.info.axis_multiples.get(want, 1)
+                if sizes.setdefault(want, dim) != dim:
+                    problems.append(f"axis {want} is {sizes[want]} in one input and {dim} in {spec.name}")
+                elif not bounds["min"] <= dim <= bounds["max"] or dim % step:
+                    problems.append(
+                        f"{spec.name} axis {want} = {dim} is outside the graph's range "
+                        f"[{bounds['min']}, {bounds['max']}]" + (f" in steps of {step}" if step > 1 else "")
+                    )
+        return problems
+
+
+class OnnxRuntimeBackend:
+    """One ONNX graph in an ONNX Runtime session (created once, reused)."""
+
+    def __init__(self, name: str, path: str | os.PathLike, info: GraphInfo, provider: str, threads: int = 0):
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise BackendError(f"{path}: graph file missing")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        providers = [PROVIDERS[provider]] + ([PROVIDERS["cpu"]] if provider != "cpu" else [])
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:  # onnxruntime's own exception types
+            raise BackendError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from None
+        self.name = name
+        self.provider = provider
+        self.description = f"onnxruntime {provider} ({self.session.get_providers()[0]}) {info.precision}"
+        self.checker = FeedChecker(name, info)
+        self._outputs = [o.name for o in self.session.get_outputs()]
+
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.session.get_inputs()]
+
+    def output_names(self) -> list[str]:
+        return list(self._outputs)
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        self.checker.check(feeds)
+        names = outputs or self._outputs
+        try:
+            values = self.session.run(names, feeds)
+        except Exception as exc:
+            raise BackendError(f"{self.name}: ONNX Runtime failed ({str(exc).splitlines()[0]})") from None
+        return dict(zip(names, values, strict=True))
