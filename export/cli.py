@@ -214,7 +214,7 @@ def _export_source(preset, checkpoint, checkpoint_dir, tmp: Path):
     if checkpoint is not None and checkpoint_dir is not None:
         raise click.UsageError("give only one of --checkpoint, --checkpoint-dir")
     assets = ensure_tokenizer_assets()
-    tokenizers = TokenizerFiles(assets.llm_dir, assets.bert_vocab)
+    tokenizers = TokenizerFiles(assets.llama_dir, assets.bert_vocab)
     if checkpoint_dir is not None:
         from vsal.export.consolidated import convert_release_files
 

@@ -80,23 +80,26 @@ class GraphValidation:
 # --- export -----------------------------------------------------------------------------------
 
 
-def _linear(expr: str) -> tuple[str, int, int]:
-    """ "S*32" -> ("S", 32, 0); "N" -> ("N", 1, 0). Input dims must be linear in one axis."""
-    tree = ast.parse(expr, mode="eval").body
-    names = [n.id for n in ast.walk(tree) if isinstance(n, ast.Name)]
-    if len(set(names)) != 1:
-        raise ExportError(f"input dimension {expr!r} must depend on exactly one axis")
-    name = names[0]
+def _linear(expr: str) -> tuple[str, int, int] | None:
+    """ "S*32" -> ("S", 32, 0); "N" -> ("N", 1, 0); None when the dim depends on several axes."""
     from vsal.export.specs import evaluate
 
+    tree = ast.parse(expr, mode="eval").body
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    if len(names) != 1:
+        return None
+    name = names.pop()
     const = evaluate(expr, {name: 0})
     coef = evaluate(expr, {name: 1}) - const
     return name, coef, const
 
 
-def dynamic_shapes(spec: GraphSpec) -> tuple[dict[int, object], ...]:
-    """torch.export dynamic shapes, one Dim per axis shared across inputs (multiples as derived dims)."""
+def input_dims(spec: GraphSpec) -> list[dict[int, object]]:
+    """torch.export Dims per input: one Dim per axis, shared across inputs; multiples as derived
+    dims; a dimension over several axes ("P+T") gets a Dim of its own, its range from the axes'
+    (torch.export ties it to the expression while tracing; the runtime checks the relation)."""
     from torch.export import Dim
+    from vsal.export.specs import evaluate
 
     base = {}
     for axis in spec.axes:
@@ -105,19 +108,36 @@ def dynamic_shapes(spec: GraphSpec) -> tuple[dict[int, object], ...]:
             base[axis.name] = (Dim(axis.name, min=axis.min, max=axis.max), 1)
         else:
             base[axis.name] = (Dim(f"{axis.name}_by{m}", min=-(-axis.min // m), max=axis.max // m), m)
+    lows = {a.name: a.min for a in spec.axes}
+    highs = {a.name: a.max for a in spec.axes}
     shapes = []
     for tensor in spec.inputs:
         dims = {}
         for i, dim in enumerate(tensor.shape):
             if isinstance(dim, int):
                 continue
-            name, coef, const = _linear(dim)
+            linear = _linear(dim)
+            if linear is None:
+                low, high = max(1, evaluate(dim, lows)), evaluate(dim, highs)
+                dims[i] = Dim(f"{tensor.name.replace('.', '_')}_{i}", min=low, max=high)
+                continue
+            name, coef, const = linear
             dim_obj, mult = base[name]
             scale = coef * mult
             expr = dim_obj if scale == 1 else scale * dim_obj
             dims[i] = expr + const if const else expr
         shapes.append(dims)
-    return tuple(shapes)
+    return shapes
+
+
+def dynamic_shapes(spec: GraphSpec, module: nn.Module, args: tuple[torch.Tensor, ...]):
+    """`dynamic_shapes` for torch.onnx.export, nested as the module's signature needs (*args too)."""
+    from torch.export import ShapesCollection
+
+    collection = ShapesCollection()
+    for arg, dims in zip(args, input_dims(spec), strict=True):
+        collection[arg] = dims
+    return collection.dynamic_shapes(module, args)
 
 
 def _torch_inputs(spec: GraphSpec, arrays: Mapping[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
@@ -171,7 +191,7 @@ def export_graph(spec: GraphSpec, module: nn.Module, path: Path, opset: int = DE
                 module,
                 args,
                 dynamo=True,
-                dynamic_shapes=dynamic_shapes(spec),
+                dynamic_shapes=dynamic_shapes(spec, module, args),
                 opset_version=opset,
                 input_names=[t.name for t in spec.inputs],
                 output_names=[t.name for t in spec.outputs],

@@ -7,7 +7,7 @@ import onnx
 import pytest
 import torch
 from torch import nn
-from vsal.export.onnx_export import ValidationError, dynamic_shapes, export_graph, validate_graph
+from vsal.export.onnx_export import ValidationError, export_graph, input_dims, validate_graph
 from vsal.export.specs import Axis, GraphSpec, TensorSpec, encoder_specs, evaluate
 
 
@@ -81,7 +81,7 @@ def test_mismatches_are_collected_and_typed(tmp_path):
 
 
 def test_dynamic_shapes_follow_the_spec(specs):
-    shapes = dynamic_shapes(specs["mrc_qformer"])
+    shapes = input_dims(specs["mrc_qformer"])
     av, mask = shapes
     assert set(av) == {0, 1} and set(mask) == {0, 1}
     assert str(av[0]) == str(mask[0])  # the batch axis is one Dim shared by both inputs
