@@ -35,3 +35,19 @@ def clip_10s(tmp_path_factory):
     from vsal.runtime.synthetic import write_clip
 
     return write_clip(tmp_path_factory.mktemp("media") / "clip10.mp4", seconds=10.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_package(tmp_path_factory, tokenizer_assets):
+    """The tiny preset exported as a model package (all six graphs), once per session."""
+    from vsal.export import presets
+    from vsal.export.package import ExportSource, TokenizerFiles, export_package
+
+    folder = tmp_path_factory.mktemp("package") / "tiny"
+    export_package(
+        ExportSource(presets.get("tiny"), random_weights=True),
+        folder,
+        TokenizerFiles(tokenizer_assets.llama_dir, tokenizer_assets.bert_vocab),
+        progress=False,
+    )
+    return folder
