@@ -1,4 +1,4 @@
-"""`vsal`: the torch-free command line (media inspection now; `vsal run` arrives with the runtime)."""
+"""`vsal`: the torch-free command line: run, chat, probe."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def main() -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except VsalError as exc:
+    except (VsalError, ValueError) as exc:
         click.echo(f"vsal: error: {exc}", err=True)
         sys.exit(1)
 
@@ -56,3 +56,139 @@ def probe(path: Path, as_json: bool) -> None:
         )
     else:
         click.echo("  audio: none")
+
+
+def _decoding_options(max_new_tokens, beams, sample, temperature, top_p, top_k, seed):
+    from vsal.runtime.prompt import DecodingOptions
+
+    if sample and beams is not None and beams > 1:
+        raise click.UsageError("--sample draws one sequence: leave out --beams")
+    return DecodingOptions(
+        num_beams=1 if sample else (beams if beams is not None else DecodingOptions().num_beams),
+        max_new_tokens=max_new_tokens,
+        sample=sample,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+    )
+
+
+def _generation_options(fn):
+    for option in reversed(
+        [
+            click.option(
+                "--max-new-tokens", default=512, show_default=True, help="Stop after this many tokens."
+            ),
+            click.option(
+                "--beams", type=int, default=None, help="Beam width (the release's default: 5; 1 = greedy)."
+            ),
+            click.option("--sample", is_flag=True, help="Sample instead of searching (one beam)."),
+            click.option("--temperature", default=1.0, show_default=True),
+            click.option("--top-p", default=1.0, show_default=True),
+            click.option("--top-k", default=0, show_default=True, help="0 = off."),
+            click.option("--seed", type=int, default=None, help="Sampling seed (repeatable answers)."),
+            click.option(
+                "--provider",
+                type=click.Choice(["cpu", "cuda", "tensorrt"]),
+                default=None,
+                help="ONNX Runtime execution provider (default: the best this machine has).",
+            ),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
+@cli.command(help="Answer a question about a video and/or audio file, streaming the answer.")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--video", type=click.Path(path_type=Path), help="Video file (its audio track is used too).")
+@click.option("--audio", type=click.Path(path_type=Path), help="Audio file (alone, or beside --video).")
+@click.option("--prompt", required=True, help="The question.")
+@_generation_options
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print answer, token ids, timings and backends as JSON."
+)
+def run(
+    model_dir,
+    video,
+    audio,
+    prompt,
+    max_new_tokens,
+    beams,
+    sample,
+    temperature,
+    top_p,
+    top_k,
+    seed,
+    provider,
+    as_json,
+) -> None:
+    from vsal.runtime.pipeline import Pipeline
+
+    if video is None and audio is None:
+        raise click.UsageError("give --video, --audio or both")
+    options = _decoding_options(max_new_tokens, beams, sample, temperature, top_p, top_k, seed)
+    pipeline = Pipeline.load(model_dir, provider=provider, verbose=not as_json)
+    if as_json:
+        answer = pipeline.ask(prompt, video=video, audio=audio, options=options)
+        click.echo(
+            json.dumps(
+                {
+                    "answer": answer.text,
+                    "token_ids": answer.token_ids,
+                    "av_tokens": answer.av_tokens,
+                    "timings": {k: round(v, 4) for k, v in answer.timings.items()},
+                    "backends": answer.backends,
+                }
+            )
+        )
+        return
+    answer = pipeline.ask(
+        prompt, video=video, audio=audio, options=options, on_text=lambda piece: click.echo(piece, nl=False)
+    )
+    if options.num_beams > 1:
+        click.echo(answer.text, nl=False)
+    click.echo()
+    spent = sum(answer.timings.values()) - answer.timings.get("time_to_first_token", 0)
+    click.echo(f"[{len(answer.token_ids)} tokens, {spent:.2f} s]", err=True)
+
+
+@cli.command(help="Ask several questions about one clip (the encoders run once).")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--video", type=click.Path(path_type=Path))
+@click.option("--audio", type=click.Path(path_type=Path))
+@_generation_options
+def chat(
+    model_dir, video, audio, max_new_tokens, beams, sample, temperature, top_p, top_k, seed, provider
+) -> None:
+    from vsal.runtime.errors import VsalError
+    from vsal.runtime.pipeline import Pipeline
+
+    if video is None and audio is None:
+        raise click.UsageError("give --video, --audio or both")
+    options = _decoding_options(max_new_tokens, beams, sample, temperature, top_p, top_k, seed)
+    pipeline = Pipeline.load(model_dir, provider=provider)
+    pipeline.encode_media(video, audio)  # decode and encode once, up front
+    click.echo("Ask about the clip (an empty line or Ctrl-D ends).", err=True)
+    while True:
+        try:
+            prompt = input("> ").strip()
+        except EOFError:
+            break
+        if not prompt:
+            break
+        try:
+            answer = pipeline.ask(
+                prompt,
+                video=video,
+                audio=audio,
+                options=options,
+                on_text=lambda piece: click.echo(piece, nl=False),
+            )
+        except (VsalError, ValueError) as exc:
+            click.echo(f"vsal: error: {exc}", err=True)
+            continue
+        if options.num_beams > 1:
+            click.echo(answer.text, nl=False)
+        click.echo()

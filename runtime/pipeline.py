@@ -1,0 +1,341 @@
+"""The runtime pipeline: a model package + a clip + a prompt -> an answer, without torch.
+
+  media  -> frames (2 fps) and 16 kHz audio             runtime.media
+         -> pixels, Whisper log-mel, BEATs fbank         runtime.preprocess
+         -> vision_encoder, whisper_encoder, beats_encoder   (cached per media file)
+  prompt -> instruction -> frame_qformer                 (depends on the prompt)
+         -> alignment -> mrc_qformer -> LLM tokens       runtime.alignment
+         -> [bos] "USER: <Img>" tokens "</Img> {prompt}\\nASSISTANT:" -> llm_decoder  runtime.generation
+
+Everything comes from the package's manifest; each graph runs on the backend chosen for it, which
+is printed once. The instruction-independent encoder outputs are cached per media file (path, size,
+mtime), so a second question about the same clip skips decoding and the three encoders.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from vsal.runtime import media
+from vsal.runtime.alignment import align_streams
+from vsal.runtime.backends import Backend, OnnxRuntimeBackend, choose_provider
+from vsal.runtime.errors import MediaError
+from vsal.runtime.generation import GraphDecoderStep, beam_search, generate_tokens, stream_text
+from vsal.runtime.manifest import Manifest, PackageError, load_manifest, verify_files
+from vsal.runtime.preprocess import audio_inputs, preprocess_frame
+from vsal.runtime.prompt import DecodingOptions, cut_answer
+from vsal.runtime.tokenizers import InstructionTokenizer, LlamaTokenizer
+
+REQUIRED_GRAPHS = (
+    "vision_encoder",
+    "frame_qformer",
+    "whisper_encoder",
+    "beats_encoder",
+    "mrc_qformer",
+    "llm_decoder",
+)
+MEDIA_CACHE_SIZE = 4  # clips whose encoder outputs are kept
+
+
+@dataclass
+class Answer:
+    text: str
+    token_ids: list[int]
+    av_tokens: int  # LLM tokens that carry the clip
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    backends: dict[str, str] = field(default_factory=dict)  # graph -> what ran it
+    media_cached: bool = False  # encoder outputs came from the cache
+
+
+@dataclass
+class MediaFeatures:
+    """Instruction-independent encoder outputs of one clip."""
+
+    image_embeds: np.ndarray | None  # [N, 257, D] vision_encoder output
+    audio_tokens: np.ndarray | None  # [1, 1500, 2W] concat(Whisper proj, BEATs proj)
+    frames: int
+    timings: dict[str, float]
+
+
+class Pipeline:
+    """Load once, ask many times: `Pipeline.load(folder).ask("What is said?", video="talk.mp4")`."""
+
+    def __init__(
+        self, folder: Path, manifest: Manifest, provider: str, threads: int = 0, verbose: bool = True
+    ):
+        self.folder = folder
+        self.manifest = manifest
+        self.provider = provider
+        self.threads = threads
+        self.verbose = verbose
+        cfg = manifest.config
+        self.width = cfg["frame_qformer"]["hidden_size"]
+        self.alignment = cfg["alignment"]
+        self.llm = cfg["llm"]
+        self.llama = LlamaTokenizer(folder / manifest.llm_tokenizer.file)
+        self.instruction = InstructionTokenizer(folder / manifest.instruction_tokenizer.file)
+        self.embeddings = np.load(folder / manifest.embeddings.file, mmap_mode="r")  # [V, H]
+        self._backends: dict[str, Backend] = {}
+        self._media_cache: OrderedDict[tuple, MediaFeatures] = OrderedDict()
+
+    @classmethod
+    def load(
+        cls,
+        folder: str | os.PathLike,
+        provider: str | None = None,
+        threads: int = 0,
+        verbose: bool = True,
+        verify: bool = True,
+    ) -> Pipeline:
+        """Read and check a package (sha256 of every file unless verify=False); backends load lazily."""
+        folder = Path(folder)
+        manifest = load_manifest(folder)
+        missing = [g for g in REQUIRED_GRAPHS if g not in manifest.graphs]
+        if missing:
+            raise PackageError(f"{folder}: the package lacks graphs {missing} (export them all to run it)")
+        if verify:
+            problems = verify_files(manifest, folder)
+            if problems:
+                raise PackageError("; ".join(problems))
+        pipeline = cls(folder, manifest, choose_provider(provider), threads, verbose)
+        if manifest.random_weights and verbose:
+            preset = manifest.preset
+            print(
+                f"vsal: note: {folder} has seeded random weights ({preset} preset): answers are meaningless",
+                file=sys.stderr,
+            )
+        return pipeline
+
+    # --- backends ---------------------------------------------------------------------------------
+
+    def backend(self, name: str) -> Backend:
+        if name not in self._backends:
+            info = self.manifest.graphs[name]
+            backend = OnnxRuntimeBackend(name, self.folder / info.file, info, self.provider, self.threads)
+            if self.verbose:
+                print(f"vsal: {name}: {backend.description}", file=sys.stderr, flush=True)
+            self._backends[name] = backend
+        return self._backends[name]
+
+    def _run(self, name: str, **feeds: np.ndarray) -> np.ndarray:
+        backend = self.backend(name)
+        return backend.run(feeds, [backend.output_names()[0]])[backend.output_names()[0]]
+
+    def _chunks(self, name: str, axis: str) -> int:
+        """How many items to feed at once: the profile's opt size (what an engine is tuned for)."""
+        return self.manifest.graphs[name].profile[axis]["opt"]
+
+    # --- media -> encoder outputs (cached) ----------------------------------------------------------
+
+    def encode_media(
+        self, video: str | os.PathLike | None, audio: str | os.PathLike | None
+    ) -> tuple[MediaFeatures, bool]:
+        if video is None and audio is None:
+            raise MediaError("give a video file, an audio file or both")
+        key = (_file_key(video), _file_key(audio))
+        if key in self._media_cache:
+            self._media_cache.move_to_end(key)
+            return self._media_cache[key], True
+        timings: dict[str, float] = {}
+        image_embeds, frames = None, 0
+        if video is not None:
+            image_embeds, frames = self._encode_frames(video, timings)
+            if audio is None and media.has_audio(video):
+                audio = video
+        audio_tokens = self._encode_audio(audio, timings) if audio is not None else None
+        features = MediaFeatures(image_embeds, audio_tokens, frames, timings)
+        self._media_cache[key] = features
+        if len(self._media_cache) > MEDIA_CACHE_SIZE:
+            self._media_cache.popitem(last=False)
+        return features, False
+
+    def _encode_frames(self, video, timings: dict[str, float]) -> tuple[np.ndarray, int]:
+        info = media.probe_media(video, self.alignment["max_clips"])
+        if info.video_seconds is None:
+            raise MediaError(f"{video}: no video stream (give it as --audio)")
+        if info.truncated and self.verbose:
+            print(
+                f"vsal: note: {video} lasts {info.video_seconds:.1f} s; like the release, only its first "
+                f"{self.alignment['max_clips']} s of video are used",
+                file=sys.stderr,
+            )
+        chunk = self._chunks("vision_encoder", "N")
+        outputs, batch = [], []
+        decode_s = vision_s = 0.0
+        start = time.perf_counter()
+        for frame in media.sample_video_frames(video, self.alignment["max_clips"]):
+            batch.append(preprocess_frame(frame))
+            if len(batch) == chunk:
+                decode_s += time.perf_counter() - start
+                t = time.perf_counter()
+                outputs.append(self._run("vision_encoder", pixel_values=np.stack(batch)))
+                vision_s += time.perf_counter() - t
+                batch = []
+                start = time.perf_counter()
+        decode_s += time.perf_counter() - start
+        if batch:
+            t = time.perf_counter()
+            outputs.append(self._run("vision_encoder", pixel_values=np.stack(batch)))
+            vision_s += time.perf_counter() - t
+        timings["decode_video+preprocess"] = decode_s
+        timings["vision_encoder"] = vision_s
+        embeds = np.concatenate(outputs)
+        return embeds, embeds.shape[0]
+
+    def _encode_audio(self, path, timings: dict[str, float]) -> np.ndarray:
+        start = time.perf_counter()
+        wave = media.load_audio(path, self.alignment["sample_rate"])
+        log_mel, fbank = audio_inputs(wave)
+        timings["decode_audio+features"] = time.perf_counter() - start
+        start = time.perf_counter()
+        speech = self._run("whisper_encoder", input_features=log_mel[None])
+        timings["whisper_encoder"] = time.perf_counter() - start
+        start = time.perf_counter()
+        sound = self._run("beats_encoder", fbank=fbank[None])
+        timings["beats_encoder"] = time.perf_counter() - start
+        return np.concatenate([speech, sound], axis=-1)
+
+    # --- prompt-dependent graphs ----------------------------------------------------------------------
+
+    def av_tokens(self, features: MediaFeatures, prompt: str, timings: dict[str, float]) -> np.ndarray:
+        """[1, 3S, H]: the clip as the LLM reads it."""
+        video_tokens = None
+        if features.image_embeds is not None:
+            ids, mask = self.instruction.encode(prompt)
+            start = time.perf_counter()
+            chunk = self._chunks("frame_qformer", "N")
+            parts = [
+                self._run(
+                    "frame_qformer",
+                    image_embeds=features.image_embeds[i : i + chunk],
+                    instruction_ids=ids,
+                    instruction_mask=mask,
+                )
+                for i in range(0, features.image_embeds.shape[0], chunk)
+            ]
+            timings["frame_qformer"] = time.perf_counter() - start
+            frame_tokens = np.concatenate(parts)  # [N, 32, W]
+            video_tokens = frame_tokens.reshape(1, -1, frame_tokens.shape[-1])
+        start = time.perf_counter()
+        a = self.alignment
+        av, slot_mask = align_streams(
+            video_tokens,
+            features.audio_tokens,
+            width=self.width,
+            tokens_per_frame=a["tokens_per_frame"],
+            audio_frames_per_slot=a["audio_frames_per_slot"],
+            audio_slots=a["audio_slots"],
+            window=a["high_window"],
+        )
+        timings["alignment"] = time.perf_counter() - start
+        start = time.perf_counter()
+        out = self._run("mrc_qformer", av_features=av, slot_mask=slot_mask)
+        timings["mrc_qformer"] = time.perf_counter() - start
+        return out
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        return np.asarray(self.embeddings[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
+
+    def inputs_embeds(self, av_tokens: np.ndarray, prompt: str) -> np.ndarray:
+        """[1, P, H]: [bos] + "USER: <Img>" + clip tokens + "</Img> {prompt}\\nASSISTANT:"."""
+        before = self.llama.encode(self.manifest.prompt["before"])
+        after = self.llama.encode(self.manifest.prompt["after"].format(prompt=prompt))
+        head = self.embed(np.array([self.manifest.special_tokens["bos"], *before]))
+        tail = self.embed(np.array(after))
+        return np.concatenate([head, av_tokens[0], tail])[None]
+
+    # --- asking ---------------------------------------------------------------------------------------
+
+    def _options(self, options: DecodingOptions | None) -> DecodingOptions:
+        if options is None:
+            defaults = {
+                k: v for k, v in self.manifest.decoding.items() if k in DecodingOptions.__dataclass_fields__
+            }
+            options = DecodingOptions(**defaults)
+        return replace(options, eos_token_id=self.manifest.special_tokens["eos"])
+
+    def _step(self) -> GraphDecoderStep:
+        llm = self.llm
+        backend = self.backend("llm_decoder")
+        return GraphDecoderStep(
+            lambda feeds: backend.run(feeds),
+            llm["num_hidden_layers"],
+            llm["num_key_value_heads"],
+            llm["hidden_size"] // llm["num_attention_heads"],
+        )
+
+    def _prepare(self, prompt, video, audio) -> tuple[np.ndarray, Answer]:
+        if not prompt or not prompt.strip():
+            raise ValueError("the prompt is empty")
+        features, cached = self.encode_media(video, audio)
+        timings = {} if cached else dict(features.timings)
+        av = self.av_tokens(features, prompt, timings)
+        embeds = self.inputs_embeds(av, prompt)
+        answer = Answer("", [], av.shape[1], timings, media_cached=cached)
+        return embeds, answer
+
+    def stream(
+        self, prompt: str, video=None, audio=None, options: DecodingOptions | None = None
+    ) -> Iterator[str]:
+        """Text pieces as tokens come (one beam); with beam search, the answer in one piece at the end."""
+        options = self._options(options)
+        embeds, answer = self._prepare(prompt, video, audio)
+        step = self._step()
+        if options.num_beams > 1:
+            ids = beam_search(step, self.embed, embeds, options)
+            yield cut_answer(self.llama.decode(ids))
+            return
+        yield from stream_text(generate_tokens(step, self.embed, embeds, options), self.llama)
+
+    def ask(
+        self, prompt: str, video=None, audio=None, options: DecodingOptions | None = None, on_text=None
+    ) -> Answer:
+        """The whole answer; `on_text(piece)` is called as text arrives (one beam)."""
+        options = self._options(options)
+        embeds, answer = self._prepare(prompt, video, audio)
+        step = self._step()
+        start = time.perf_counter()
+        first = None
+        if options.num_beams > 1:
+            ids = beam_search(step, self.embed, embeds, options)
+        else:
+            ids = []
+
+            def tokens():
+                nonlocal first
+                for token in generate_tokens(step, self.embed, embeds, options):
+                    if first is None:
+                        first = time.perf_counter() - start
+                    ids.append(token)
+                    yield token
+
+            # Generation stops at eos, max_new_tokens or the release's "\n#" cut (nothing after the
+            # cut is ever shown, so it is not computed; the text equals the release's).
+            for piece in stream_text(tokens(), self.llama):
+                if on_text is not None:
+                    on_text(piece)
+        total = time.perf_counter() - start
+        answer.timings["time_to_first_token"] = first if first is not None else total
+        answer.timings["generate"] = total
+        answer.token_ids = list(ids)
+        answer.text = cut_answer(self.llama.decode(ids))
+        answer.backends = {name: b.description for name, b in self._backends.items()}
+        return answer
+
+
+def _file_key(path) -> tuple | None:
+    if path is None:
+        return None
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        raise MediaError(f"{p}: no such file") from None
+    return (str(p.resolve()), st.st_size, st.st_mtime_ns)

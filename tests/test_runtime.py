@@ -1,0 +1,175 @@
+"""The torch-free runtime against the PyTorch reference pipeline, caching, streaming, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from vsal.runtime.backends import BackendError
+from vsal.runtime.errors import MediaError
+from vsal.runtime.manifest import PackageError
+from vsal.runtime.pipeline import Pipeline
+from vsal.runtime.prompt import DecodingOptions
+from vsal.runtime.synthetic import write_clip, write_tone
+
+GREEDY = DecodingOptions(num_beams=1, max_new_tokens=8)
+BEAMS = DecodingOptions(num_beams=3, max_new_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_package):
+    return Pipeline.load(tiny_package, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, tokenizer_assets):
+    from vsal.export.reference import ReferencePipeline
+
+    return ReferencePipeline(tiny_model, tokenizer_assets.llama_dir, tokenizer_assets.bert_vocab.parent)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("runtime-media")
+    return {
+        "video+audio": {"video": write_clip(folder / "av.mp4", seconds=6.0, size=(160, 120))},
+        "video-only": {"video": write_clip(folder / "v.mp4", seconds=4.0, size=(96, 64), audio_rate=None)},
+        "audio-only": {"audio": write_tone(folder / "a.wav", seconds=5.0, rate=48000, channels=6)},
+    }
+
+
+@pytest.mark.parametrize("case", ["video+audio", "video-only", "audio-only"])
+@pytest.mark.parametrize("options", [GREEDY, BEAMS], ids=["greedy", "beams"])
+def test_runtime_answers_like_the_reference(pipeline, reference, media, case, options):
+    prompt = "What is happening here?"
+    got = pipeline.ask(prompt, options=options, **media[case])
+    want = reference.ask(prompt, options=options, **media[case])
+    assert got.token_ids == want.token_ids
+    assert got.text == want.text
+    assert got.av_tokens == want.av_tokens == 180
+
+
+def test_clip_tokens_match_the_reference(pipeline, reference, media):
+    import torch
+
+    prompt = "Describe the sound."
+    features, _ = pipeline.encode_media(**media["video+audio"], audio=None)
+    got = pipeline.av_tokens(features, prompt, {})
+    want = reference.av_tokens(reference.prepare(**media["video+audio"]), prompt)
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
+    embeds = pipeline.inputs_embeds(got, prompt)
+    ref_embeds = reference.inputs_embeds(torch.from_numpy(got), prompt).numpy()
+    np.testing.assert_array_equal(embeds, ref_embeds)
+
+
+def test_second_question_reuses_the_encoders(tiny_package, media):
+    fresh = Pipeline.load(tiny_package, verbose=False)
+    first = fresh.ask("What is it?", options=GREEDY, **media["video+audio"])
+    second = fresh.ask("Where is it?", options=GREEDY, **media["video+audio"])
+    assert not first.media_cached and second.media_cached
+    assert "vision_encoder" in first.timings and "vision_encoder" not in second.timings
+    assert "frame_qformer" in second.timings  # the instruction changed: the Q-Former runs again
+
+
+def test_stream_pieces_make_the_answer(pipeline, media):
+    pieces = list(pipeline.stream("What is it?", options=GREEDY, **media["video-only"]))
+    answer = pipeline.ask("What is it?", options=GREEDY, **media["video-only"])
+    assert "".join(pieces) == answer.text and len(pieces) >= 1
+
+
+def test_sampling_is_seeded(pipeline, media):
+    options = DecodingOptions(num_beams=1, sample=True, seed=7, top_p=0.9, max_new_tokens=6)
+    a = pipeline.ask("Hi?", options=options, **media["audio-only"])
+    b = pipeline.ask("Hi?", options=options, **media["audio-only"])
+    assert a.token_ids == b.token_ids
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory", "empty", "garbage"])
+def test_bad_media_is_one_clear_error(pipeline, tmp_path, kind):
+    path = tmp_path / "clip.mp4"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "garbage":
+        path.write_bytes(b"not a video at all" * 50)
+    with pytest.raises(MediaError, match=str(path)):
+        pipeline.ask("What?", video=path, options=GREEDY)
+
+
+def test_audio_file_given_as_video_is_explained(pipeline, media):
+    with pytest.raises(MediaError, match="no video stream"):
+        pipeline.ask("What?", video=media["audio-only"]["audio"], options=GREEDY)
+
+
+def test_empty_prompt_is_refused(pipeline, media):
+    with pytest.raises(ValueError, match="prompt is empty"):
+        pipeline.ask("  ", options=GREEDY, **media["video-only"])
+
+
+def test_feeds_are_checked_against_the_manifest(pipeline):
+    backend = pipeline.backend("mrc_qformer")
+    width = pipeline.manifest.graphs["mrc_qformer"].inputs[0].shape[2]
+    with pytest.raises(BackendError, match="axis S = 15 is outside .* in steps of 10"):
+        backend.run(
+            {
+                "av_features": np.zeros((1, 15 * 32, width), np.float32),
+                "slot_mask": np.ones((1, 15), np.float32),
+            }
+        )
+    with pytest.raises(BackendError, match="slot_mask is float64, expected float32"):
+        backend.run({"av_features": np.zeros((1, 320, width), np.float32), "slot_mask": np.ones((1, 10))})
+
+
+def test_damaged_packages_are_refused(tiny_package, tmp_path):
+    copy = tmp_path / "pkg"
+    shutil.copytree(tiny_package, copy)
+    (copy / "graphs" / "beats_encoder.onnx").write_bytes(b"broken")
+    with pytest.raises(PackageError, match="beats_encoder.onnx: sha256 differs"):
+        Pipeline.load(copy, verbose=False)
+    (copy / "manifest.json").unlink()
+    with pytest.raises(PackageError, match="no manifest.json"):
+        Pipeline.load(copy, verbose=False)
+
+
+def _vsal(*args):
+    exe = Path(sys.executable).parent / "vsal"
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def test_vsal_run_json_and_errors(tiny_package, media, tmp_path):
+    out = _vsal(
+        "run",
+        tiny_package,
+        "--video",
+        media["video+audio"]["video"],
+        "--prompt",
+        "What?",
+        "--beams",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--json",
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert set(result) == {"answer", "token_ids", "av_tokens", "timings", "backends"}
+    assert set(result["backends"]) >= {"vision_encoder", "llm_decoder"}
+    bad = _vsal("run", tiny_package, "--video", tmp_path / "nope.mp4", "--prompt", "What?")
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1] == f"vsal: error: {tmp_path / 'nope.mp4'}: no such file"
+    bad = _vsal("run", tmp_path, "--audio", media["audio-only"]["audio"], "--prompt", "What?")
+    assert bad.returncode == 1 and "no manifest.json" in bad.stderr
+
+
+def test_long_video_is_truncated_with_a_notice(tiny_package, tmp_path, capsys):
+    clip = write_clip(tmp_path / "long.mp4", seconds=62.0, fps=2, size=(64, 48), audio_rate=None)
+    pipeline = Pipeline.load(tiny_package, verbose=True)
+    answer = pipeline.ask("What?", video=clip, options=DecodingOptions(num_beams=1, max_new_tokens=2))
+    assert answer.av_tokens == 360  # 60 clips x 2 frames -> 120 slots -> 360 tokens
+    assert "only its first 60 s" in capsys.readouterr().err
