@@ -136,24 +136,49 @@ def reference(
         )
 
 
-@cli.command(help="The built-in default job: a generated clip, the tiny preset, the reference pipeline.")
+DEFAULT_PACKAGE = Path("vsal-models") / "tiny"
+
+
+@cli.command(
+    help="The built-in default job: export the tiny preset, generate a clip, ask about it with the runtime."
+)
 @click.option(
-    "--workdir",
+    "--package",
     type=click.Path(path_type=Path, file_okay=False),
-    default=None,
-    help="Where to write the generated clip (default: a temporary folder).",
+    default=DEFAULT_PACKAGE,
+    show_default=True,
+    help="Model package to use; the tiny preset is exported there if absent.",
 )
 @click.option("--prompt", default="What happens in the video and what can be heard?", show_default=True)
-def demo(workdir: Path | None, prompt: str) -> None:
+def demo(package: Path, prompt: str) -> None:
+    from vsal.export import presets
+    from vsal.export.assets import ensure_tokenizer_assets
+    from vsal.export.package import ExportSource, TokenizerFiles, export_package
+    from vsal.runtime.pipeline import Pipeline
+    from vsal.runtime.prompt import DecodingOptions
     from vsal.runtime.synthetic import write_clip
 
+    if not (package / "manifest.json").is_file():
+        click.echo(RANDOM_WEIGHTS_NOTICE.format(name="tiny"), err=True)
+        assets = ensure_tokenizer_assets()
+        export_package(
+            ExportSource(presets.get("tiny"), random_weights=True),
+            package,
+            TokenizerFiles(assets.llama_dir, assets.bert_vocab),
+        )
     with tempfile.TemporaryDirectory() as tmp:
-        folder = workdir or Path(tmp)
-        folder.mkdir(parents=True, exist_ok=True)
-        clip = write_clip(folder / "demo.mp4", seconds=10.0)
-        click.echo(f"generated a 10 s clip with a tone sweep: {clip}", err=True)
-        ctx = click.get_current_context()
-        ctx.invoke(reference, video=clip, prompt=prompt, beams=1, max_new_tokens=24)
+        clip = write_clip(Path(tmp) / "demo.mp4", seconds=10.0)
+        click.echo(f"generated a 10 s clip with a tone sweep; asking: {prompt}", err=True)
+        click.echo(f"(the same as: vsal run {package} --video CLIP --prompt ... --beams 1)", err=True)
+        pipeline = Pipeline.load(package)
+        answer = pipeline.ask(
+            prompt,
+            video=clip,
+            options=DecodingOptions(num_beams=1, max_new_tokens=24),
+            on_text=lambda piece: click.echo(piece, nl=False),
+        )
+    click.echo()
+    click.echo(f"[{len(answer.token_ids)} tokens from {answer.av_tokens} clip tokens]", err=True)
 
 
 @cli.command(help="Write one consolidated checkpoint (LoRA merged) from the six released files.")

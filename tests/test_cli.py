@@ -18,11 +18,12 @@ def _run(*args, timeout=300):
     )
 
 
-def test_demo_answers_about_a_generated_clip(tokenizer_assets):
-    out = _run("vsal-export", "demo")
+def test_demo_answers_about_a_generated_clip(tiny_package):
+    out = _run("vsal-export", "demo", "--package", str(tiny_package))
     assert out.returncode == 0, out.stderr
     assert "random weights" in out.stderr and "meaningless" in out.stderr
-    assert "clip tokens" in out.stderr and "180 clip tokens" in out.stderr
+    assert "[24 tokens from 180 clip tokens]" in out.stderr
+    assert out.stdout.strip()  # the streamed answer
 
 
 def test_reference_json(tokenizer_assets, clip_10s):

@@ -173,3 +173,41 @@ def test_long_video_is_truncated_with_a_notice(tiny_package, tmp_path, capsys):
     answer = pipeline.ask("What?", video=clip, options=DecodingOptions(num_beams=1, max_new_tokens=2))
     assert answer.av_tokens == 360  # 60 clips x 2 frames -> 120 slots -> 360 tokens
     assert "only its first 60 s" in capsys.readouterr().err
+
+
+def test_vsal_run_needs_neither_torch_nor_transformers(tiny_package, media):
+    """As on a Jetson image: importing torch or transformers fails, and `vsal run` still answers."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'transformers'):\n"
+        "            raise ImportError(f'{name} is blocked in this test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from vsal.runtime.cli import main\n"
+        "sys.argv = ['vsal'] + sys.argv[1:]\n"
+        "main()\n"
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "run",
+            str(tiny_package),
+            "--video",
+            str(media["video+audio"]["video"]),
+            "--prompt",
+            "What?",
+            "--beams",
+            "1",
+            "--max-new-tokens",
+            "3",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert len(json.loads(out.stdout)["token_ids"]) == 3
