@@ -13,6 +13,7 @@ import pytest
 from vsal.runtime.backends import BackendError
 from vsal.runtime.errors import MediaError
 from vsal.runtime.manifest import PackageError
+from vsal.runtime.media import probe_media
 from vsal.runtime.pipeline import Pipeline
 from vsal.runtime.prompt import DecodingOptions
 from vsal.runtime.synthetic import write_clip, write_tone
@@ -211,3 +212,72 @@ def test_vsal_run_needs_neither_torch_nor_transformers(tiny_package, media):
     )
     assert out.returncode == 0, out.stderr
     assert len(json.loads(out.stdout)["token_ids"]) == 3
+
+
+def _write_frames(path, frames, rates, size, rotate=None):
+    """A video whose frame k lasts rates[k] seconds (variable frame rate), optionally rotated."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=1000)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        stream.time_base = __import__("fractions").Fraction(1, 1000)
+        if rotate is not None:
+            stream.metadata["rotate"] = str(rotate)
+        t = 0.0
+        for k in range(frames):
+            img = np.full((size[1], size[0], 3), (k * 7) % 255, np.uint8)
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts = int(t * 1000)
+            frame.time_base = stream.time_base
+            out.mux(stream.encode(frame))
+            t += rates[k % len(rates)]
+        out.mux(stream.encode(None))
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["short", "variable frame rate", "huge frames", "rotated", "8 kHz audio", "6-channel 48 kHz audio"],
+)
+def test_awkward_but_valid_media_runs(pipeline, tmp_path, kind):
+    options = DecodingOptions(num_beams=1, max_new_tokens=2)
+    if kind == "short":
+        inputs = {
+            "video": write_clip(tmp_path / "s.mp4", seconds=0.4, fps=10, size=(64, 48), audio_rate=None)
+        }
+        expected_frames = 2  # one back-padded clip
+    elif kind == "variable frame rate":
+        inputs = {"video": _write_frames(tmp_path / "vfr.mkv", 40, (0.02, 0.15, 0.05), (64, 48))}
+        expected_frames = None
+    elif kind == "huge frames":
+        inputs = {
+            "video": write_clip(tmp_path / "big.mp4", seconds=1.0, fps=2, size=(3840, 2160), audio_rate=None)
+        }
+        expected_frames = 2
+    elif kind == "rotated":
+        inputs = {"video": _write_frames(tmp_path / "rot.mp4", 8, (0.25,), (64, 48), rotate=90)}
+        expected_frames = None
+    elif kind == "8 kHz audio":
+        inputs = {"audio": write_tone(tmp_path / "8k.wav", seconds=2.0, rate=8000)}
+        expected_frames = 0
+    else:
+        inputs = {"audio": write_tone(tmp_path / "6ch.wav", seconds=2.0, rate=48000, channels=6)}
+        expected_frames = 0
+    answer = pipeline.ask("What?", options=options, **inputs)
+    assert answer.av_tokens >= 180 and len(answer.token_ids) >= 1
+    features, _ = pipeline.encode_media(inputs.get("video"), inputs.get("audio"))
+    if "video" in inputs:
+        assert features.frames == 2 * probe_media(inputs["video"]).clips
+    if expected_frames is not None:
+        assert features.frames == expected_frames
+
+
+def test_package_of_another_format_is_refused(tiny_package, tmp_path):
+    copy = tmp_path / "pkg"
+    shutil.copytree(tiny_package, copy)
+    data = json.loads((copy / "manifest.json").read_text())
+    data["format_version"] = 99
+    (copy / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(PackageError, match="format_version 99, this vsal reads 1"):
+        Pipeline.load(copy, verbose=False)
