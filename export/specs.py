@@ -11,12 +11,12 @@ Shape entries are ints (static) or expressions over axis names: "N", "3*S", "S*3
 
 from __future__ import annotations
 
-import ast
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 from vsal.export.config import ModelConfig
+from vsal.runtime.shapes import axis_names, evaluate
 
 # Release limits the profiles follow.
 MAX_FRAMES = 120  # 60 s at 2 fps
@@ -62,7 +62,7 @@ class TensorSpec:
     shape: tuple[int | str, ...]
 
     def axis_names(self) -> set[str]:
-        return {n for dim in self.shape if isinstance(dim, str) for n in _names(dim)}
+        return {n for dim in self.shape if isinstance(dim, str) for n in axis_names(dim)}
 
     def resolve(self, sizes: Mapping[str, int]) -> tuple[int, ...]:
         return tuple(dim if isinstance(dim, int) else evaluate(dim, sizes) for dim in self.shape)
@@ -105,33 +105,6 @@ class GraphSpec:
             raise ValueError(f"graph {self.name}: shapes name undeclared axes {sorted(used - declared)}")
         if declared - used:
             raise ValueError(f"graph {self.name}: axes {sorted(declared - used)} appear in no shape")
-
-
-# --- shape expressions ----------------------------------------------------------------------------
-
-
-def _names(expr: str) -> set[str]:
-    return {n.id for n in ast.walk(ast.parse(expr, mode="eval")) if isinstance(n, ast.Name)}
-
-
-def evaluate(expr: str, sizes: Mapping[str, int]) -> int:
-    """Evaluate "3*S", "P+T", "S*32" ... over axis sizes (only +, *, names and ints)."""
-
-    def walk(node: ast.AST) -> int:
-        if isinstance(node, ast.Expression):
-            return walk(node.body)
-        if isinstance(node, ast.Constant) and isinstance(node.value, int):
-            return node.value
-        if isinstance(node, ast.Name):
-            if node.id not in sizes:
-                raise KeyError(f"unknown axis {node.id!r} in shape {expr!r}")
-            return int(sizes[node.id])
-        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add | ast.Mult):
-            a, b = walk(node.left), walk(node.right)
-            return a + b if isinstance(node.op, ast.Add) else a * b
-        raise ValueError(f"unsupported shape expression {expr!r}")
-
-    return walk(ast.parse(expr, mode="eval"))
 
 
 # --- input factories ----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Protocol
 import numpy as np
 from vsal.runtime.errors import VsalError
 from vsal.runtime.manifest import GraphInfo, TensorInfo
+from vsal.runtime.shapes import evaluate
 
 PROVIDERS = {  # vsal's provider names -> ONNX Runtime's
     "tensorrt": "TensorrtExecutionProvider",
@@ -85,6 +86,8 @@ class FeedChecker:
         for name, spec in expected.items():
             if name in feeds:
                 problems += self._check_one(spec, feeds[name], sizes)
+        if not problems:
+            problems += self._check_relations(feeds, sizes)
         if problems:
             raise BackendError(f"{self.graph}: " + "; ".join(problems))
 
@@ -107,6 +110,26 @@ class FeedChecker:
                     problems.append(
                         f"{spec.name} axis {want} = {dim} is outside the graph's range "
                         f"[{bounds['min']}, {bounds['max']}]" + (f" in steps of {step}" if step > 1 else "")
+                    )
+        return problems
+
+    def _check_relations(self, feeds: dict[str, np.ndarray], sizes: dict[str, int]) -> list[str]:
+        """Dimensions given by expressions ("P+T", "S*32") must equal their value (nothing in the
+        graph checks it: a wrong attention-mask length could broadcast silently)."""
+        problems = []
+        for spec in self.info.inputs:
+            for i, want in enumerate(spec.shape):
+                if isinstance(want, int) or want in self.info.profile:
+                    continue
+                try:
+                    value = evaluate(want, sizes)
+                except KeyError:
+                    continue  # an axis that only this expression names: nothing to compare with
+                got = feeds[spec.name].shape[i]
+                if got != value:
+                    where = ", ".join(f"{k}={v}" for k, v in sorted(sizes.items()))
+                    problems.append(
+                        f"{spec.name} dimension {i} is {got}, expected {want} = {value} ({where})"
                     )
         return problems
 

@@ -281,3 +281,19 @@ def test_package_of_another_format_is_refused(tiny_package, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(PackageError, match="format_version 99, this vsal reads 1"):
         Pipeline.load(copy, verbose=False)
+
+
+def test_attention_mask_length_must_be_past_plus_new(pipeline):
+    backend = pipeline.backend("llm_decoder")
+    llm = pipeline.llm
+    heads, dim = llm["num_key_value_heads"], llm["hidden_size"] // llm["num_attention_heads"]
+    feeds = {
+        "inputs_embeds": np.zeros((1, 2, llm["hidden_size"]), np.float32),
+        "attention_mask": np.ones((1, 4), np.int64),  # P + T = 3 + 2 = 5, not 4
+        "position_ids": np.array([[3, 4]], np.int64),
+    }
+    for i in range(llm["num_hidden_layers"]):
+        for kv in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kv}"] = np.zeros((1, heads, 3, dim), np.float32)
+    with pytest.raises(BackendError, match=r"attention_mask dimension 1 is 4, expected P\+T = 5"):
+        backend.run(feeds)
