@@ -27,8 +27,9 @@ from vsal.runtime import media
 from vsal.runtime.alignment import align_streams
 from vsal.runtime.backends import Backend, OnnxRuntimeBackend, choose_provider
 from vsal.runtime.errors import MediaError
-from vsal.runtime.generation import GraphDecoderStep, beam_search, generate_tokens, stream_text
+from vsal.runtime.generation import beam_search, generate_tokens, stream_text
 from vsal.runtime.manifest import Manifest, PackageError, load_manifest, verify_files
+from vsal.runtime.ort_decoder import BoundDecoderStep
 from vsal.runtime.preprocess import audio_inputs, preprocess_frame
 from vsal.runtime.prompt import DecodingOptions, cut_answer
 from vsal.runtime.tokenizers import InstructionTokenizer, LlamaTokenizer
@@ -261,11 +262,11 @@ class Pipeline:
             options = DecodingOptions(**defaults)
         return replace(options, eos_token_id=self.manifest.special_tokens["eos"])
 
-    def _step(self) -> GraphDecoderStep:
+    def _step(self) -> BoundDecoderStep:
+        """The decoder with IO binding: the KV cache stays inside ONNX Runtime between tokens."""
         llm = self.llm
-        backend = self.backend("llm_decoder")
-        return GraphDecoderStep(
-            lambda feeds: backend.run(feeds),
+        return BoundDecoderStep(
+            self.backend("llm_decoder"),
             llm["num_hidden_layers"],
             llm["num_key_value_heads"],
             llm["hidden_size"] // llm["num_attention_heads"],
