@@ -299,10 +299,10 @@ class Beams:
     improvable: bool = True  # transformers' early-stopping heuristic is unsatisfied
 
     @classmethod
-    def start(cls, num_beams: int, max_new_tokens: int, fill: int) -> Beams:
+    def start(cls, num_beams: int, max_new_tokens: int) -> Beams:
         running_scores = np.zeros(num_beams, np.float32)
         running_scores[1:] = BEAM_MASK  # only beam 0 proposes the first token
-        running = np.full((num_beams, max_new_tokens), fill, np.int64)
+        running = np.full((num_beams, max_new_tokens), -1, np.int64)  # -1: not generated yet
         return cls(
             running=running,
             running_scores=running_scores,
@@ -347,11 +347,13 @@ def next_running(beams: Beams, cand: Candidates) -> np.ndarray:
 
 
 def update_finished(beams: Beams, cand: Candidates, length: int, length_penalty: float) -> None:
-    """Merge the candidates among the top K that just finished into the K best finished ones."""
+    """Merge the candidates among the top K that just finished into the K best finished ones.
+
+    (transformers also masks them when the early-stopping heuristic is satisfied; with one prompt
+    the search ends at that point, so that never applies here.)"""
     k = beams.running.shape[0]
     just_finished = cand.done & (np.arange(2 * k) < k)  # only the top K may finish
     scores = cand.scores / np.float32((length + 1) ** length_penalty)
-    scores = scores + np.float32(not beams.improvable) * BEAM_MASK
     scores = scores + (~just_finished).astype(np.float32) * BEAM_MASK
     merged_scores = np.concatenate([beams.finished_scores, scores])
     keep = top_k_indices(merged_scores, k)
@@ -365,7 +367,7 @@ def update_finished(beams: Beams, cand: Candidates, length: int, length_penalty:
 def check_improvable(beams: Beams, length: int, length_penalty: float) -> None:
     """transformers' early-stopping heuristic (early_stopping=False): stop improving once the best
     running beam, scored at its current length, is no better than the worst finished one."""
-    best_running = beams.running_scores[0] / np.float32((length + 1)**length_penalty)
+    best_running = beams.running_scores[0] / np.float32(length**length_penalty)
     worst_finished = np.where(beams.is_finished, beams.finished_scores.min(), BEAM_MASK)
     beams.improvable = beams.improvable and bool(np.any(best_running > worst_finished))
 
@@ -381,11 +383,12 @@ def beam_search(
     False), generated tokens incl. eos. `on_step(tokens)` gets the best running beam after each step.
 
     The prompt is run once (batch 1); the first reorder spreads its cache over the K beams."""
+    if options.num_beams < 2:
+        raise ValueError(f"beam_search needs num_beams >= 2, got {options.num_beams}: use generate_tokens")
     prompt = as_prompt(inputs_embeds)
     k = options.num_beams
     min_new = min_new_tokens(options, prompt.shape[1])
-    fill = options.eos_token_id if options.eos_token_id is not None else -1
-    beams = Beams.start(k, options.max_new_tokens, fill)
+    beams = Beams.start(k, options.max_new_tokens)
     logits, cache = prefill(step, prompt)  # [1, V]
     length = 0  # tokens generated so far
     while True:
