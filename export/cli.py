@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 import click
-from vsal.runtime.errors import VsalError
+from vsal.runtime.cli import run_cli
 
 RANDOM_WEIGHTS_NOTICE = (
     "note: preset {name!r} has seeded random weights: its answers are meaningless until real "
@@ -17,17 +17,7 @@ RANDOM_WEIGHTS_NOTICE = (
 
 
 def main() -> None:
-    try:
-        cli(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except (VsalError, ValueError, OSError) as exc:
-        click.echo(f"vsal-export: error: {exc}", err=True)
-        sys.exit(1)
+    run_cli(cli, "vsal-export")
 
 
 @click.group(help="Export video-SALMONN: model parts, checkpoints, the PyTorch reference pipeline.")

@@ -10,18 +10,23 @@ import click
 from vsal.runtime.errors import VsalError
 
 
-def main() -> None:
+def run_cli(group: click.Group, prog: str) -> None:
+    """Run a click group; a user mistake is one line on stderr and exit code 1, never a traceback."""
     try:
-        cli(standalone_mode=False)
+        group(standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except (VsalError, ValueError) as exc:
-        click.echo(f"vsal: error: {exc}", err=True)
+    except (VsalError, ValueError, OSError) as exc:
+        click.echo(f"{prog}: error: {exc}", err=True)
         sys.exit(1)
+
+
+def main() -> None:
+    run_cli(cli, "vsal")
 
 
 @click.group(help="Run video-SALMONN without torch.")
