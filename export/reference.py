@@ -18,6 +18,7 @@ from vsal.export.models.alignment import align_streams
 from vsal.runtime import media
 from vsal.runtime.errors import MediaError
 from vsal.runtime.features import beats_fbank
+from vsal.runtime.preprocess import pad_audio
 from vsal.runtime.prompt import PROMPT_BEFORE, DecodingOptions, cut_answer, prompt_after
 from vsal.runtime.tokenizers import InstructionTokenizer, LlamaTokenizer
 
@@ -53,15 +54,6 @@ def preprocess_frame(frame: np.ndarray, size: int = 224) -> torch.Tensor:
     mean = torch.tensor(CLIP_MEAN)[:, None, None]
     std = torch.tensor(CLIP_STD)[:, None, None]
     return (x - mean) / std
-
-
-def prepare_audio(waveform: np.ndarray, config) -> np.ndarray:
-    """Zero-pad to the release's 3 s minimum."""
-    align = config.alignment
-    minimum = int(align.min_audio_seconds * align.sample_rate)
-    if waveform.shape[0] < minimum:
-        waveform = np.pad(waveform, (0, minimum - waveform.shape[0]))
-    return waveform.astype(np.float32)
 
 
 class ReferencePipeline:
@@ -100,7 +92,9 @@ class ReferencePipeline:
         features = fbank = None
         if audio is not None:
             align = self.config.alignment
-            wave = prepare_audio(media.load_audio(audio, align.sample_rate), self.config)
+            wave = pad_audio(
+                media.load_audio(audio, align.sample_rate), align.min_audio_seconds, align.sample_rate
+            )
             feats = self.whisper_features(
                 wave,
                 sampling_rate=align.sample_rate,

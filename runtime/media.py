@@ -78,11 +78,6 @@ def _stream_duration(container, stream) -> float:
     raise MediaError(f"{container.name}: the video stream has no duration")
 
 
-def has_video(path: str | os.PathLike) -> bool:
-    with _open(_check_file(path)) as container:
-        return bool(container.streams.video)
-
-
 def has_audio(path: str | os.PathLike) -> bool:
     with _open(_check_file(path)) as container:
         return bool(container.streams.audio)
