@@ -304,3 +304,85 @@ def check(model_dir: Path, as_json: bool) -> None:
     from vsal.export.trt_check import main_check
 
     sys.exit(main_check(model_dir, as_json))
+
+
+@cli.command(help="Record each graph's inputs on real media, for INT8 calibration (stored in the package).")
+@click.argument("model_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option(
+    "--media",
+    "media_dir",
+    required=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Folder of video/audio files; one in four is held out to check accuracy.",
+)
+@click.option("--max-clips", type=int, default=None, help="Use at most this many files.")
+def calibrate(model_dir: Path, media_dir: Path, max_clips: int | None) -> None:
+    from vsal.calib.collect import media_files
+    from vsal.export.build import calibrate as record
+
+    paths = record(model_dir, media_files(media_dir, max_clips))
+    click.echo(f"calibration sets: {', '.join(str(p) for p in paths.values())}")
+
+
+@cli.command(
+    help="Add fp16 or int8 graphs (with an accuracy report) to a package; no folder: the tiny preset."
+)
+@click.argument("model_dir", required=False, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--precision", required=True, type=click.Choice(["fp32", "fp16", "int8"]))
+@click.option(
+    "--calib-media",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Folder of real media to calibrate (int8) and check accuracy on (one in four held out).",
+)
+@click.option("--max-clips", type=int, default=None)
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "tensorrt", "onnxruntime"]),
+    default="auto",
+    show_default=True,
+    help="onnxruntime: graphs only; tensorrt: also engines (needs TensorRT on this machine).",
+)
+@click.option("--graphs", default=None, help="Comma-separated subset of graphs (default: all).")
+@click.option(
+    "--min-cosine", default=0.99, show_default=True, help="Per graph, against fp32 on held-out inputs."
+)
+@click.option("--min-token-agreement", default=0.5, show_default=True, help="Greedy tokens equal to fp32's.")
+@click.option("--allow-below", is_flag=True, help="Keep a build below the thresholds and exit 0.")
+def build(
+    model_dir,
+    precision,
+    calib_media,
+    max_clips,
+    backend,
+    graphs,
+    min_cosine,
+    min_token_agreement,
+    allow_below,
+) -> None:
+    from vsal.calib.collect import media_files
+    from vsal.export.build import Thresholds
+    from vsal.export.build import build as run_build
+
+    if backend == "tensorrt":
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            raise click.UsageError(
+                "--backend tensorrt needs TensorRT on this machine; it is not installed"
+            ) from None
+    if model_dir is None:
+        model_dir = DEFAULT_PACKAGE
+        if not (model_dir / "manifest.json").is_file():
+            click.echo(f"no package given: exporting the tiny preset to {model_dir} first", err=True)
+            ctx = click.get_current_context()
+            ctx.invoke(export, output=model_dir)
+    media = media_files(calib_media, max_clips) if calib_media else None
+    chosen = tuple(g.strip() for g in graphs.split(",")) if graphs else None
+    report = run_build(model_dir, precision, media, chosen, Thresholds(min_cosine, min_token_agreement))
+    click.echo(report.format())
+    if report.problems and not allow_below:
+        click.echo(
+            "vsal-export: error: the build is below its accuracy thresholds (--allow-below keeps it)",
+            err=True,
+        )
+        sys.exit(1)

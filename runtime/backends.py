@@ -137,7 +137,15 @@ class FeedChecker:
 class OnnxRuntimeBackend:
     """One ONNX graph in an ONNX Runtime session (created once, reused)."""
 
-    def __init__(self, name: str, path: str | os.PathLike, info: GraphInfo, provider: str, threads: int = 0):
+    def __init__(
+        self,
+        name: str,
+        path: str | os.PathLike,
+        info: GraphInfo,
+        provider: str,
+        threads: int = 0,
+        precision: str = "fp32",
+    ):
         import onnxruntime as ort
 
         path = Path(path)
@@ -155,7 +163,8 @@ class OnnxRuntimeBackend:
             raise BackendError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from None
         self.name = name
         self.provider = provider
-        self.description = f"onnxruntime {provider} ({self.session.get_providers()[0]}) {info.precision}"
+        self.precision = precision
+        self.description = f"onnxruntime {provider} ({self.session.get_providers()[0]}) {precision}"
         self.checker = FeedChecker(name, info)
         self._outputs = [o.name for o in self.session.get_outputs()]
 

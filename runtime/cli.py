@@ -99,6 +99,12 @@ def _generation_options(fn):
                 default=None,
                 help="ONNX Runtime execution provider (default: the best this machine has).",
             ),
+            click.option(
+                "--precision",
+                type=click.Choice(["fp32", "fp16", "int8"]),
+                default=None,
+                help="Graph precision (default: fp16 on a GPU, int8 on the CPU when built, else fp32).",
+            ),
         ]
     ):
         fn = option(fn)
@@ -127,6 +133,7 @@ def run(
     top_k,
     seed,
     provider,
+    precision,
     as_json,
 ) -> None:
     from vsal.runtime.pipeline import Pipeline
@@ -134,7 +141,7 @@ def run(
     if video is None and audio is None:
         raise click.UsageError("give --video, --audio or both")
     options = _decoding_options(max_new_tokens, beams, sample, temperature, top_p, top_k, seed)
-    pipeline = Pipeline.load(model_dir, provider=provider, verbose=not as_json)
+    pipeline = Pipeline.load(model_dir, provider=provider, verbose=not as_json, precision=precision)
     if as_json:
         answer = pipeline.ask(prompt, video=video, audio=audio, options=options)
         click.echo(
@@ -165,7 +172,18 @@ def run(
 @click.option("--audio", type=click.Path(path_type=Path))
 @_generation_options
 def chat(
-    model_dir, video, audio, max_new_tokens, beams, sample, temperature, top_p, top_k, seed, provider
+    model_dir,
+    video,
+    audio,
+    max_new_tokens,
+    beams,
+    sample,
+    temperature,
+    top_p,
+    top_k,
+    seed,
+    provider,
+    precision,
 ) -> None:
     from vsal.runtime.errors import VsalError
     from vsal.runtime.pipeline import Pipeline
@@ -173,7 +191,7 @@ def chat(
     if video is None and audio is None:
         raise click.UsageError("give --video, --audio or both")
     options = _decoding_options(max_new_tokens, beams, sample, temperature, top_p, top_k, seed)
-    pipeline = Pipeline.load(model_dir, provider=provider)
+    pipeline = Pipeline.load(model_dir, provider=provider, precision=precision)
     pipeline.encode_media(video, audio)  # decode and encode once, up front
     click.echo("Ask about the clip (an empty line or Ctrl-D ends).", err=True)
     while True:

@@ -32,6 +32,18 @@ class TensorInfo:
 
 
 @dataclass
+class VariantInfo:
+    """A reduced-precision copy of a graph, added by `vsal-export build`."""
+
+    precision: str  # "fp16" | "int8"
+    file: str
+    sha256: str
+    external_data: dict[str, str] = field(default_factory=dict)
+    accuracy: dict[str, Any] = field(default_factory=dict)  # against fp32 on held-out inputs
+    notes: str = ""  # what was kept in higher precision, and why
+
+
+@dataclass
 class GraphInfo:
     file: str  # relative to the package folder
     sha256: str
@@ -42,13 +54,21 @@ class GraphInfo:
     precision: str = "fp32"
     external_data: dict[str, str] = field(default_factory=dict)  # weight files beside the graph -> sha256
     engines: list[dict[str, Any]] = field(default_factory=list)  # filled by `vsal-export build`
+    variants: dict[str, VariantInfo] = field(default_factory=dict)  # precision -> fp16/int8 copy
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GraphInfo:
         data = dict(data)
         data["inputs"] = [TensorInfo(**t) for t in data["inputs"]]
         data["outputs"] = [TensorInfo(**t) for t in data["outputs"]]
+        data["variants"] = {k: VariantInfo(**v) for k, v in data.get("variants", {}).items()}
         return cls(**data)
+
+    def file_for(self, precision: str) -> tuple[str, str]:
+        """(file, precision) to run: the variant when the package has it, else the fp32 graph."""
+        if precision in self.variants:
+            return self.variants[precision].file, precision
+        return self.file, self.precision
 
 
 @dataclass
@@ -91,6 +111,9 @@ class Manifest:
         for graph in self.graphs.values():
             out[graph.file] = graph.sha256
             out.update(graph.external_data)
+            for variant in graph.variants.values():
+                out[variant.file] = variant.sha256
+                out.update(variant.external_data)
         for info in (self.embeddings, self.llm_tokenizer, self.instruction_tokenizer):
             out[info.file] = info.sha256
         return out

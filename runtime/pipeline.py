@@ -69,11 +69,19 @@ class Pipeline:
     """Load once, ask many times: `Pipeline.load(folder).ask("What is said?", video="talk.mp4")`."""
 
     def __init__(
-        self, folder: Path, manifest: Manifest, provider: str, threads: int = 0, verbose: bool = True
+        self,
+        folder: Path,
+        manifest: Manifest,
+        provider: str,
+        threads: int = 0,
+        verbose: bool = True,
+        precision: str | None = None,
     ):
         self.folder = folder
         self.manifest = manifest
         self.provider = provider
+        self.precision = precision  # None: per graph, the best this machine runs
+        self.exact_precision = False  # run fp16 graphs even on the CPU (the build's accuracy check)
         self.threads = threads
         self.verbose = verbose
         cfg = manifest.config
@@ -94,8 +102,18 @@ class Pipeline:
         threads: int = 0,
         verbose: bool = True,
         verify: bool = True,
+        precision: str | None = None,
+        exact_precision: bool = False,
     ) -> Pipeline:
-        """Read and check a package (sha256 of every file unless verify=False); backends load lazily."""
+        """Read and check a package (sha256 of every file unless verify=False); backends load lazily.
+
+        precision None picks per graph what the machine runs best: fp16 on a GPU provider, int8 on
+        the CPU when the package has it built, else fp32; "fp32" | "fp16" | "int8" asks for one (a
+        graph without that variant runs fp32; fp16 on the CPU runs fp32 unless exact_precision, which
+        the build's accuracy check uses). Every choice is printed.
+        """
+        if precision not in (None, "fp32", "fp16", "int8"):
+            raise ValueError(f"unknown precision {precision!r}; choose fp32, fp16 or int8")
         folder = Path(folder)
         manifest = load_manifest(folder)
         missing = [g for g in REQUIRED_GRAPHS if g not in manifest.graphs]
@@ -105,7 +123,8 @@ class Pipeline:
             problems = verify_files(manifest, folder)
             if problems:
                 raise PackageError("; ".join(problems))
-        pipeline = cls(folder, manifest, choose_provider(provider), threads, verbose)
+        pipeline = cls(folder, manifest, choose_provider(provider), threads, verbose, precision)
+        pipeline.exact_precision = exact_precision
         if manifest.random_weights and verbose:
             preset = manifest.preset
             print(
@@ -116,12 +135,27 @@ class Pipeline:
 
     # --- backends ---------------------------------------------------------------------------------
 
+    def _precision_for(self, name: str) -> tuple[str, str]:
+        """(file, precision) this graph runs at here, and the reason when it is not what was asked."""
+        info = self.manifest.graphs[name]
+        on_gpu = self.provider in ("cuda", "tensorrt")
+        wanted = self.precision or ("fp16" if on_gpu else "int8")
+        if wanted == "fp16" and not on_gpu and not self.exact_precision:
+            wanted = "fp32"  # fp16 graphs are for GPUs: on the CPU they only add casts
+        return info.file_for(wanted)
+
     def backend(self, name: str) -> Backend:
         if name not in self._backends:
             info = self.manifest.graphs[name]
-            backend = OnnxRuntimeBackend(name, self.folder / info.file, info, self.provider, self.threads)
+            file, precision = self._precision_for(name)
+            backend = OnnxRuntimeBackend(
+                name, self.folder / file, info, self.provider, self.threads, precision
+            )
             if self.verbose:
-                print(f"vsal: {name}: {backend.description}", file=sys.stderr, flush=True)
+                note = ""
+                if self.precision and precision != self.precision:
+                    note = f" (no {self.precision} variant usable here)"
+                print(f"vsal: {name}: {backend.description}{note}", file=sys.stderr, flush=True)
             self._backends[name] = backend
         return self._backends[name]
 
