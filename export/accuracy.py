@@ -1,0 +1,179 @@
+"""Accuracy of a graph variant (fp16, int8, ...) against its fp32 reference, both run in ONNX Runtime CPU.
+
+`accuracy(ref, test, feeds_list)` runs both graphs on every feed dict and gives, per output, the
+worst cosine similarity and the largest absolute error over the feeds, with the reference's scale
+and whether the variant stayed finite. Any two graphs with the same input and output names can be
+compared: the variant's inputs and outputs may even have other float dtypes (feeds are cast to what
+each graph declares, outputs are compared in float64). Torch-free.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(bfloat16)": None,  # numpy has none: fed as given
+}
+
+
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+
+
+def session(path: str | os.PathLike, threads: int = 0, optimization: str = "all"):
+    """An ONNX Runtime CPU session, quiet; `threads` > 0 pins the intra-op thread count.
+
+    `optimization`: ORT's graph optimization level. "all" is what the runtime uses; "disable" runs
+    the graph's ops as written (ORT's fusions, e.g. of an RMSNorm chain into one fp32 kernel, can
+    hide what a precision change does to the graph itself).
+    """
+    import onnxruntime as ort
+
+    levels = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    if optimization not in levels:
+        raise ValueError(f"optimization {optimization!r}: one of {OPTIMIZATION_LEVELS}")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = levels[optimization]
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _feeds_for(sess, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = {}
+    for meta in sess.get_inputs():
+        if meta.name not in feeds:
+            raise KeyError(f"feeds lack input {meta.name!r} of the graph")
+        value = np.asarray(feeds[meta.name])
+        dtype = _ORT_TYPES.get(meta.type)
+        out[meta.name] = value.astype(dtype) if dtype is not None and value.dtype != dtype else value
+    return out
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity of two tensors, flattened, in float64: 1.0 when both are all zero."""
+    a = np.asarray(a, dtype=np.float64).ravel()
+    b = np.asarray(b, dtype=np.float64).ravel()
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if na == 0.0 and nb == 0.0:
+        return 1.0
+    if na == 0.0 or nb == 0.0 or not (np.isfinite(na) and np.isfinite(nb)):
+        return 0.0
+    return float(np.dot(a, b) / (na * nb))
+
+
+def accuracy(
+    ref_path: str | os.PathLike,
+    test_path: str | os.PathLike,
+    feeds_list: Iterable[Mapping[str, np.ndarray]],
+    outputs: Sequence[str] | None = None,
+    optimization: str = "all",
+) -> dict[str, dict[str, Any]]:
+    """Per output of the reference graph: the variant's agreement with it over every feed dict.
+
+    Returns {output: {"cosine": worst over the feeds, "max_abs_error": largest, "mean_abs_error":
+    largest per-feed mean, "max_abs_reference": the reference's largest magnitude, "finite": the
+    variant's output had no NaN/inf in any feed, "shape_mismatch": shapes differed in some feed,
+    "cases": feeds compared}}. A variant output with NaN/inf gets cosine 0 and an infinite error,
+    so a threshold on cosine alone catches it. `outputs`: compare only these. `optimization`: ORT's
+    graph optimization level for both sessions (see `session`).
+    """
+    ref, test = session(ref_path, optimization=optimization), session(test_path, optimization=optimization)
+    names = list(outputs) if outputs is not None else [o.name for o in ref.get_outputs()]
+    test_names = {o.name for o in test.get_outputs()}
+    missing = [n for n in names if n not in test_names]
+    if missing:
+        raise KeyError(f"{test_path}: outputs {missing} of the reference are missing")
+    result = {
+        n: {
+            "cosine": 1.0,
+            "max_abs_error": 0.0,
+            "mean_abs_error": 0.0,
+            "max_abs_reference": 0.0,
+            "finite": True,
+            "shape_mismatch": False,
+            "cases": 0,
+        }
+        for n in names
+    }
+    for feeds in feeds_list:
+        want = ref.run(names, _feeds_for(ref, feeds))
+        got = test.run(names, _feeds_for(test, feeds))
+        for name, r, g in zip(names, want, got, strict=True):
+            entry = result[name]
+            entry["cases"] += 1
+            r = np.asarray(r, dtype=np.float64)
+            g = np.asarray(g, dtype=np.float64)
+            if r.size:
+                entry["max_abs_reference"] = max(entry["max_abs_reference"], float(np.abs(r).max()))
+            if r.shape != g.shape:
+                entry["shape_mismatch"] = True
+                entry["cosine"] = 0.0
+                entry["max_abs_error"] = float("inf")
+                continue
+            if not np.isfinite(g).all():
+                entry["finite"] = False
+                entry["cosine"] = 0.0
+                entry["max_abs_error"] = float("inf")
+                continue
+            if not r.size:
+                continue
+            err = np.abs(r - g)
+            entry["cosine"] = min(entry["cosine"], cosine(r, g))
+            entry["max_abs_error"] = max(entry["max_abs_error"], float(err.max()))
+            entry["mean_abs_error"] = max(entry["mean_abs_error"], float(err.mean()))
+    return result
+
+
+def worst_cosine(result: Mapping[str, Mapping[str, Any]]) -> float:
+    """The lowest cosine over the outputs of an `accuracy` result."""
+    return min((float(v["cosine"]) for v in result.values()), default=1.0)
+
+
+def time_graph(
+    path: str | os.PathLike,
+    feeds_list: Sequence[Mapping[str, np.ndarray]],
+    repeats: int = 3,
+    threads: int = 0,
+    optimization: str = "all",
+) -> float:
+    """Median seconds of one pass over `feeds_list` in ONNX Runtime CPU, after one warm-up pass."""
+    sess = session(path, threads, optimization)
+    prepared = [_feeds_for(sess, f) for f in feeds_list]
+    for feeds in prepared:
+        sess.run(None, feeds)
+    times = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        for feeds in prepared:
+            sess.run(None, feeds)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def file_size(path: str | os.PathLike) -> int:
+    """Bytes of an ONNX graph with its external data files (those its tensors name beside it)."""
+    import onnx
+
+    path = Path(path)
+    model = onnx.load_model(path, load_external_data=False)
+    files = {path}
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                files.add(path.parent / entry.value)
+    return sum(f.stat().st_size for f in files if f.is_file())

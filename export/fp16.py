@@ -1,0 +1,684 @@
+"""fp16 variants of the fp32 graphs, with fp32 islands where accuracy needs them.
+
+TensorRT 11 builds only strongly typed networks, so a graph's precision is its ONNX types.
+`convert_fp16(src, dst)` writes an fp16 copy of an fp32 graph:
+
+* the graph's inputs and outputs keep their dtypes (float32 stays float32; Casts at the
+  boundary), so the manifest's I/O contract holds for every precision;
+* these stay float32 ("islands", planned by `plan_fp32_islands`):
+  - op types in `keep_fp32` (default `DEFAULT_KEEP_FP32`: LayerNormalization, Softmax, and the
+    index arithmetic ops Range and CumSum);
+  - "rms_norm": the variance chain of an RMSNorm (LLaMA): Pow(x, 2) -> ReduceMean -> Add(eps) ->
+    Sqrt -> Reciprocal/Div -> the Mul/Div by x; x**2 overflows fp16 past |x| = 256;
+  - "mask": every node reading a constant fp16 cannot hold (finfo(float32).min, +-inf, anything
+    past 65504) and the cheap ops downstream of it up to the Softmax (the Add of the scores and
+    the mask, Where, Clip, Unsqueeze...), so masks are never -inf and fully masked rows stay finite;
+  - "rotary": Sin/Cos and the position arithmetic feeding them (Cast of the int64 positions,
+    Mul by inv_freq): an angle of 1000 rad has a spacing of 0.5 rad in fp16;
+* Cast pairs float32 -> float16 -> float32 the converter leaves between islands are removed (the
+  value goes through in float32), a mask leaving its island for a float16 node is clipped to
+  +-65504 before its Cast (never -inf), and the nodes are topologically sorted again.
+
+The conversion itself is ONNX Runtime's float16 converter (`onnxruntime.transformers.float16`,
+the maintained fork of onnxconverter-common's: it retypes Cast/ConstantOfShape, clamps constants
+to +-65504 and keeps initializers only fp32 nodes read in float32), run on the graph's structure
+only: weights in external data files are never loaded as a whole, they are converted tensor by
+tensor into the output's data file. The output is written under temporary names and renamed when
+complete. Torch-free: the build step runs it without the export extra.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import os
+import time
+from collections import Counter, defaultdict, deque
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from vsal.runtime.errors import VsalError
+
+FP16_MAX = float(np.finfo(np.float16).max)  # 65504
+FP16_MIN_POSITIVE = 5.96e-08  # smallest fp16 subnormal: smaller magnitudes are raised to it
+EXTERNAL_DATA_THRESHOLD = 1 << 30  # as export.onnx_export (not imported: that pulls in torch)
+
+# Op types kept float32 whatever the pattern rules find.
+DEFAULT_KEEP_FP32 = ("LayerNormalization", "Softmax", "Range", "CumSum")
+PATTERNS = ("rms_norm", "mask", "rotary")
+
+# Cheap ops a mask flows through between its constant and the Softmax.
+_MASK_FLOW = {
+    "Add", "Sub", "Mul", "Div", "Where", "Clip", "Min", "Max", "Neg", "Unsqueeze", "Squeeze",
+    "Reshape", "Expand", "Transpose", "Concat", "Slice", "Gather", "Tile", "Identity", "Cast", "Flatten",
+}  # fmt: skip
+_MASK_DEPTH = 8
+# Ops of an RMSNorm's variance chain after the reduction.
+_NORM_FLOW = {"Add", "Sqrt", "Reciprocal", "Div", "Mul", "Max", "Clip"}
+_NORM_DEPTH = 6
+_REDUCTIONS = {"ReduceMean", "ReduceSum"}
+_CONSTANT_ELEMENTS = 1 << 20  # constants up to this size are scanned for values fp16 cannot hold
+_FLOAT = TensorProto.FLOAT
+_HALF = TensorProto.FLOAT16
+
+
+class Fp16Error(VsalError):
+    """A graph the fp16 conversion cannot handle, or whose result is not a valid graph."""
+
+
+@dataclass
+class Fp16Report:
+    src: str
+    dst: str
+    kept_fp32: dict[str, int]  # op type -> nodes computing in float32 (on float tensors)
+    reasons: dict[str, int]  # why: "op type", "rms_norm", "mask", "rotary", "node"
+    nodes_before: int
+    nodes_after: int
+    casts_added: int  # Cast nodes the output has beyond the source's
+    bytes_before: int  # graph file + external data
+    bytes_after: int
+    external_data: bool  # the output's weights are in a side file
+    clamped_values: int  # initializer values past +-65504 clamped (islands' constants are not)
+    seconds: float
+    fp32_nodes: list[str] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- planning ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Graph:
+    """Maps over one (top-level) graph: producers, consumers, types and small constant values."""
+
+    model: onnx.ModelProto
+    producer: dict[str, onnx.NodeProto] = field(default_factory=dict)
+    consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=lambda: defaultdict(list))
+    types: dict[str, int] = field(default_factory=dict)
+    constants: dict[str, TensorProto] = field(default_factory=dict)  # initializers + Constant outputs
+    inputs: set[str] = field(default_factory=set)
+    weights: Mapping[str, Any] = field(default_factory=dict)  # name -> data held outside the proto
+    _out_of_range: dict[str, bool] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, model: onnx.ModelProto, weights: Mapping[str, Any] | None = None) -> _Graph:
+        g = cls(model, weights=weights or {})
+        graph = model.graph
+        for value in (*graph.input, *graph.output, *graph.value_info):
+            if value.type.HasField("tensor_type"):
+                g.types[value.name] = value.type.tensor_type.elem_type
+        g.inputs = {v.name for v in graph.input}
+        for tensor in graph.initializer:
+            g.types[tensor.name] = tensor.data_type
+            g.constants[tensor.name] = tensor
+        for node in graph.node:
+            for name in node.output:
+                g.producer[name] = node
+            for name in _node_inputs(node):
+                g.consumers[name].append(node)
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                for attr in node.attribute:
+                    if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                        g.constants[node.output[0]] = attr.t
+                        g.types[node.output[0]] = attr.t.data_type
+        return g
+
+    def is_float(self, name: str) -> bool:
+        return self.types.get(name) == _FLOAT
+
+    def touches_float(self, node: onnx.NodeProto) -> bool:
+        return any(self.is_float(n) for n in (*node.input, *node.output) if n)
+
+    def constant_values(self, name: str) -> np.ndarray | None:
+        """A float32 constant's values when small enough to be a mask or a scalar (<= 1M values)."""
+        tensor = self.constants.get(name)
+        if tensor is None or tensor.data_type != _FLOAT:
+            return None
+        if int(np.prod(tensor.dims, dtype=np.int64)) > _CONSTANT_ELEMENTS:
+            return None
+        if name in self.weights:
+            return self.weights[name].array()
+        if _is_external(tensor):
+            return None
+        return numpy_helper.to_array(tensor)
+
+    def out_of_fp16(self, name: str) -> bool:
+        """A float32 constant holding a value fp16 cannot (|v| > 65504, inf, NaN)."""
+        if name not in self._out_of_range:
+            values = self.constant_values(name) if name else None
+            self._out_of_range[name] = values is not None and _out_of_fp16(values)
+        return self._out_of_range[name]
+
+
+def _node_inputs(node: onnx.NodeProto) -> Iterator[str]:
+    """A node's inputs, and those its subgraphs read from the enclosing scope."""
+    yield from (n for n in node.input if n)
+    for attr in node.attribute:
+        for sub in (attr.g, *attr.graphs) if attr.type in (5, 10) else ():
+            local = {v.name for v in (*sub.input, *sub.initializer)}
+            for inner in sub.node:
+                for name in _node_inputs(inner):
+                    if name not in local:
+                        yield name
+                local.update(inner.output)
+
+
+def _is_external(tensor: TensorProto) -> bool:
+    return tensor.data_location == TensorProto.EXTERNAL
+
+
+def _out_of_fp16(values: np.ndarray) -> bool:
+    return bool(values.size) and bool((~np.isfinite(values) | (np.abs(values) > FP16_MAX)).any())
+
+
+def plan_fp32_islands(
+    model: onnx.ModelProto,
+    keep_fp32: Iterable[str] = DEFAULT_KEEP_FP32,
+    patterns: Iterable[str] = PATTERNS,
+    keep_nodes: Iterable[str] = (),
+    weights: Mapping[str, Any] | None = None,
+) -> dict[str, str]:
+    """Node name -> why it stays float32. `model` must carry types (shape inference run);
+    `weights`: initializers whose data is held outside the proto (name -> object with `.array()`)."""
+    patterns = set(patterns)
+    unknown = patterns - set(PATTERNS)
+    if unknown:
+        raise ValueError(f"unknown fp32 patterns {sorted(unknown)}; known: {PATTERNS}")
+    keep_fp32 = set(keep_fp32)
+    g = _Graph.build(model, weights)
+    plan: dict[str, str] = {}
+    for name in keep_nodes:
+        plan[name] = "node"
+    for node in model.graph.node:
+        if node.op_type in keep_fp32:
+            plan.setdefault(node.name, "op type")
+    if "rms_norm" in patterns:
+        _plan_rms_norm(g, plan)
+    if "mask" in patterns:
+        _plan_masks(g, plan, keep_fp32)
+    if "rotary" in patterns:
+        _plan_rotary(g, plan)
+    return plan
+
+
+def _plan_rms_norm(g: _Graph, plan: dict[str, str]) -> None:
+    for node in g.model.graph.node:
+        if node.op_type not in _REDUCTIONS or not node.input or not g.is_float(node.input[0]):
+            continue
+        square = g.producer.get(node.input[0])
+        if square is None or not _is_square(g, square):
+            continue
+        x = square.input[0]
+        plan.setdefault(square.name, "rms_norm")
+        plan.setdefault(node.name, "rms_norm")
+        frontier, depth = [node], 0
+        while frontier and depth < _NORM_DEPTH:
+            nxt = []
+            for cur in frontier:
+                for out in cur.output:
+                    for user in g.consumers.get(out, []):
+                        if user.op_type not in _NORM_FLOW or not g.touches_float(user):
+                            continue
+                        plan.setdefault(user.name, "rms_norm")
+                        if x not in user.input:  # the node that scales x ends the chain
+                            nxt.append(user)
+            frontier, depth = nxt, depth + 1
+
+
+def _is_square(g: _Graph, node: onnx.NodeProto) -> bool:
+    if node.op_type == "Mul":
+        return len(node.input) == 2 and node.input[0] == node.input[1]
+    if node.op_type == "Pow" and len(node.input) == 2:
+        exponent = g.constant_values(node.input[1])
+        return exponent is not None and exponent.size == 1 and float(exponent.ravel()[0]) == 2.0
+    return False
+
+
+def _plan_masks(g: _Graph, plan: dict[str, str], keep_fp32: set[str]) -> None:
+    seeds = []
+    for node in g.model.graph.node:
+        if node.op_type == "Constant":
+            if g.out_of_fp16(node.output[0]):
+                plan.setdefault(node.name, "mask")
+            continue
+        if any(g.out_of_fp16(name) for name in node.input):
+            plan.setdefault(node.name, "mask")  # a heavy op (a weight past 65504) stays fp32 alone
+            if node.op_type in _MASK_FLOW:
+                seeds.append(node)
+    frontier, depth, seen = seeds, 0, {n.name for n in seeds}
+    while frontier and depth < _MASK_DEPTH:
+        nxt = []
+        for cur in frontier:
+            for out in cur.output:
+                for user in g.consumers.get(out, []):
+                    if user.name in seen or user.op_type in keep_fp32 or user.op_type not in _MASK_FLOW:
+                        continue  # Softmax (kept) or a heavy op ends the mask's path
+                    seen.add(user.name)
+                    plan.setdefault(user.name, "mask")
+                    nxt.append(user)
+        frontier, depth = nxt, depth + 1
+
+
+def _plan_rotary(g: _Graph, plan: dict[str, str]) -> None:
+    """Sin/Cos, and the float nodes before them that depend on no float graph input (positions)."""
+    # A tensor is index-derived when it depends on constants and non-float inputs only; the graph's
+    # nodes are topologically sorted, so one pass settles every tensor.
+    derived = {name: True for name in g.constants}
+    derived.update({name: not g.is_float(name) for name in g.inputs})
+    for node in g.model.graph.node:
+        value = all(derived.get(i, False) for i in _node_inputs(node))
+        for out in node.output:
+            derived[out] = value
+
+    for node in g.model.graph.node:
+        if node.op_type not in ("Sin", "Cos"):
+            continue
+        plan.setdefault(node.name, "rotary")
+        queue = deque(i for i in node.input if i)
+        seen = set()
+        while queue:
+            name = queue.popleft()
+            if name in seen:
+                continue
+            seen.add(name)
+            prod = g.producer.get(name)
+            if prod is None or not g.is_float(name) or not derived.get(name, False):
+                continue
+            plan.setdefault(prod.name, "rotary")
+            queue.extend(i for i in prod.input if i)
+
+
+# --- conversion -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _shape_only_value_info() -> Iterator[Any]:
+    """The converter reads each converted initializer's data for its shape; take it from `dims` so
+    initializers left in external data files are never read."""
+    from onnxruntime.transformers import float16
+
+    original = float16.make_value_info_from_tensor
+
+    def from_dims(tensor: TensorProto) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+
+    float16.make_value_info_from_tensor = from_dims
+    try:
+        yield float16
+    finally:
+        float16.make_value_info_from_tensor = original
+
+
+def _name_nodes(graph: onnx.GraphProto) -> None:
+    seen: set[str] = set()
+    for i, node in enumerate(graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_fp16_{i}"
+        seen.add(node.name)
+
+
+def _infer(model: onnx.ModelProto, strict: bool = False) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(model, check_type=strict, strict_mode=strict)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+        raise Fp16Error(f"type inference failed: {str(exc).strip()[:500]}") from exc
+
+
+def _remove_cast_pairs(model: onnx.ModelProto) -> None:
+    """Cast(to=fp32)(Cast(to=fp16)(x: fp32)) -> x, and Cast(to=fp16)(Cast(to=fp32)(x: fp16)) -> x;
+    then drop Casts nothing reads."""
+    graph = model.graph
+    g = _Graph.build(model)
+    outputs = {v.name for v in graph.output}
+    rename: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type != "Cast" or not node.input:
+            continue
+        to = helper.get_node_attr_value(node, "to")
+        inner = g.producer.get(node.input[0])
+        if inner is None or inner.op_type != "Cast":
+            continue
+        inner_to = helper.get_node_attr_value(inner, "to")
+        source = inner.input[0]
+        if not (
+            (to == _FLOAT and inner_to == _HALF and g.types.get(source) == _FLOAT)
+            or (to == _HALF and inner_to == _FLOAT and g.types.get(source) == _HALF)
+        ):
+            continue
+        if node.output[0] in outputs:  # a graph output keeps its name: pass the value through
+            node.op_type = "Identity"
+            del node.attribute[:]
+            node.input[0] = source
+        else:
+            rename[node.output[0]] = source
+    if rename:
+        for node in graph.node:
+            for i, name in enumerate(node.input):
+                if name in rename:
+                    node.input[i] = rename[name]
+            _rename_in_subgraphs(node, rename)
+    # drop Casts (and only Casts) whose output nothing reads, until none is left
+    while True:
+        used = {name for node in graph.node for name in _node_inputs(node)} | outputs
+        dead = [n for n in graph.node if n.op_type == "Cast" and not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+
+
+def _saturate_mask_exits(model: onnx.ModelProto, mask_nodes: set[str]) -> int:
+    """A float32 mask (finfo.min) cast to float16 would be -inf: clip it to +-65504 first."""
+    graph = model.graph
+    producer = {name: node for node in graph.node for name in node.output}
+    low, high = "fp16_saturate_min", "fp16_saturate_max"
+    count = 0
+    for node in list(graph.node):
+        if node.op_type != "Cast" or helper.get_node_attr_value(node, "to") != _HALF:
+            continue
+        source = producer.get(node.input[0])
+        if source is None or source.name not in mask_nodes:
+            continue
+        clipped = f"{node.input[0]}_saturated"
+        clip = helper.make_node("Clip", [node.input[0], low, high], [clipped], name=f"{node.name}_saturate")
+        graph.node.append(clip)
+        node.input[0] = clipped
+        count += 1
+    if count:
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.array(-FP16_MAX, dtype=np.float32), low),
+                numpy_helper.from_array(np.array(FP16_MAX, dtype=np.float32), high),
+            ]
+        )
+    return count
+
+
+def _rename_in_subgraphs(node: onnx.NodeProto, rename: dict[str, str]) -> None:
+    for attr in node.attribute:
+        for sub in (attr.g, *attr.graphs) if attr.type in (5, 10) else ():
+            for inner in sub.node:
+                for i, name in enumerate(inner.input):
+                    if name in rename:
+                        inner.input[i] = rename[name]
+                _rename_in_subgraphs(inner, rename)
+
+
+def _toposort(graph: onnx.GraphProto) -> None:
+    """Kahn's algorithm, keeping the existing order where it is already valid."""
+    nodes = list(graph.node)
+    produced = {name: i for i, node in enumerate(nodes) for name in node.output if name}
+    deps: list[set[int]] = []
+    users: dict[int, list[int]] = defaultdict(list)
+    for i, node in enumerate(nodes):
+        needs = {produced[n] for n in _node_inputs(node) if n in produced and produced[n] != i}
+        deps.append(needs)
+        for j in needs:
+            users[j].append(i)
+    ready = [i for i, d in enumerate(deps) if not d]
+    heapq.heapify(ready)
+    order = []
+    remaining = [len(d) for d in deps]
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for j in users[i]:
+            remaining[j] -= 1
+            if remaining[j] == 0:
+                heapq.heappush(ready, j)
+    if len(order) != len(nodes):
+        raise Fp16Error("the converted graph has a cycle")
+    del graph.node[:]
+    graph.node.extend(nodes[i] for i in order)
+
+
+def _external_info(tensor: TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in tensor.external_data}
+
+
+_STASH_BYTES = 1 << 16  # weights this large leave the proto while the graph is converted
+_CHUNK = 1 << 22  # elements converted at a time
+
+
+@dataclass
+class _Weight:
+    """An initializer's data, held outside the proto: inline bytes, or a place in a data file."""
+
+    data_type: int
+    dims: tuple[int, ...]
+    raw: bytes | None = None
+    path: Path | None = None
+    offset: int = 0
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        """The values, flat, `_CHUNK` at a time (a file is read a chunk at a time)."""
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(self.data_type))
+        count = int(np.prod(self.dims, dtype=np.int64))
+        if self.raw is not None:
+            values = np.frombuffer(self.raw, dtype=dtype, count=count)
+            for begin in range(0, count, _CHUNK):
+                yield values[begin : begin + _CHUNK]
+            return
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            for begin in range(0, count, _CHUNK):
+                size = min(_CHUNK, count - begin)
+                values = np.fromfile(f, dtype=dtype, count=size)
+                if values.size != size:
+                    raise Fp16Error(f"{self.path}: external tensor shorter than its dims {list(self.dims)}")
+                yield values
+
+    def array(self) -> np.ndarray:
+        parts = list(self.chunks())
+        dtype = helper.tensor_dtype_to_np_dtype(self.data_type)
+        return (np.concatenate(parts) if parts else np.empty(0, dtype)).reshape(self.dims)
+
+
+def _stash_weights(model: onnx.ModelProto, folder: Path) -> dict[str, _Weight]:
+    """Take large initializers' data out of the proto (external ones are only located), so that
+    type inference and the converter, which copy the proto, handle its structure only."""
+    stash = {}
+    for tensor in model.graph.initializer:
+        if _is_external(tensor):
+            info = _external_info(tensor)
+            if "location" not in info:
+                raise Fp16Error(f"initializer {tensor.name}: external data without a location")
+            stash[tensor.name] = _Weight(
+                tensor.data_type,
+                tuple(tensor.dims),
+                path=folder / info["location"],
+                offset=int(info.get("offset", 0)),
+            )
+            del tensor.external_data[:]
+            tensor.data_location = TensorProto.DEFAULT
+        elif tensor.HasField("raw_data") and len(tensor.raw_data) >= _STASH_BYTES:
+            stash[tensor.name] = _Weight(tensor.data_type, tuple(tensor.dims), raw=tensor.raw_data)
+            tensor.ClearField("raw_data")
+    return stash
+
+
+def _to_fp16(values: np.ndarray) -> tuple[np.ndarray, int]:
+    """float32 -> float16 as the converter does: finite values clamped to +-65504, magnitudes below
+    the smallest subnormal raised to it (not flushed to 0). Also the count of clamped values."""
+    finite = np.isfinite(values)
+    clamped = int((finite & (np.abs(values) > FP16_MAX)).sum())
+    out = np.where((values > 0) & (values < FP16_MIN_POSITIVE), FP16_MIN_POSITIVE, values)
+    out = np.where((out < 0) & (out > -FP16_MIN_POSITIVE), -FP16_MIN_POSITIVE, out)
+    return np.where(finite, np.clip(out, -FP16_MAX, FP16_MAX), out).astype(np.float16), clamped
+
+
+def _graph_bytes(path: Path, model: onnx.ModelProto) -> int:
+    files = {path}
+    for tensor in model.graph.initializer:
+        if _is_external(tensor):
+            files.add(path.parent / _external_info(tensor)["location"])
+    return sum(f.stat().st_size for f in files if f.is_file())
+
+
+def convert_fp16(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    keep_fp32: Iterable[str] = DEFAULT_KEEP_FP32,
+    *,
+    patterns: Iterable[str] = PATTERNS,
+    keep_nodes: Iterable[str] = (),
+    check: bool = True,
+) -> Fp16Report:
+    """Write an fp16 copy of the fp32 graph `src` to `dst`, with fp32 islands; see the module doc.
+
+    `keep_fp32`: op types computed in float32. `patterns`: which of `PATTERNS` to keep float32
+    besides (rms_norm, mask, rotary). `keep_nodes`: further node names kept float32 (for a node
+    an accuracy measurement shows is too sensitive). `check`: run onnx.checker on the result.
+
+    Weights: the converter and type inference see the graph's structure only; every weight of
+    64 KiB or more is converted on its own afterwards. A source with external data gets
+    `<dst name>.data` beside `dst`, written one tensor at a time (peak memory: the structure plus
+    the largest tensor, whatever the model's size); so does an inline source whose fp16 weights
+    reach 1 GiB. An inline source (below protobuf's 2 GiB) is read whole, once.
+    """
+    start = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        raise Fp16Error(f"{dst}: the fp16 graph must not overwrite its source")
+    model = onnx.load_model(src, load_external_data=False)
+    bytes_before = _graph_bytes(src, model)
+    nodes_before = len(model.graph.node)
+    casts_before = sum(1 for n in model.graph.node if n.op_type == "Cast")
+    if any(t.data_type == _HALF for t in model.graph.initializer):
+        raise Fp16Error(f"{src}: already holds float16 initializers (converted before?)")
+    external_source = any(_is_external(t) for t in model.graph.initializer)
+    stash = _stash_weights(model, src.parent)
+
+    _name_nodes(model.graph)
+    # The converter keeps the types of what it does not convert from value_info: start clean.
+    del model.graph.value_info[:]
+    model = _infer(model)
+    plan = plan_fp32_islands(model, keep_fp32, patterns, keep_nodes, stash)
+    names = {n.name for n in model.graph.node}
+    missing = sorted(set(keep_nodes) - names)
+    if missing:
+        raise Fp16Error(f"{src}: keep_nodes names no node of the graph: {missing[:5]}")
+    g = _Graph.build(model)
+    fp32_nodes = [n for n in model.graph.node if n.name in plan and g.touches_float(n)]
+
+    # Values past +-65504 in the small initializers the converter converts itself.
+    clamp_small = {}
+    for tensor in model.graph.initializer:
+        if tensor.data_type == _FLOAT and tensor.name not in stash:
+            values = numpy_helper.to_array(tensor)
+            clamp_small[tensor.name] = int((np.isfinite(values) & (np.abs(values) > FP16_MAX)).sum())
+
+    with _shape_only_value_info() as float16:
+        model = float16.convert_float_to_float16(
+            model,
+            min_positive_val=FP16_MIN_POSITIVE,
+            max_finite_val=FP16_MAX,
+            keep_io_types=True,
+            disable_shape_infer=True,
+            op_block_list=[],
+            node_block_list=sorted(plan),
+        )
+    _toposort(model.graph)
+    del model.graph.value_info[:]
+    model = _infer(model)
+    _remove_cast_pairs(model)
+    _saturate_mask_exits(model, {name for name, why in plan.items() if why == "mask"})
+    _toposort(model.graph)
+    del model.graph.value_info[:]
+    model = _infer(model, strict=True)  # a float16/float32 mix-up anywhere fails here
+    clamped = sum(clamp_small.get(t.name, 0) for t in model.graph.initializer if t.data_type == _HALF)
+    nodes_after = len(model.graph.node)
+    casts_after = sum(1 for n in model.graph.node if n.op_type == "Cast")
+    try:
+        more_clamped, external_out = _write(model, dst, stash, external_source)
+    except BaseException:
+        for leftover in (f".{dst.name}.partial", f".{dst.name}.data.partial"):
+            with contextlib.suppress(FileNotFoundError):
+                (dst.parent / leftover).unlink()
+        raise
+    if check:
+        try:
+            onnx.checker.check_model(str(dst))
+        except onnx.checker.ValidationError as exc:
+            raise Fp16Error(f"{dst}: onnx.checker rejects the fp16 graph: {exc}") from exc
+    counts = Counter(n.op_type for n in fp32_nodes)
+    return Fp16Report(
+        src=str(src),
+        dst=str(dst),
+        kept_fp32=dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))),
+        reasons=dict(Counter(plan[n.name] for n in fp32_nodes)),
+        nodes_before=nodes_before,
+        nodes_after=nodes_after,
+        casts_added=casts_after - casts_before,
+        bytes_before=bytes_before,
+        bytes_after=_graph_bytes(dst, model),
+        external_data=external_out,
+        clamped_values=clamped + more_clamped,
+        seconds=time.perf_counter() - start,
+        fp32_nodes=[n.name for n in fp32_nodes],
+    )
+
+
+def _weight_chunks(tensor: TensorProto, weight: _Weight, clamped: list[int]) -> Iterator[bytes]:
+    """The tensor's data in its (possibly converted) type, chunk by chunk; counts clamped values."""
+    convert = weight.data_type == _FLOAT and tensor.data_type == _HALF
+    if not convert and weight.data_type != tensor.data_type:
+        raise Fp16Error(
+            f"initializer {tensor.name}: unexpected retyping {weight.data_type} -> {tensor.data_type}"
+        )
+    for chunk in weight.chunks():
+        if convert:
+            chunk, count = _to_fp16(chunk)
+            clamped[0] += count
+        yield chunk.tobytes()
+
+
+def _write(model: onnx.ModelProto, dst: Path, stash: dict[str, _Weight], external: bool) -> tuple[int, bool]:
+    """Save `model` to `dst` under temporary names, weights filled back in from `stash` (into a side
+    file `<dst name>.data` when `external` or large). Returns (values clamped, side file written)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.partial")
+    data = dst.with_name(dst.name + ".data")
+    tmp_data = data.with_name(f".{data.name}.partial")
+    by_name = {t.name: t for t in model.graph.initializer}
+    itemsize = {_HALF: 2, _FLOAT: 4}
+    planned = sum(
+        int(np.prod(w.dims, dtype=np.int64)) * itemsize.get(by_name[n].data_type, 8) for n, w in stash.items()
+    )
+    clamped = [0]
+    if not external and planned + model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        for name, weight in stash.items():
+            by_name[name].raw_data = b"".join(_weight_chunks(by_name[name], weight, clamped))
+        onnx.save_model(model, tmp)
+        os.replace(tmp, dst)
+        with contextlib.suppress(FileNotFoundError):
+            data.unlink()  # a stale side file from an earlier, larger conversion
+        return clamped[0], False
+    offset = 0
+    with open(tmp_data, "wb") as out:
+        for tensor in model.graph.initializer:
+            if tensor.name in stash:
+                pieces = _weight_chunks(tensor, stash.pop(tensor.name), clamped)
+            elif tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024:
+                pieces = iter([tensor.raw_data])
+            else:
+                continue  # small tensors stay in the graph file
+            offset += out.write(b"\0" * ((-offset) % 4096))  # page-aligned, as onnx's writer does
+            length = sum(out.write(piece) for piece in pieces)
+            tensor.ClearField("raw_data")
+            tensor.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(length))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            offset += length
+    onnx.save_model(model, tmp)
+    os.replace(tmp_data, data)
+    os.replace(tmp, dst)
+    return clamped[0], True
