@@ -1,22 +1,41 @@
 """INT8 graphs for TensorRT 10/11 and ONNX Runtime: explicit Q/DQ from calibration, int8 weight-only.
 
 TensorRT 11 builds only strongly typed networks, so int8 lives in the ONNX graph as
-QuantizeLinear/DequantizeLinear pairs (design.md, "Precision"). Two forms:
+QuantizeLinear/DequantizeLinear nodes (design.md, "Precision"). Two forms:
 
-* `quantize_int8` (the encoders): static PTQ with ONNX Runtime's `quantize_static` in QDQ format,
-  calibrated on feeds captured from real media. Q/DQ go on the inputs of MatMul/Conv/Gemm only,
-  as TensorRT wants them: activations per tensor, symmetric int8 (zero point 0); weights stored as
-  int8 initializers, per output channel, symmetric, behind a DequantizeLinear. Outputs are not
-  quantized (TensorRT fuses the DQ of the next layer's input instead). Every other op keeps its
-  float input: ONNX Runtime hands a quantized tensor to all of its consumers, so the residual Add,
-  LayerNormalization, Softmax and the mask arithmetic that share a tensor with a MatMul are
-  rewired to the float tensor afterwards (`DEFAULT_EXCLUDE_OPS` says why for each op type).
+* `quantize_int8` (the five encoder graphs): static PTQ with ONNX Runtime's `quantize_static`
+  (QDQ format), calibrated on feeds recorded from real media (`vsal.calib.collect`). Q/DQ go on the
+  inputs of MatMul/Conv/Gemm only, as TensorRT wants them: activations per tensor, symmetric int8
+  (zero point 0); weights int8 initializers, per output channel, symmetric, behind a
+  DequantizeLinear. Outputs are not quantized. ONNX Runtime hands a fake-quantized tensor to every
+  consumer; the non-quantized ones (residual Add, LayerNormalization, mask arithmetic) are rewired
+  to the float tensor afterwards.
 * `quantize_weights_int8` (the LLM decoder): int8 weight-only, DequantizeLinear(int8 weight,
-  per-channel scale, zero point 0) -> MatMul, the form both TensorRT (weight-only Q/DQ) and
-  ONNX Runtime CPU accept; activations stay float. No calibration needed.
+  scale per output channel, zero point 0) -> MatMul; activations stay float, no calibration. A
+  plain ONNX form that TensorRT parses as weight-only Q/DQ and that ONNX Runtime 1.32 fuses into
+  its MatMulNBits (8-bit) kernel at session load.
 
-What is excluded by default, and why, was decided by measurement on the small preset
-(docs: the report of calib/quantize.py in the commit message and `DEFAULT_EXCLUDE_*` below).
+Defaults, decided by measurement (cosine vs fp32 on held-out inputs; small preset with random
+weights, calibration recorded by the runtime Pipeline from 8 generated clips, 4 other clips held
+out; and, because random weights have no outliers, Whisper tiny.en's real encoder on espeak speech):
+
+* method "percentile" (99.999): best or tied everywhere; on real Whisper (attention excluded)
+  1-cos 7.4e-3 vs 9.6e-3 entropy (= ModelOpt's default) vs 1.3e-2 minmax. With the default
+  exclusions the three calibrators tie (1-cos 1.2e-3). ModelOpt's int8 PTQ (0.47, the same ORT
+  quantizer underneath) matches ORT with the same placement; its own placement quantizes the
+  attention MatMuls with a fixed 1/127 scale on the softmax output, which costs cosine 0.953
+  (vision), 0.967 (BEATs), 0.998 (frame Q-Former) on the small preset, and its entropy calibrator
+  fails on the MRC Q-Former (a constant activation: "Too many bins for data range").
+* exclude "attention" (activation x activation MatMuls): on real Whisper, quantizing them drops the
+  cosine to 0.72-0.83 and breaks transcripts (2/6 equal); excluded: 0.987-0.993.
+* exclude "mlp_down" (MLP down projections / Whisper conv2, fed by GELU): real Whisper, per-node
+  sensitivity: the last layer's fc2 alone is 2/3 of the error; excluded: 1-cos 7.4e-3 -> 1.2e-3.
+* exclude "first_conv" and "last_layer" (patch embeddings / Whisper conv1; the final projection):
+  <1 % of the FLOPs; small preset 1-cos: vision 1.4e-4 -> 0.7e-4, BEATs 1.9e-4 -> 0.6e-4, Whisper
+  5.4e-5 -> 1.6e-5, MRC 8.3e-5 -> 1.3e-5; real Whisper 1.2e-3 -> 0.8e-3.
+* float inputs for every non-quantized op (the rewiring): leaving ORT's shared fake-quant on the
+  post-LN Q-Formers' residual Add/LayerNorm inputs triples the error (MRC 1-cos 0.95e-4 -> 2.9e-4,
+  frame Q-Former 0.3e-4 -> 4.5e-4, BEATs 2.1e-4 -> 5.2e-4).
 
 Every output is written under a temporary name and renamed when complete; the graph's inputs and
 outputs (names, dtypes, shapes) are unchanged, so an int8 graph drops in beside its fp32 twin.
@@ -38,15 +57,16 @@ import numpy as np
 
 QUANTIZED_OPS = ("MatMul", "Conv", "Gemm")  # op types whose inputs get Q/DQ (TensorRT's int8 GEMM/conv)
 
-# Op types that never see a quantized input: ONNX Runtime would give them the DQ output when they
-# share a tensor with a MatMul; we rewire them to the float tensor. The reasons are measured
-# (small preset, held-out clips) or follow TensorRT's placement rules (no Q/DQ where it cannot
-# run int8 kernels: an extra Q/DQ there only adds a reformat and error).
+# Op types whose inputs stay float (never a Q/DQ'd tensor), and why. Only MatMul/Conv/Gemm are
+# quantized, so these never get Q/DQ of their own; where they share a tensor with a quantized
+# MatMul they are rewired to the float tensor (measured: see the module docstring). The rest follow
+# TensorRT's placement (Q/DQ only where an int8 kernel consumes it; elsewhere it adds error and a
+# reformat).
 DEFAULT_EXCLUDE_OPS: dict[str, str] = {
-    "Softmax": "attention probabilities: fp32 softmax (TensorRT keeps it float; int8 in/out costs accuracy)",
-    "LayerNormalization": "normalisation statistics need the float input (measured: fake-quant on "
-    "the LN inputs that share the MatMul's tensor lowers cosine)",
-    "Add": "residual sums and biases stay float: the residual stream carries the outliers",
+    "Softmax": "attention probabilities stay float (see the 'attention' group)",
+    "LayerNormalization": "normalisation statistics of the residual stream (measured: shared fake-quant "
+    "on post-LN inputs triples the error)",
+    "Add": "residual sums and biases: the residual stream carries the outliers (measured, as above)",
     "Sub": "mask and position arithmetic (MRC slot masks, BEATs relative positions)",
     "Mul": "scales, gates and mask arithmetic",
     "Div": "attention scaling and normalisation",
@@ -60,10 +80,20 @@ DEFAULT_EXCLUDE_OPS: dict[str, str] = {
     "Erf": "GELU",
 }
 
-# Node groups excluded by default (see `quantize_int8`'s `exclude`): the names of `node_groups`.
+# Node groups (`node_groups`) left float by default; the module docstring has the measurements.
 DEFAULT_EXCLUDE_GROUPS: tuple[str, ...] = ("attention", "mlp_down", "first_conv", "last_layer")
+GROUP_REASONS = {
+    "attention": "activation x activation MatMul (Q.K^T, probabilities.V): one per-tensor scale cannot "
+    "serve sharp and diffuse heads (real Whisper: cosine 0.72 when quantized)",
+    "mlp_down": "fed by an activation function (MLP down projection, Whisper conv2): activation "
+    "outliers (real Whisper: the last fc2 alone is 2/3 of the error)",
+    "first_layer": "first weighted layer (input projection / patch embedding)",
+    "first_conv": "first convolution on the raw input (patch embedding, Whisper conv1): <1 % of FLOPs, "
+    "halves the error on vision/BEATs",
+    "last_layer": "final projection: its error reaches the output unnormalised (MRC error / 6)",
+}
 
-METHODS = ("minmax", "entropy", "percentile", "modelopt", "modelopt-max")
+METHODS = ("percentile", "minmax", "entropy", "modelopt", "modelopt-max")
 WEIGHT_ONLY = "weight-only"
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # as the exporter: weights past 1 GiB go to `<name>.data`
 
@@ -290,6 +320,15 @@ def save_model(model, path: Path) -> list[Path]:
     return [path, data]
 
 
+def _commit(staged: list[Path], folder: Path) -> list[Path]:
+    """Move a graph (and its data file) from a staging folder on the same file system into
+    `folder`: data first, the graph last, each by an atomic rename."""
+    final = [Path(folder) / p.name for p in staged]
+    for src, dst in reversed(list(zip(staged, final, strict=True))):
+        os.replace(src, dst)
+    return final
+
+
 def _file_bytes(path: Path) -> int:
     path = Path(path)
     total = path.stat().st_size
@@ -381,15 +420,21 @@ def quantize_int8(
 ) -> Int8Report:
     """Explicit Q/DQ int8 of the graph `src` into `dst`, calibrated on `calibration` (feed dicts).
 
-    method       minmax (default), entropy, percentile (ONNX Runtime quantize_static, QDQ), or
-                 modelopt / modelopt-max (NVIDIA ModelOpt ONNX PTQ, entropy / max calibration; needs
-                 nvidia-modelopt, run in a child process because it patches ONNX Runtime's quantizer)
+    method       percentile (default; `percentile` of |x| per tensor), minmax, entropy: ONNX Runtime
+                 quantize_static, QDQ; or modelopt / modelopt-max: NVIDIA ModelOpt's ONNX PTQ (entropy
+                 / max calibration; needs nvidia-modelopt; run in a child process because it patches
+                 ONNX Runtime's quantizer module-wide)
     quantize_ops op types whose inputs get Q/DQ (MatMul, Conv, Gemm)
-    exclude_ops  op types whose inputs stay float (rewired when they share a tensor with a MatMul)
-    exclude      node groups left float: "attention", "first_layer", "last_layer" (`node_groups`)
+    exclude_ops  op types whose inputs stay float: never quantized, and rewired to the float tensor
+                 where they share one with a quantized MatMul (every non-quantized node is)
+    exclude      node groups left float (`node_groups`; default DEFAULT_EXCLUDE_GROUPS)
     exclude_nodes  node names or regular expressions left float
-    keep_float_inputs  rewire non-quantized consumers to float tensors (False: ONNX Runtime's default
-                 of sharing the fake-quantized tensor with every consumer, for comparison)
+    keep_float_inputs  rewire non-quantized consumers to float tensors (False: ONNX Runtime's own
+                 placement, the fake-quantized tensor shared with every consumer; for comparison)
+    check        onnx.checker, ONNX Runtime CPU loads it, same inputs/outputs: before `dst` is written
+
+    Calibration feeds are run one at a time (ranges/histograms merged), so memory is bounded by
+    one feed's activations.
     """
     import onnx
 
@@ -406,23 +451,19 @@ def quantize_int8(
     if unknown:
         raise QuantizeError(f"unknown node groups {sorted(unknown)}; choose from {sorted(groups)}")
     reasons: dict[str, str] = {}
-    group_reasons = {
-        "attention": "activation x activation MatMul (attention scores / probabilities x V)",
-        "first_layer": "first weighted layer (input projection / patch embedding)",
-        "first_conv": "first convolution on the raw input (patch embedding, Whisper conv1)",
-        "last_layer": "final projection (output layer)",
-        "mlp_down": "layer after an activation function (MLP down projection; Whisper conv2): outliers",
-    }
     for group in exclude:
         for name in groups[group]:
-            reasons.setdefault(name, group_reasons[group])
+            reasons.setdefault(name, GROUP_REASONS[group])
     exclude_nodes = list(exclude_nodes)
     candidates = [n for n in model.graph.node if n.op_type in quantize_ops]
     for n in candidates:
-        if _match(n.name, exclude_nodes):
+        if n.op_type in exclude_ops:
+            reasons.setdefault(n.name, DEFAULT_EXCLUDE_OPS.get(n.op_type, "excluded op type"))
+        elif _match(n.name, exclude_nodes):
             reasons.setdefault(n.name, "excluded by name")
     to_quantize = [n.name for n in candidates if n.name not in reasons]
-    external = _has_external_data(model) or model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    size = sum(t.ByteSize() for t in model.graph.initializer)
+    external = _has_external_data(model) or size >= EXTERNAL_DATA_THRESHOLD
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{dst.name}.", dir=dst.parent) as work:
@@ -438,7 +479,10 @@ def quantize_int8(
         q = onnx.load(str(out), load_external_data=True)
         rewired = _keep_float_inputs(q, set(to_quantize)) if keep_float_inputs else 0
         del model
-        files = save_model(q, dst)
+        staged = save_model(q, work / dst.name)
+        if check:
+            check_graph(staged[0], src)
+        files = _commit(staged, dst.parent)
     quantized, qdq, kept = _census(q, exclude_ops)
     excluded = [
         {"node": n.name, "op_type": n.op_type, "reason": reasons[n.name]}
@@ -461,8 +505,6 @@ def quantize_int8(
         seconds=time.perf_counter() - start,
         notes=notes,
     )
-    if check:
-        check_graph(dst, src)
     return report
 
 
@@ -482,7 +524,7 @@ def _ort_static(src, dst, reader, nodes, op_types, method, percentile, external)
         "QuantizeBias": False,  # biases stay float (TensorRT fuses them)
         "OpTypesToExcludeOutputQuantization": all_ops,  # Q/DQ on inputs only, TensorRT's placement
         "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1, "Conv": 0},  # output channels
-        "DedicatedQDQPair": os.environ.get("VSAL_DEDICATED", "0") == "1",
+        "DedicatedQDQPair": False,
         "QDQDisableWeightAdjustForInt32Bias": True,
         "CalibStridedMinMax": 1,  # one feed at a time: bounded memory, ranges merged
         "CalibPercentile": percentile,
@@ -627,10 +669,14 @@ def quantize_weights_int8(
         graph.node.insert(i, n)
     dst.parent.mkdir(parents=True, exist_ok=True)
     external = _has_external_data(model) or sum(_tensor_bytes(t) for t in tensors) >= EXTERNAL_DATA_THRESHOLD
-    files = _write_streaming(model, tensors, src.parent, dst, external)
-    del model
+    with tempfile.TemporaryDirectory(prefix=f".{dst.name}.", dir=dst.parent) as work:
+        staged = _write_streaming(model, tensors, src.parent, Path(work) / dst.name, external)
+        del model, tensors
+        if check:
+            check_graph(staged[0], src)
+        files = _commit(staged, dst.parent)
     quantized, qdq, kept = _census(onnx.load(str(dst), load_external_data=False), ())
-    report = Int8Report(
+    return Int8Report(
         src=str(src),
         dst=str(dst),
         method=WEIGHT_ONLY,
@@ -645,9 +691,6 @@ def quantize_weights_int8(
         seconds=time.perf_counter() - start,
         notes=[f"{len(targets)} weight tensors int8 (per output channel, symmetric)"],
     )
-    if check:
-        check_graph(dst, src)
-    return report
 
 
 def _tensor_array(tensor, base_dir: Path) -> np.ndarray:
