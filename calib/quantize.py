@@ -54,6 +54,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from vsal.export.onnx_files import EXTERNAL_DATA_THRESHOLD, save_onnx
 
 QUANTIZED_OPS = ("MatMul", "Conv", "Gemm")  # op types whose inputs get Q/DQ (TensorRT's int8 GEMM/conv)
 
@@ -95,7 +96,6 @@ GROUP_REASONS = {
 
 METHODS = ("percentile", "minmax", "entropy", "modelopt", "modelopt-max")
 WEIGHT_ONLY = "weight-only"
-EXTERNAL_DATA_THRESHOLD = 1 << 30  # as the exporter: weights past 1 GiB go to `<name>.data`
 
 
 class QuantizeError(ValueError):
@@ -288,38 +288,6 @@ def _has_external_data(model) -> bool:
     return any(t.data_location == 1 for t in model.graph.initializer)
 
 
-def save_model(model, path: Path) -> list[Path]:
-    """Save with weights in `<name>.data` when past 1 GiB; temporary names, renamed when complete."""
-    import onnx
-
-    path = Path(path)
-    size = sum(t.ByteSize() for t in model.graph.initializer)
-    tmp = path.with_name(f".{path.name}.partial")
-    if size < EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(model, tmp)
-        os.replace(tmp, path)
-        return [path]
-    data = path.with_name(path.name + ".data")
-    tmp_data = data.with_name(f".{data.name}.partial")
-    onnx.save_model(
-        model,
-        tmp,
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=tmp_data.name,
-        size_threshold=1024,
-    )
-    final = onnx.load_model(tmp, load_external_data=False)  # point the graph at the final data name
-    for tensor in final.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                entry.value = data.name
-    onnx.save_model(final, tmp)
-    os.replace(tmp_data, data)
-    os.replace(tmp, path)
-    return [path, data]
-
-
 def _commit(staged: list[Path], folder: Path) -> list[Path]:
     """Move a graph (and its data file) from a staging folder on the same file system into
     `folder`: data first, the graph last, each by an atomic rename."""
@@ -479,7 +447,7 @@ def quantize_int8(
         q = onnx.load(str(out), load_external_data=True)
         rewired = _keep_float_inputs(q, set(to_quantize)) if keep_float_inputs else 0
         del model
-        staged = save_model(q, work / dst.name)
+        staged = save_onnx(q, work / dst.name)
         if check:
             check_graph(staged[0], src)
         files = _commit(staged, dst.parent)
@@ -741,7 +709,7 @@ def _write_streaming(model, tensors, base_dir: Path, dst: Path, external: bool) 
                 graph.initializer.append(_with_external_bytes(item, base_dir))
             else:
                 graph.initializer.append(item)
-        return save_model(model, dst)
+        return save_onnx(model, dst)
     data = dst.with_name(dst.name + ".data")
     tmp, tmp_data = dst.with_name(f".{dst.name}.partial"), data.with_name(f".{data.name}.partial")
     with open(tmp_data, "wb") as out:

@@ -42,11 +42,11 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from vsal.export.onnx_files import EXTERNAL_DATA_THRESHOLD
 from vsal.runtime.errors import VsalError
 
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 FP16_MIN_POSITIVE = 5.96e-08  # smallest fp16 subnormal: smaller magnitudes are raised to it
-EXTERNAL_DATA_THRESHOLD = 1 << 30  # as export.onnx_export (not imported: that pulls in torch)
 
 # Op types kept float32 whatever the pattern rules find.
 DEFAULT_KEEP_FP32 = ("LayerNormalization", "Softmax", "Range", "CumSum")

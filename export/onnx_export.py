@@ -13,7 +13,6 @@ import ast
 import contextlib
 import io
 import logging
-import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -23,11 +22,11 @@ import numpy as np
 import onnx
 import torch
 from torch import nn
+from vsal.export.onnx_files import save_onnx
 from vsal.export.specs import GraphSpec, TensorSpec
 from vsal.runtime.errors import VsalError
 
 DEFAULT_OPSET = 18
-EXTERNAL_DATA_THRESHOLD = 1 << 30  # weights past 1 GiB go to a side file (protobuf's limit is 2 GiB)
 
 
 class ExportError(VsalError):
@@ -203,37 +202,6 @@ def export_graph(spec: GraphSpec, module: nn.Module, path: Path, opset: int = DE
     model = program.model_proto
     _name_dims(model, spec)
     return save_onnx(model, path)
-
-
-def save_onnx(model: onnx.ModelProto, path: Path) -> list[Path]:
-    """Save, with weights in a side file `<name>.data` when large; written under temporary names."""
-    path = Path(path)
-    size = sum(t.ByteSize() for t in model.graph.initializer)
-    tmp = path.with_name(f".{path.name}.partial")
-    if size < EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(model, tmp)
-        os.replace(tmp, path)
-        return [path]
-    data = path.with_name(path.name + ".data")
-    tmp_data = data.with_name(f".{data.name}.partial")
-    onnx.save_model(
-        model,
-        tmp,
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=tmp_data.name,
-        size_threshold=1024,
-    )
-    # The graph refers to its data file by name: point it at the final name before renaming both.
-    final = onnx.load_model(tmp, load_external_data=False)
-    for tensor in final.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                entry.value = data.name
-    onnx.save_model(final, tmp)
-    os.replace(tmp_data, data)
-    os.replace(tmp, path)
-    return [path, data]
 
 
 # --- validation ----------------------------------------------------------------------------------
