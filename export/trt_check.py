@@ -31,7 +31,7 @@ import ast
 import json
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -463,6 +463,17 @@ def check_package(folder: str | Path) -> CheckReport:
     report.package += [Finding("error", "both", p) for p in problems]
     for name, info in manifest.graphs.items():
         report.graphs[name] = _check_graph(name, info, manifest, folder)
+        for precision, variant in info.variants.items():  # what `vsal-export build` added
+            as_graph = replace(
+                info,
+                file=variant.file,
+                sha256=variant.sha256,
+                precision=precision,
+                external_data=variant.external_data,
+                variants={},
+            )
+            label = f"{name}.{precision}"
+            report.graphs[label] = _check_graph(label, as_graph, manifest, folder)
     return report
 
 
@@ -502,6 +513,7 @@ def _check_graph(name: str, info: GraphInfo, manifest: Manifest, folder: Path) -
     _check_io(inferred.graph, info, report)
     _check_profile(inferred.graph, info, report)
     _check_precision(inferred, info, report)
+    _check_zero_points(model, report)
     _merge_versions(report)
     return report
 
@@ -1047,6 +1059,33 @@ def _check_precision(model: onnx.ModelProto, info: GraphInfo, report: GraphRepor
         report.add(
             "warning", "both", f"unknown precision {info.precision!r} (expected fp32, fp16, bf16, int8)"
         )
+
+
+def _check_zero_points(model: onnx.ModelProto, report: GraphReport) -> None:
+    """TensorRT takes symmetric quantization only: every Q/DQ zero point must be zero. They are small
+    initializers (never external data), so this is read off the graph instead of left to the target."""
+    values = {t.name: t for t in model.graph.initializer}
+    nodes = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    if not nodes:
+        return
+    nonzero = []
+    for node in nodes:
+        if len(node.input) > 2 and node.input[2]:
+            tensor = values.get(node.input[2])
+            if tensor is None or onnx.external_data_helper.uses_external_data(tensor):
+                continue  # computed or external: left to the documented restriction below
+            if onnx.numpy_helper.to_array(tensor).any():
+                nonzero.append(node.name or node.output[0])
+    report.findings = [f for f in report.findings if "zero_point must be" not in f.message]
+    if nonzero:
+        report.add(
+            "error",
+            "both",
+            f"{len(nonzero)} Q/DQ node(s) with a non-zero zero point (TensorRT quantizes symmetrically "
+            f"only), e.g. {nonzero[0]!r}",
+        )
+    else:
+        report.add("info", "both", f"{len(nodes)} Q/DQ node(s), all with zero zero points (symmetric)")
 
 
 def _merge_versions(report: GraphReport) -> None:

@@ -303,3 +303,47 @@ def test_package_errors_are_one_line(tmp_path):
     with pytest.raises(PackageError) as exc:
         main_check(tmp_path, as_json=False)
     assert "\n" not in str(exc.value)
+
+
+def test_build_variants_are_checked_too(tmp_path):
+    """`vsal-export build` adds fp16/int8 copies: each is checked like the fp32 graph, as graph.precision."""
+    from vsal.runtime.manifest import VariantInfo, load_manifest
+
+    folder = _package(tmp_path, {"block": (_attention_block(), _info())})
+    manifest = load_manifest(folder)
+    # An "fp16" variant that is really fp32: TensorRT 11 would build it in fp32.
+    onnx.save_model(_attention_block(), folder / "block.fp16.onnx")
+    manifest.graphs["block"].variants["fp16"] = VariantInfo(
+        "fp16", "block.fp16.onnx", sha256_file(folder / "block.fp16.onnx")
+    )
+    save_manifest(manifest, folder)
+    report = check_package(folder)
+    assert set(report.graphs) == {"block", "block.fp16"}
+    assert report.graphs["block"].parses("11") and not report.graphs["block.fp16"].parses("11")
+    assert "block.fp16  (block.fp16.onnx" in report.format()
+
+
+def _qdq_block(zero_point: int) -> onnx.ModelProto:
+    weights = [
+        numpy_helper.from_array(np.array(0.05, np.float32), "scale"),
+        numpy_helper.from_array(np.array(zero_point, np.int8), "zero"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "scale", "zero"], ["q"], name="q"),
+        helper.make_node("DequantizeLinear", ["q", "scale", "zero"], ["y"], name="dq"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])
+    return _model(nodes, [x], [y], weights)
+
+
+@pytest.mark.parametrize("zero_point", [0, 3])
+def test_qdq_zero_points_are_read_off_the_graph(tmp_path, zero_point):
+    folder = _package(tmp_path, {"block": (_qdq_block(zero_point), _info(precision="int8"))})
+    report = check_package(folder)
+    infos = _messages(report, level="info")
+    assert not any("not checked here" in m and "zero_point" in m for m in infos)
+    if zero_point:
+        assert any("non-zero zero point" in m and "'q'" in m for m in _messages(report)), report.format()
+    else:
+        assert report.ok and any("all with zero zero points" in m for m in infos), report.format()
