@@ -134,6 +134,26 @@ class FeedChecker:
         return problems
 
 
+def tensorrt_ep_options(info: GraphInfo, precision: str, cache_dir: str | os.PathLike) -> dict[str, str]:
+    """ONNX Runtime TensorRT EP options: one profile over the manifest's whole axis ranges (no
+    rebuild per new shape), engine and timing caches on disk (the first session builds, later ones
+    load). The EP builds weakly typed networks on TensorRT 10, so reduced precision must be enabled
+    for the fp16 / Q/DQ graphs to run in it; TensorRT may then also pick fp16 inside the fp32
+    islands, which the native backend (strongly typed) never does."""
+    from vsal.runtime.tensorrt_engines import ort_profile_options
+
+    cache = str(Path(cache_dir) / "ort-tensorrt")
+    return {
+        "trt_engine_cache_enable": "True",
+        "trt_engine_cache_path": cache,
+        "trt_timing_cache_enable": "True",
+        "trt_timing_cache_path": cache,
+        "trt_fp16_enable": str(precision == "fp16"),
+        "trt_int8_enable": str(precision == "int8"),
+        **ort_profile_options(info),
+    }
+
+
 class OnnxRuntimeBackend:
     """One ONNX graph in an ONNX Runtime session (created once, reused)."""
 
@@ -145,6 +165,7 @@ class OnnxRuntimeBackend:
         provider: str,
         threads: int = 0,
         precision: str = "fp32",
+        cache_dir: str | os.PathLike | None = None,
     ):
         import onnxruntime as ort
 
@@ -156,7 +177,12 @@ class OnnxRuntimeBackend:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
-        providers = [PROVIDERS[provider]] + ([PROVIDERS["cpu"]] if provider != "cpu" else [])
+        providers: list = [PROVIDERS["cpu"]]
+        if provider == "cuda":
+            providers.insert(0, PROVIDERS["cuda"])
+        elif provider == "tensorrt":  # nodes TensorRT does not take fall back to CUDA, then the CPU
+            options = tensorrt_ep_options(info, precision, cache_dir or path.parent)
+            providers[:0] = [(PROVIDERS["tensorrt"], options), PROVIDERS["cuda"]]
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:  # onnxruntime's own exception types

@@ -27,7 +27,7 @@ from vsal.runtime import media
 from vsal.runtime.alignment import align_streams
 from vsal.runtime.backends import Backend, OnnxRuntimeBackend, choose_provider
 from vsal.runtime.errors import MediaError
-from vsal.runtime.generation import beam_search, generate_tokens, stream_text
+from vsal.runtime.generation import GraphDecoderStep, beam_search, generate_tokens, stream_text
 from vsal.runtime.manifest import Manifest, PackageError, load_manifest, verify_files
 from vsal.runtime.ort_decoder import BoundDecoderStep
 from vsal.runtime.preprocess import audio_inputs, preprocess_frame
@@ -42,6 +42,7 @@ REQUIRED_GRAPHS = (
     "mrc_qformer",
     "llm_decoder",
 )
+ENGINES = ("onnxruntime", "tensorrt")
 MEDIA_CACHE_SIZE = 4  # clips whose encoder outputs are kept
 
 
@@ -76,8 +77,12 @@ class Pipeline:
         threads: int = 0,
         verbose: bool = True,
         precision: str | None = None,
+        engine: str = "onnxruntime",
     ):
+        if engine not in ENGINES:
+            raise ValueError(f"unknown backend {engine!r}; choose {' or '.join(ENGINES)}")
         self.folder = folder
+        self.engine = engine  # "onnxruntime" (its execution providers) or "tensorrt" (native engines)
         self.manifest = manifest
         self.provider = provider
         self.precision = precision  # None: per graph, the best this machine runs
@@ -104,6 +109,7 @@ class Pipeline:
         verify: bool = True,
         precision: str | None = None,
         exact_precision: bool = False,
+        engine: str = "onnxruntime",
     ) -> Pipeline:
         """Read and check a package (sha256 of every file unless verify=False); backends load lazily.
 
@@ -111,6 +117,9 @@ class Pipeline:
         the CPU when the package has it built, else fp32; "fp32" | "fp16" | "int8" asks for one (a
         graph without that variant runs fp32; fp16 on the CPU runs fp32 unless exact_precision, which
         the build's accuracy check uses). Every choice is printed.
+
+        engine "tensorrt" runs every graph as a native TensorRT engine (from the package's engine
+        cache, built from the ONNX when missing or foreign); "onnxruntime" uses its providers.
         """
         if precision not in (None, "fp32", "fp16", "int8"):
             raise ValueError(f"unknown precision {precision!r}; choose fp32, fp16 or int8")
@@ -123,7 +132,8 @@ class Pipeline:
             problems = verify_files(manifest, folder)
             if problems:
                 raise PackageError("; ".join(problems))
-        pipeline = cls(folder, manifest, choose_provider(provider), threads, verbose, precision)
+        provider = "cuda" if engine == "tensorrt" else choose_provider(provider)
+        pipeline = cls(folder, manifest, provider, threads, verbose, precision, engine)
         pipeline.exact_precision = exact_precision
         if manifest.random_weights and verbose:
             preset = manifest.preset
@@ -146,11 +156,8 @@ class Pipeline:
 
     def backend(self, name: str) -> Backend:
         if name not in self._backends:
-            info = self.manifest.graphs[name]
             file, precision = self._precision_for(name)
-            backend = OnnxRuntimeBackend(
-                name, self.folder / file, info, self.provider, self.threads, precision
-            )
+            backend = self._make_backend(name, file, precision)
             if self.verbose:
                 note = ""
                 if self.precision and precision != self.precision:
@@ -158,6 +165,20 @@ class Pipeline:
                 print(f"vsal: {name}: {backend.description}{note}", file=sys.stderr, flush=True)
             self._backends[name] = backend
         return self._backends[name]
+
+    def _make_backend(self, name: str, file: str, precision: str) -> Backend:
+        info = self.manifest.graphs[name]
+        if self.engine == "tensorrt":
+            from vsal.runtime.tensorrt_backend import TensorRTBackend
+            from vsal.runtime.tensorrt_engines import engine_for
+
+            sha = info.variants[precision].sha256 if precision in info.variants else info.sha256
+            cached = engine_for(self.folder, name, info, file, sha, precision, progress=self.verbose)
+            return TensorRTBackend(name, cached.path, info, precision)
+        engines = self.folder / "engines"
+        return OnnxRuntimeBackend(
+            name, self.folder / file, info, self.provider, self.threads, precision, engines
+        )
 
     def _run(self, name: str, **feeds: np.ndarray) -> np.ndarray:
         backend = self.backend(name)
@@ -296,15 +317,19 @@ class Pipeline:
             options = DecodingOptions(**defaults)
         return replace(options, eos_token_id=self.manifest.special_tokens["eos"])
 
-    def _step(self) -> BoundDecoderStep:
-        """The decoder with IO binding: the KV cache stays inside ONNX Runtime between tokens."""
+    def _step(self) -> BoundDecoderStep | GraphDecoderStep:
+        """The decoder step. On ONNX Runtime, with IO binding: the KV cache stays inside it between
+        tokens. Other backends take and return numpy arrays (the cache goes through the host)."""
         llm = self.llm
-        return BoundDecoderStep(
-            self.backend("llm_decoder"),
+        backend = self.backend("llm_decoder")
+        shape = (
             llm["num_hidden_layers"],
             llm["num_key_value_heads"],
             llm["hidden_size"] // llm["num_attention_heads"],
         )
+        if isinstance(backend, OnnxRuntimeBackend):
+            return BoundDecoderStep(backend, *shape)
+        return GraphDecoderStep(backend.run, *shape)
 
     def _prepare(self, prompt, video, audio) -> tuple[np.ndarray, Answer]:
         if not prompt or not prompt.strip():
