@@ -215,3 +215,8 @@ def chat(
         if options.num_beams > 1:
             click.echo(answer.text, nl=False)
         click.echo()
+
+
+from vsal.runtime.bench import bench_cli  # noqa: E402  (click and numpy only at import)
+
+cli.add_command(bench_cli, "bench")

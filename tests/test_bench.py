@@ -1,0 +1,80 @@
+"""`vsal bench` on the tiny package: every stage, the reference and its ratio, the machine's limits.
+
+Speed itself is never asserted (the CI machine is shared); only that everything is measured.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+from vsal.runtime.bench import STAGES
+from vsal.runtime.cli import cli
+
+
+@pytest.fixture(scope="module")
+def clip_3s(tmp_path_factory):
+    from vsal.runtime.synthetic import write_clip
+
+    return write_clip(tmp_path_factory.mktemp("bench") / "clip3.mp4", seconds=3.0)
+
+
+def test_bench_json_has_every_stage_reference_ratio_and_limits(tiny_package, clip_3s):
+    args = ["bench", str(tiny_package), "--media", str(clip_3s), "--runs", "2", "--max-new-tokens", "4"]
+    result = CliRunner().invoke(cli, [*args, "--json", "--quick-limits"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(data["runtime"]["stages"]) == set(STAGES)
+    for stat in data["runtime"]["stages"].values():
+        assert len(stat["runs"]) == 2 and stat["min"] <= stat["median"] <= stat["max"]
+    assert data["runtime"]["tokens"] == 4  # eos ignored: a fixed length
+    assert data["runtime"]["peak_rss_bytes"] > 0
+    assert data["reference"]["stages"].keys() == data["runtime"]["stages"].keys()
+    assert data["reference"]["tokens"] == 4
+    assert set(data["ratio"]) == set(STAGES) | {"decode_tokens_per_s", "peak_rss"}
+    machine = data["machine"]
+    assert machine["memory_bandwidth"]["bytes_per_s"] > 0 and machine["gemm_fp32"]["flop_per_s"] > 0
+    decode = data["roofline"]["decode"]
+    assert decode["roofline_tokens_per_s"] > 0 and decode["fraction"] > 0
+    compute = set(data["roofline"]["compute"])
+    assert {"vision_encoder", "whisper_encoder", "beats_encoder", "prefill"} <= compute
+    assert "| end_to_end" in result.stderr  # the table
+
+
+def test_bench_without_torch_skips_the_reference(tiny_package, clip_3s):
+    """As on a Jetson image: torch cannot be imported, the bench still runs and says why no reference."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'transformers'):\n"
+        "            raise ImportError(f'{name} is blocked in this test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from vsal.runtime.cli import main\n"
+        "sys.argv = ['vsal'] + sys.argv[1:]\n"
+        "main()\n"
+    )
+    args = ["bench", str(tiny_package), "--media", str(clip_3s), "--runs", "1", "--max-new-tokens", "2"]
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args, "--json", "--quick-limits"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert "torch" in data["reference"]["skipped"] and "ratio" not in data
+    assert set(data["runtime"]["stages"]) == set(STAGES)
+
+
+def test_reference_refuses_weights_it_cannot_rebuild(tiny_package, tmp_path):
+    from vsal.export.bench_reference import load_model
+
+    manifest = json.loads((tiny_package / "manifest.json").read_text())
+    manifest["random_weights"] = False  # as a package exported from the released checkpoints
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    model, reason = load_model(tmp_path, None)
+    assert model is None and "--checkpoint" in reason
