@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,22 @@ def accuracy(
     missing = [n for n in names if n not in test_names]
     if missing:
         raise KeyError(f"{test_path}: outputs {missing} of the reference are missing")
+    return compare(
+        lambda feeds: ref.run(names, _feeds_for(ref, feeds)),
+        lambda feeds: test.run(names, _feeds_for(test, feeds)),
+        names,
+        feeds_list,
+    )
+
+
+def compare(
+    run_reference: Callable[[Mapping[str, np.ndarray]], Sequence[np.ndarray]],
+    run_test: Callable[[Mapping[str, np.ndarray]], Sequence[np.ndarray]],
+    names: Sequence[str],
+    feeds_list: Iterable[Mapping[str, np.ndarray]],
+) -> dict[str, dict[str, Any]]:
+    """`accuracy` over any two runners returning the `names` outputs in order (e.g. a TensorRT engine
+    against the fp32 graph in ONNX Runtime)."""
     result = {
         n: {
             "cosine": 1.0,
@@ -111,8 +127,8 @@ def accuracy(
         for n in names
     }
     for feeds in feeds_list:
-        want = ref.run(names, _feeds_for(ref, feeds))
-        got = test.run(names, _feeds_for(test, feeds))
+        want = run_reference(feeds)
+        got = run_test(feeds)
         for name, r, g in zip(names, want, got, strict=True):
             entry = result[name]
             entry["cases"] += 1

@@ -38,6 +38,7 @@ class BuildReport:
     end_to_end: dict[str, float] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    engines: dict[str, dict] = field(default_factory=dict)  # graph -> TensorRT engine and its accuracy
 
     def format(self) -> str:
         lines = [f"build {self.precision}:"]
@@ -45,6 +46,11 @@ class BuildReport:
             lines.append(
                 f"  {name:16s} cosine {g['cosine']:.5f}  max abs err {g['max_abs_error']:.3g}  "
                 f"size {g['bytes'] / 2**20:.1f} MiB (fp32 {g['fp32_bytes'] / 2**20:.1f})  {g['notes']}"
+            )
+        for name, e in self.engines.items():
+            lines.append(
+                f"  {name:16s} TensorRT {e['tensorrt']} engine: cosine {e['cosine']:.5f}  max abs err "
+                f"{e['max_abs_error']:.3g} vs ORT fp32 ({e['file']}, {e['build_seconds']} s to build)"
             )
         if self.end_to_end:
             lines.append(
@@ -71,8 +77,15 @@ def build(
     graphs: tuple[str, ...] | None = None,
     thresholds: Thresholds | None = None,
     progress: bool = True,
+    engines: bool = False,
+    workspace_bytes: int | None = None,
 ) -> BuildReport:
-    """Add `precision` variants of the package's graphs; returns the report (also saved in the package)."""
+    """Add `precision` variants of the package's graphs; returns the report (also saved in the package).
+
+    engines: also build a TensorRT engine per graph on this machine (vsal.runtime.tensorrt_engines),
+    check each against the fp32 graph in ONNX Runtime on the held-out inputs, and measure token
+    agreement through the engines; `workspace_bytes` caps TensorRT's scratch memory (small devices).
+    """
     from vsal.calib.collect import collect, synthetic_media
 
     if precision not in PRECISIONS:
@@ -81,11 +94,11 @@ def build(
     manifest = load_manifest(package)
     thresholds = thresholds or Thresholds()
     report = BuildReport(precision)
-    if precision == "fp32":
+    names = graphs or tuple(manifest.graphs)
+    if precision == "fp32" and not engines:
         report.notes.append("fp32: the exported graphs are used as they are")
         _tensorrt_note(report)
         return report
-    names = graphs or tuple(manifest.graphs)
     stored = package / "calibration" / "clips.json"
     if media is None and stored.is_file():  # from `vsal-export calibrate`
         media = [Path(p) for p in json.loads(stored.read_text())["clips"]]
@@ -104,18 +117,33 @@ def build(
         _say(progress, f"{len(calibration_clips)} calibration clips, {len(held_out)} held-out clips")
         calibration = collect(package, calibration_clips, progress) if precision == "int8" else {}
         checks = collect(package, held_out, progress)
-        for name in names:
-            _say(progress, f"{name}: building {precision}")
-            report.graphs[name] = _build_graph(package, manifest, name, precision, calibration, checks)
-            _check(report, name, thresholds)
-        save_manifest(manifest, package)  # variants become visible only now
-        report.end_to_end = token_agreement(package, precision, held_out)
+        if precision != "fp32":
+            for name in names:
+                _say(progress, f"{name}: building {precision}")
+                report.graphs[name] = _build_graph(package, manifest, name, precision, calibration, checks)
+                _check(report, name, thresholds)
+            save_manifest(manifest, package)  # variants become visible only now
+        if engines:
+            for name in names:
+                report.engines[name] = _build_engine(
+                    package, manifest, name, precision, checks, workspace_bytes
+                )
+                if report.engines[name]["cosine"] < thresholds.min_cosine:
+                    report.problems.append(
+                        f"{name}: TensorRT engine cosine {report.engines[name]['cosine']:.4f} "
+                        f"< {thresholds.min_cosine}"
+                    )
+            save_manifest(manifest, package)  # the engine records
+        report.end_to_end = token_agreement(
+            package, precision, held_out, "tensorrt" if engines else "onnxruntime"
+        )
         if report.end_to_end["token_agreement"] < thresholds.min_token_agreement:
             report.problems.append(
                 f"end to end: greedy token agreement {report.end_to_end['token_agreement']:.1%} "
                 f"< {thresholds.min_token_agreement:.0%}"
             )
-    _tensorrt_note(report)
+    if not engines:
+        _tensorrt_note(report)
     write_json_atomic(package / f"build_{precision}.json", report.__dict__)
     return report
 
@@ -183,6 +211,41 @@ def _build_graph(package: Path, manifest, name: str, precision: str, calibration
     }
 
 
+def _build_engine(package: Path, manifest, name: str, precision: str, checks, workspace_bytes) -> dict:
+    """The graph's TensorRT engine on this machine (cached or built), checked against fp32 in ORT."""
+    from vsal.export.accuracy import compare, session, worst_cosine
+    from vsal.runtime.tensorrt_backend import TensorRTBackend
+    from vsal.runtime.tensorrt_engines import engine_for
+
+    info = manifest.graphs[name]
+    file, _ = info.file_for(precision)
+    sha = info.variants[precision].sha256 if precision in info.variants else info.sha256
+    cached = engine_for(package, name, info, file, sha, precision, workspace_bytes=workspace_bytes)
+    backend = TensorRTBackend(name, cached.path, info, precision)
+    reference = session(package / info.file)
+    outputs = [t.name for t in info.outputs]
+    feeds = checks.get(name) or _random_feeds(manifest, name)
+    acc = compare(
+        lambda f: reference.run(outputs, f),
+        lambda f: [backend.run(dict(f), outputs)[n] for n in outputs],
+        outputs,
+        feeds,
+    )
+    record = {
+        "file": str(cached.path.relative_to(package)),
+        "tensorrt": cached.key.tensorrt,
+        "compute_capability": cached.key.compute_capability,
+        "precision": precision,
+        "build_seconds": cached.build_seconds,
+    }
+    info.engines = [e for e in info.engines if e.get("file") != record["file"]] + [record]
+    return {
+        **record,
+        "cosine": worst_cosine(acc),
+        "max_abs_error": max(v["max_abs_error"] for v in acc.values()),
+    }
+
+
 def _describe(details) -> str:
     for attr in ("summary", "format"):
         if hasattr(details, attr):
@@ -207,15 +270,18 @@ def _check(report: BuildReport, name: str, thresholds: Thresholds) -> None:
         report.problems.append(f"{name}: cosine {cosine:.4f} < {thresholds.min_cosine}")
 
 
-def token_agreement(package: Path, precision: str, clips: list[Path], tokens: int = 16) -> dict[str, float]:
-    """Greedy answers of the `precision` variants against fp32's on the held-out clips."""
+def token_agreement(
+    package: Path, precision: str, clips: list[Path], engine: str = "onnxruntime", tokens: int = 16
+) -> dict[str, float]:
+    """Greedy answers of the `precision` variants (run by `engine`) against fp32's in ONNX Runtime
+    on the held-out clips."""
     from vsal.calib.collect import AUDIO_SUFFIXES
     from vsal.runtime.pipeline import Pipeline
     from vsal.runtime.prompt import DecodingOptions
 
     options = DecodingOptions(num_beams=1, max_new_tokens=tokens, eos_token_id=None)
     reference = Pipeline.load(package, verbose=False, precision="fp32")
-    variant = Pipeline.load(package, verbose=False, precision=precision, exact_precision=True)
+    variant = Pipeline.load(package, verbose=False, precision=precision, exact_precision=True, engine=engine)
     equal = total = exact = 0
     for clip in clips:
         kind = "audio" if clip.suffix.lower() in AUDIO_SUFFIXES else "video"
@@ -240,7 +306,7 @@ def _tensorrt_note(report: BuildReport) -> None:
             "10/11 (`vsal-export check`); engines are built on the GPU target."
         )
         return
-    report.notes.append("TensorRT is installed, but engine building is not part of this vsal version yet")
+    report.notes.append("TensorRT is installed: `--backend tensorrt` also builds and checks engines")
 
 
 def _say(progress: bool, message: str) -> None:

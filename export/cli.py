@@ -348,6 +348,12 @@ def calibrate(model_dir: Path, media_dir: Path, max_clips: int | None) -> None:
 )
 @click.option("--min-token-agreement", default=0.5, show_default=True, help="Greedy tokens equal to fp32's.")
 @click.option("--allow-below", is_flag=True, help="Keep a build below the thresholds and exit 0.")
+@click.option(
+    "--workspace-mib",
+    type=click.IntRange(min=1),
+    default=None,
+    help="TensorRT builder scratch memory limit (small devices: e.g. 1024 on an Orin Nano).",
+)
 def build(
     model_dir,
     precision,
@@ -358,18 +364,13 @@ def build(
     min_cosine,
     min_token_agreement,
     allow_below,
+    workspace_mib,
 ) -> None:
     from vsal.calib.collect import media_files
     from vsal.export.build import Thresholds
     from vsal.export.build import build as run_build
 
-    if backend == "tensorrt":
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError:
-            raise click.UsageError(
-                "--backend tensorrt needs TensorRT on this machine; it is not installed"
-            ) from None
+    engines = _tensorrt_usable(backend)
     if model_dir is None:
         model_dir = DEFAULT_PACKAGE
         if not (model_dir / "manifest.json").is_file():
@@ -378,7 +379,15 @@ def build(
             ctx.invoke(export, output=model_dir)
     media = media_files(calib_media, max_clips) if calib_media else None
     chosen = tuple(g.strip() for g in graphs.split(",")) if graphs else None
-    report = run_build(model_dir, precision, media, chosen, Thresholds(min_cosine, min_token_agreement))
+    report = run_build(
+        model_dir,
+        precision,
+        media,
+        chosen,
+        Thresholds(min_cosine, min_token_agreement),
+        engines=engines,
+        workspace_bytes=workspace_mib * 2**20 if workspace_mib else None,
+    )
     click.echo(report.format())
     if report.problems and not allow_below:
         click.echo(
@@ -386,3 +395,21 @@ def build(
             err=True,
         )
         sys.exit(1)
+
+
+def _tensorrt_usable(backend: str) -> bool:
+    """Whether to build engines: always for tensorrt (or a clear error why not), when TensorRT and a
+    GPU are both here for auto, never for onnxruntime."""
+    if backend == "onnxruntime":
+        return False
+    from vsal.runtime.tensorrt_engines import EngineError, compute_capability, import_tensorrt
+
+    try:
+        import_tensorrt()
+        compute_capability()
+    except EngineError as exc:
+        if backend == "tensorrt":
+            raise click.UsageError(f"--backend tensorrt: {exc}") from None
+        click.echo(f"vsal-export: no TensorRT engines on this machine ({str(exc).split(':')[0]})", err=True)
+        return False
+    return True
