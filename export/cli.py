@@ -306,6 +306,42 @@ def check(model_dir: Path, as_json: bool) -> None:
     sys.exit(main_check(model_dir, as_json))
 
 
+@cli.command(help="Write a Triton Inference Server model repository for a package (see docs/serving.md).")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--output", required=True, type=click.Path(path_type=Path), help="Repository folder.")
+@click.option(
+    "--flavor",
+    type=click.Choice(["tensorrt", "onnxruntime", "python"]),
+    default="tensorrt",
+    show_default=True,
+    help="Graph models: TensorRT plans, ONNX Runtime graphs, or ONNX Runtime inside the Python backend.",
+)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
+@click.option("--instances", default=1, show_default=True, help="Instances of each graph model per device.")
+@click.option("--gpus", default=None, help="Comma-separated GPU ids for the instance groups (default: all).")
+@click.option(
+    "--tensorrt-version", default=None, help="tensorrt: the engines' TensorRT version (if several)."
+)
+@click.option("--compute-capability", default=None, help="tensorrt: the engines' GPU (e.g. 9.0), if several.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing repository at --output.")
+def triton(
+    model_dir, output, flavor, precision, instances, gpus, tensorrt_version, compute_capability, overwrite
+) -> None:
+    from vsal.runtime.triton_repo import RepoOptions, write_repository
+
+    ids = tuple(int(g) for g in gpus.split(",")) if gpus else ()
+    options = RepoOptions(
+        flavor=flavor,
+        precision=precision,
+        instances=instances,
+        gpus=ids,
+        tensorrt=tensorrt_version,
+        compute_capability=compute_capability,
+    )
+    repo = write_repository(model_dir, output, options, overwrite=overwrite)
+    click.echo(f"wrote a Triton model repository ({flavor}) to {repo}; model 'vsal' takes the requests")
+
+
 @cli.command(help="Record each graph's inputs on real media, for INT8 calibration (stored in the package).")
 @click.argument("model_dir", type=click.Path(path_type=Path, file_okay=False))
 @click.option(

@@ -1,9 +1,9 @@
 """Torch-free runtime: media decoding, preprocessing, backends, alignment, generation.
 
-`from vsal.runtime import Pipeline` loads the pipeline lazily, so importing this package stays light.
+`from vsal.runtime import Pipeline` (or `Client`) loads it lazily, so importing this package stays light.
 """
 
-__all__ = ["Pipeline"]
+__all__ = ["Client", "Pipeline"]
 
 
 def __getattr__(name: str):
@@ -11,4 +11,8 @@ def __getattr__(name: str):
         from vsal.runtime.pipeline import Pipeline
 
         return Pipeline
+    if name == "Client":
+        from vsal.runtime.client import Client
+
+        return Client
     raise AttributeError(f"module 'vsal.runtime' has no attribute {name!r}")

@@ -112,7 +112,8 @@ def _generation_options(fn):
 
 
 @cli.command(help="Answer a question about a video and/or audio file, streaming the answer.")
-@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("model_dir", type=click.Path(path_type=Path), required=False)
+@click.option("--server", default=None, help="Ask a `vsal serve` server at HOST:PORT instead (no MODEL_DIR).")
 @click.option("--video", type=click.Path(path_type=Path), help="Video file (its audio track is used too).")
 @click.option("--audio", type=click.Path(path_type=Path), help="Audio file (alone, or beside --video).")
 @click.option("--prompt", required=True, help="The question.")
@@ -122,6 +123,7 @@ def _generation_options(fn):
 )
 def run(
     model_dir,
+    server,
     video,
     audio,
     prompt,
@@ -141,7 +143,17 @@ def run(
     if video is None and audio is None:
         raise click.UsageError("give --video, --audio or both")
     options = _decoding_options(max_new_tokens, beams, sample, temperature, top_p, top_k, seed)
-    pipeline = Pipeline.load(model_dir, provider=provider, verbose=not as_json, precision=precision)
+    if (model_dir is None) == (server is None):
+        raise click.UsageError("give MODEL_DIR or --server HOST:PORT")
+    if server is not None:
+        from vsal.runtime.client import Client
+
+        if provider or precision:
+            raise click.UsageError("--provider and --precision are the server's choice: leave them out")
+
+        pipeline = Client(server)  # the same ask() as the pipeline's
+    else:
+        pipeline = Pipeline.load(model_dir, provider=provider, verbose=not as_json, precision=precision)
     if as_json:
         answer = pipeline.ask(prompt, video=video, audio=audio, options=options)
         click.echo(
@@ -164,6 +176,24 @@ def run(
     click.echo()
     spent = sum(answer.timings.values()) - answer.timings.get("time_to_first_token", 0)
     click.echo(f"[{len(answer.token_ids)} tokens, {spent:.2f} s]", err=True)
+
+
+@cli.command(help="Serve a model package (or a `vsal-export triton` repository) with Triton on 127.0.0.1.")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--port", default=8001, show_default=True, help="gRPC port.")
+@click.option(
+    "--flavor",
+    type=click.Choice(["python", "onnxruntime", "tensorrt"]),
+    default="python",
+    show_default=True,
+    help="Graph models of the temporary repository (the bundled Triton has only the Python backend).",
+)
+def serve(model_dir, port, flavor) -> None:
+    from vsal.runtime.serve import Server, serve_forever
+    from vsal.runtime.triton_repo import RepoOptions
+
+    server = Server(model_dir, port=port, options=RepoOptions(flavor=flavor, link=True))
+    sys.exit(serve_forever(server))
 
 
 @cli.command(help="Ask several questions about one clip (the encoders run once).")

@@ -1,0 +1,152 @@
+"""A client of `vsal serve` (or any Triton server with a vsal repository): gRPC streaming, torch-free.
+
+    from vsal.runtime import Client
+    client = Client("127.0.0.1:8001")
+    answer = client.ask("What is said?", video="talk.mp4", options=DecodingOptions(num_beams=1))
+    for piece in client.stream("Who speaks?", video="talk.mp4"):
+        print(piece, end="", flush=True)
+
+The media files' bytes are sent (the server needs no access to the client's files); text streams
+back as the decoupled `vsal` model produces it. A user mistake comes back as the same one-line
+VsalError as in-process (naming the client's file); a server that cannot be reached is a ServeError.
+Needs the `serve` extra (tritonclient[grpc]).
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+from collections.abc import Iterator
+from dataclasses import asdict
+
+import numpy as np
+from vsal.runtime.errors import VsalError
+from vsal.runtime.media import _check_file
+from vsal.runtime.prompt import DecodingOptions
+from vsal.runtime.triton_repo import ORCHESTRATOR
+
+ERROR_PREFIX = "vsal-error: "  # the orchestrator's mark of a user mistake
+_DONE = object()
+
+
+class ServerError(VsalError, ValueError):
+    """What the server said was wrong with the request (bad media, empty prompt, bad options)."""
+
+
+class ConnectionFailed(VsalError):
+    """The server cannot be reached, or failed in a way that is not the request's fault."""
+
+
+def _grpc():
+    try:
+        import tritonclient.grpc as grpcclient
+    except ImportError:
+        raise ConnectionFailed("the client needs tritonclient: pip install 'vsal[serve]'") from None
+    return grpcclient
+
+
+class Client:
+    """Talks to the `vsal` model of a Triton server at host:port (gRPC)."""
+
+    def __init__(
+        self, url: str = "127.0.0.1:8001", model: str = ORCHESTRATOR, timeout_s: float | None = None
+    ):
+        self.url = url
+        self.model = model
+        self.timeout_s = timeout_s  # per request; None: no limit
+
+    def _inputs(self, prompt: str, video, audio, options: DecodingOptions | None) -> list:
+        grpcclient = _grpc()
+        if video is None and audio is None:
+            raise ServerError("give a video file, an audio file or both")
+        values: dict[str, bytes] = {"PROMPT": prompt.encode("utf-8")}
+        for kind, path in (("VIDEO", video), ("AUDIO", audio)):
+            if path is not None:
+                path = _check_file(path)  # missing, a directory, empty: the same error as in-process
+                values[kind] = path.read_bytes()
+                values[f"{kind}_NAME"] = str(path).encode("utf-8")
+        if options is not None:
+            fields = {k: v for k, v in asdict(options).items() if k != "eos_token_id"}
+            values["OPTIONS"] = json.dumps(fields).encode("utf-8")
+        inputs = []
+        for name, data in values.items():
+            tensor = grpcclient.InferInput(name, [len(data)], "UINT8")  # UTF-8 text or file bytes
+            tensor.set_data_from_numpy(np.frombuffer(data, dtype=np.uint8))
+            inputs.append(tensor)
+        return inputs
+
+    def _responses(self, prompt, video, audio, options) -> Iterator[tuple[str, object]]:
+        """("text", piece) as they come, then ("result", dict)."""
+        grpcclient = _grpc()
+        inputs = self._inputs(prompt, video, audio, options)
+        outputs = [grpcclient.InferRequestedOutput(n) for n in ("TEXT", "RESULT")]
+        events: queue.Queue = queue.Queue()
+        client = grpcclient.InferenceServerClient(self.url)
+        try:
+            client.start_stream(callback=lambda result, error: events.put((result, error)))
+            client.async_stream_infer(self.model, inputs, outputs=outputs, enable_empty_final_response=True)
+            while True:
+                try:
+                    result, error = events.get(timeout=self.timeout_s)
+                except queue.Empty:
+                    raise ConnectionFailed(f"{self.url}: no answer within {self.timeout_s} s") from None
+                if error is not None:
+                    raise _error(self.url, error)
+                text = result.as_numpy("TEXT")
+                if text is not None:
+                    yield "text", text.tobytes().decode("utf-8")
+                answer = result.as_numpy("RESULT")
+                if answer is not None:
+                    yield "result", json.loads(answer.tobytes())
+                final = result.get_response().parameters.get("triton_final_response")
+                if final is not None and final.bool_param:
+                    return
+        finally:
+            client.stop_stream(cancel_requests=True)
+            client.close()
+
+    def stream(
+        self, prompt: str, video=None, audio=None, options: DecodingOptions | None = None
+    ) -> Iterator[str]:
+        """Text pieces as they come (one beam); with beam search, the answer in one piece at the end."""
+        streamed = False
+        for kind, value in self._responses(prompt, video, audio, options):
+            if kind == "text":
+                streamed = True
+                yield value
+            elif not streamed and value["answer"]:
+                yield value["answer"]
+
+    def ask(self, prompt: str, video=None, audio=None, options: DecodingOptions | None = None, on_text=None):
+        """The whole answer (a pipeline.Answer); `on_text(piece)` is called as text arrives."""
+        from vsal.runtime.pipeline import Answer
+
+        result = None
+        for kind, value in self._responses(prompt, video, audio, options):
+            if kind == "text" and on_text is not None:
+                on_text(value)
+            elif kind == "result":
+                result = value
+        if result is None:
+            raise ConnectionFailed(f"{self.url}: the stream ended without an answer")
+        timings = {k: float(v) for k, v in result["timings"].items()}
+        return Answer(result["answer"], result["token_ids"], result["av_tokens"], timings, result["backends"])
+
+    def ready(self) -> bool:
+        client = _grpc().InferenceServerClient(self.url)
+        try:
+            return bool(client.is_server_ready() and client.is_model_ready(self.model))
+        except Exception:
+            return False
+        finally:
+            client.close()
+
+
+def _error(url: str, error) -> VsalError:
+    message = error.message() if hasattr(error, "message") and callable(error.message) else str(error)
+    message = message or str(error)
+    if ERROR_PREFIX in message:
+        return ServerError(message.split(ERROR_PREFIX, 1)[1])
+    if "unavailable" in message.lower() or "connect" in message.lower():
+        return ConnectionFailed(f"{url}: cannot reach the server ({message.splitlines()[0]})")
+    return ConnectionFailed(f"{url}: the server failed ({message.splitlines()[0]})")

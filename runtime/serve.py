@@ -1,0 +1,321 @@
+"""`vsal serve`: a local Triton Inference Server on 127.0.0.1 for a model package (torch-free).
+
+The server is a full Triton install (`tritonserver` on PATH) where there is one, else the Triton
+server bundled in the `nvidia-pytriton` wheel (Triton 2.51, Python backend only, runs on a CPU
+machine): from an installed `nvidia-pytriton`, or from its wheel, downloaded once with
+`pip download --no-deps` into `$VSAL_CACHE/triton` (nvidia-pytriton's own Python package pins
+numpy < 2, so it is not an install requirement of vsal: only its server binaries are used).
+
+The bundled Python backend stub loads the interpreter's shared libpython, so its folder goes on
+LD_LIBRARY_PATH (a pyenv Python keeps it in its own lib folder), and the stub adds this Python's
+site-packages (VSAL_SITE_DIRS) so that the models import vsal, numpy and ONNX Runtime from here.
+
+A package folder is served from a temporary repository (python flavor, package files symlinked),
+removed when the server stops; a folder written by `vsal-export triton` is served as it is.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import site
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vsal.runtime.errors import VsalError
+from vsal.runtime.triton_repo import RepoOptions, is_repository, write_repository
+
+PYTRITON = "nvidia-pytriton==0.7.0"  # bundles Triton 2.51
+START_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 30.0
+
+
+class ServeError(VsalError):
+    """A server that cannot be found, started or reached: says why and what to do."""
+
+
+@dataclass
+class TritonInstall:
+    binary: Path
+    description: str
+    bundle: Path | None = None  # the pytriton `tritonserver` folder (backends, python stubs)
+    lib_dirs: list[Path] = field(default_factory=list)
+
+    @property
+    def python_only(self) -> bool:
+        return self.bundle is not None
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("VSAL_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "vsal") / "triton"
+
+
+def _bundle_at(root: Path, libs: Path, where: str) -> TritonInstall | None:
+    binary = root / "tritonserver" / "bin" / "tritonserver"
+    if not binary.is_file():
+        return None
+    return TritonInstall(
+        binary, f"Triton 2.51 bundled in nvidia-pytriton ({where})", root / "tritonserver", [libs]
+    )
+
+
+def find_triton(fetch: bool = True, quiet: bool = False) -> TritonInstall:
+    """`tritonserver` on PATH, else the nvidia-pytriton bundle (installed, cached, or fetched now)."""
+    exe = shutil.which("tritonserver")
+    if exe:
+        return TritonInstall(Path(exe), f"Triton at {exe}")
+    spec = importlib.util.find_spec("pytriton")
+    if spec is not None and spec.origin:
+        root = Path(spec.origin).parent
+        found = _bundle_at(root, root.parent / "nvidia_pytriton.libs", f"installed, {root}")
+        if found:
+            return found
+    unpacked = cache_dir() / PYTRITON.replace("==", "-")
+    found = _bundle_at(unpacked / "pytriton", unpacked / "nvidia_pytriton.libs", f"cached, {unpacked}")
+    if found:
+        return found
+    if not fetch:
+        raise ServeError("no Triton server: install one (tritonserver on PATH) or nvidia-pytriton")
+    _fetch_bundle(unpacked, quiet)
+    found = _bundle_at(unpacked / "pytriton", unpacked / "nvidia_pytriton.libs", f"cached, {unpacked}")
+    if not found:
+        raise ServeError(f"{unpacked}: the {PYTRITON} wheel holds no tritonserver binary")
+    return found
+
+
+def _fetch_bundle(dest: Path, quiet: bool) -> None:
+    """Download the nvidia-pytriton wheel (no dependencies) and unpack its server into dest."""
+    if not quiet:
+        print(f"vsal: fetching the Triton server bundled in {PYTRITON} (once, into {dest})", file=sys.stderr)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check"]
+        cmd += ["--only-binary", ":all:", "-d", tmp, PYTRITON]
+        proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or len(wheels) != 1:
+            lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+            reason = lines[-1] if lines else f"pip exited with {proc.returncode}"
+            raise ServeError(
+                f"could not download {PYTRITON} ({reason}); install Triton (tritonserver on PATH) "
+                "or nvidia-pytriton, or point VSAL_CACHE at a folder that holds the unpacked bundle"
+            )
+        staging = Path(tmp) / "unpacked"
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            for member in wheel.infolist():
+                if not member.filename.startswith(("pytriton/tritonserver/", "nvidia_pytriton.libs/")):
+                    continue
+                target = staging / member.filename
+                wheel.extract(member, staging)
+                mode = (member.external_attr >> 16) & 0o777
+                if mode:
+                    target.chmod(mode)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(staging, dest)
+
+
+def libpython_dir() -> Path:
+    """The folder of this interpreter's shared libpython (what the Python backend stub loads)."""
+    libdir = sysconfig.get_config_var("LIBDIR")
+    name = sysconfig.get_config_var("INSTSONAME") or sysconfig.get_config_var("LDLIBRARY") or ""
+    if not sysconfig.get_config_var("Py_ENABLE_SHARED") or not libdir or not (Path(libdir) / name).exists():
+        raise ServeError(
+            f"this Python ({sys.executable}) has no shared libpython; Triton's Python backend stub loads "
+            f"libpython{sys.version_info[0]}.{sys.version_info[1]}.so: use a Python built with "
+            "--enable-shared"
+        )
+    return Path(libdir)
+
+
+def python_backend(install: TritonInstall, workdir: Path) -> Path:
+    """A backends folder with the bundle's Python backend and the stub for this Python version."""
+    assert install.bundle is not None
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    stub = install.bundle / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise ServeError(
+            f"{install.bundle}: the bundled Triton has no Python backend stub for Python {version}"
+        )
+    target = workdir / "backends" / "python"
+    target.mkdir(parents=True)
+    for item in (install.bundle / "backends" / "python").iterdir():
+        shutil.copy2(item, target / item.name)
+    shutil.copy2(stub, target / stub.name)
+    (target / stub.name).chmod(0o755)
+    return workdir / "backends"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A Triton server for a package or repository, on host:port (gRPC only); a context manager."""
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        port: int = 8001,
+        host: str = "127.0.0.1",
+        options: RepoOptions | None = None,
+        quiet: bool = False,
+        install: TritonInstall | None = None,
+    ):
+        self.model_dir = Path(model_dir)
+        self.port = port
+        self.host = host
+        self.options = options
+        self.quiet = quiet
+        self.install = install
+        self.process: subprocess.Popen | None = None
+        self.workdir: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def _say(self, message: str) -> None:
+        if not self.quiet:
+            print(f"vsal: {message}", file=sys.stderr, flush=True)
+
+    def start(self, timeout: float = START_TIMEOUT_S) -> Server:
+        install = self.install or find_triton(quiet=self.quiet)
+        self.install = install
+        env = dict(os.environ)
+        lib_dirs = list(install.lib_dirs)
+        if install.python_only:
+            lib_dirs.append(libpython_dir())
+            env["VSAL_SITE_DIRS"] = os.pathsep.join(site.getsitepackages())
+        if lib_dirs:
+            old = env.get("LD_LIBRARY_PATH")
+            env["LD_LIBRARY_PATH"] = os.pathsep.join([*map(str, lib_dirs), *([old] if old else [])])
+        self.workdir = Path(tempfile.mkdtemp(prefix="vsal-serve-"))
+        try:
+            self._launch(install, env, timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _launch(self, install: TritonInstall, env: dict[str, str], timeout: float) -> None:
+        assert self.workdir is not None
+        if is_repository(self.model_dir):
+            repo = self.model_dir
+        else:
+            options = self.options or RepoOptions(flavor="python", link=True)
+            repo = write_repository(self.model_dir, self.workdir / "repo", options)
+        cmd = [
+            str(install.binary),
+            f"--model-repository={repo}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.port}",
+            "--allow-http=false",
+            "--allow-metrics=false",
+            "--disable-auto-complete-config",
+            f"--exit-timeout-secs={int(STOP_TIMEOUT_S)}",
+        ]
+        if install.python_only:
+            cmd.append(f"--backend-directory={python_backend(install, self.workdir)}")
+        self.log = self.workdir / "tritonserver.log"
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(
+                cmd,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        self._say(f"starting {install.description} with {repo.name if repo != self.model_dir else repo}")
+        self._wait_ready(timeout)
+        self._say(f"serving {self.model_dir} on {self.url} (gRPC; model 'vsal')")
+
+    def _wait_ready(self, timeout: float) -> None:
+        import tritonclient.grpc as grpcclient
+
+        deadline = time.monotonic() + timeout
+        client = grpcclient.InferenceServerClient(self.url)
+        try:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise ServeError(f"the Triton server stopped while starting ({self.failure()})")
+                try:
+                    if client.is_server_ready() and client.is_model_ready("vsal"):
+                        return
+                except Exception:  # not listening yet
+                    pass
+                time.sleep(0.25)
+        finally:
+            client.close()
+        raise ServeError(f"the Triton server was not ready after {timeout:.0f} s ({self.failure()})")
+
+    def failure(self) -> str:
+        """The server log's error lines (or its last lines)."""
+        try:
+            lines = self.log.read_text(errors="replace").splitlines()
+        except OSError:
+            return "no log"
+        errors = [ln for ln in lines if ln.startswith("E") or "error" in ln.lower()]
+        return " | ".join((errors or lines)[-3:]) or "no log"
+
+    def stop(self) -> None:
+        """Stop the server (SIGINT, then SIGKILL after the exit timeout) and remove the temporary files."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(STOP_TIMEOUT_S + 5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+    def wait(self) -> int:
+        assert self.process is not None
+        return self.process.wait()
+
+    def __enter__(self) -> Server:
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve_forever(server: Server) -> int:
+    """Run until SIGINT/SIGTERM (then stop the server cleanly) or until the server exits."""
+    stopping = False
+
+    def handler(signum, frame):
+        nonlocal stopping
+        stopping = True
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.start()
+        code = server.wait()
+        if not stopping:
+            raise ServeError(f"the Triton server exited with code {code} ({server.failure()})")
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        server._say("stopping the server")
+        server.stop()

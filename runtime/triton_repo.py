@@ -1,0 +1,290 @@
+"""A Triton Inference Server model repository from a model package (torch-free).
+
+    REPO/
+      vision_encoder/config.pbtxt, 1/...      one model per graph: a TensorRT plan (`tensorrt`),
+      frame_qformer/ ...                      an ONNX graph for ONNX Runtime (`onnxruntime`), or an
+      whisper_encoder/ beats_encoder/         ONNX graph run by ONNX Runtime inside a Python-backend
+      mrc_qformer/ llm_decoder/               model (`python`: servers with only the Python backend)
+      vsal/config.pbtxt, 1/model.py,          the orchestrator (Python backend, decoupled): media,
+           1/package/                         preprocessing, alignment, prompt, generation through
+                                              BLS calls to the graph models; streams text back
+
+Every config comes from the manifest: inputs and outputs with their dtypes, named axes as -1, the
+batch axis (a graph whose inputs and outputs all start with the same profile axis is batched by
+Triton up to the profile's max; the encoders get dynamic batching) and instance groups. The
+repository is written to REPO.partial and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from vsal.runtime.errors import VsalError
+from vsal.runtime.manifest import MANIFEST_NAME, GraphInfo, Manifest, load_manifest
+
+FLAVORS = ("tensorrt", "onnxruntime", "python")
+ORCHESTRATOR = "vsal"  # the model clients call
+ORCHESTRATOR_PACKAGE = "package"  # folder inside the orchestrator's version folder
+ENGINE_DIR = "engines"  # the package's TensorRT engine cache (runtime.tensorrt_engines)
+DTYPES = {  # numpy dtype name -> Triton data type
+    "float32": "TYPE_FP32",
+    "float16": "TYPE_FP16",
+    "float64": "TYPE_FP64",
+    "bfloat16": "TYPE_BF16",
+    "int64": "TYPE_INT64",
+    "int32": "TYPE_INT32",
+    "int16": "TYPE_INT16",
+    "int8": "TYPE_INT8",
+    "uint8": "TYPE_UINT8",
+    "bool": "TYPE_BOOL",
+}
+# The orchestrator's tensors are UTF-8 text or file bytes as UINT8 [-1] (not BYTES: the Python backend
+# stub bundled with Triton 2.51 garbles BYTES inputs under numpy 2; UINT8 works everywhere).
+ORCHESTRATOR_INPUTS = (  # name, optional: media arrive as the files' bytes, with their names
+    ("PROMPT", False),
+    ("VIDEO", True),
+    ("VIDEO_NAME", True),
+    ("AUDIO", True),
+    ("AUDIO_NAME", True),
+    ("OPTIONS", True),  # JSON: DecodingOptions fields
+)
+ORCHESTRATOR_OUTPUTS = ("TEXT", "RESULT")  # a text piece per response; RESULT: the answer as JSON, last
+
+
+class RepositoryError(VsalError, ValueError):
+    """A repository that cannot be written from this package: names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class RepoOptions:
+    flavor: str = "python"
+    precision: str = "fp32"  # which file of each graph (fp32, or the package's fp16/int8 variant)
+    instances: int = 1  # instances per device (per GPU for kind gpu)
+    device: str | None = None  # "gpu" | "cpu"; None: gpu for tensorrt and onnxruntime, cpu for python
+    gpus: tuple[int, ...] = ()  # GPU ids for the instance groups; empty: every GPU
+    max_queue_delay_us: int = 2000  # dynamic batching: how long an encoder request may wait for others
+    orchestrator_instances: int = 1
+    orchestrator_threads: int = 16  # requests one orchestrator instance serves at once
+    link: bool = False  # symlink package files instead of copying them (`vsal serve`'s temporary repository)
+    tensorrt: str | None = None  # tensorrt flavor: the engines' TensorRT version, when the cache has several
+    compute_capability: str | None = None  # ... and GPU compute capability ("9.0")
+
+
+def batch_axis(info: GraphInfo) -> str | None:
+    """The axis Triton may batch on: the first dim of every input and output, a profile axis."""
+    firsts = {t.shape[0] if t.shape else None for t in [*info.inputs, *info.outputs]}
+    if len(firsts) == 1:
+        (axis,) = firsts
+        if isinstance(axis, str) and axis in info.profile:
+            return axis
+    return None
+
+
+def triton_dims(shape: list[int | str], batched: bool) -> list[int]:
+    dims = [d if isinstance(d, int) else -1 for d in shape]
+    return dims[1:] if batched else dims
+
+
+def _tensor(name: str, dtype: str, dims: list[int], optional: bool = False) -> str:
+    if dtype not in DTYPES:
+        raise RepositoryError(f"tensor {name}: dtype {dtype} has no Triton type")
+    text = f'    name: "{name}"\n    data_type: {DTYPES[dtype]}\n    dims: [ {", ".join(map(str, dims))} ]\n'
+    if optional:
+        text += "    optional: true\n"
+    return "  {\n" + text + "  }"
+
+
+def _tensors(kind: str, items: list[str]) -> str:
+    return f"{kind} [\n" + ",\n".join(items) + "\n]\n"
+
+
+def _parameters(params: dict[str, str]) -> str:
+    return "".join(
+        f'parameters {{\n  key: "{k}"\n  value: {{ string_value: {json.dumps(v)} }}\n}}\n'
+        for k, v in params.items()
+    )
+
+
+def _instance_group(kind: str, count: int, gpus: tuple[int, ...]) -> str:
+    gpu_line = f"    gpus: [ {', '.join(map(str, gpus))} ]\n" if kind == "gpu" and gpus else ""
+    return f"instance_group [\n  {{\n    count: {count}\n    kind: KIND_{kind.upper()}\n{gpu_line}  }}\n]\n"
+
+
+def graph_config(name: str, info: GraphInfo, options: RepoOptions, file: str, built_for: str = "") -> str:
+    """config.pbtxt of one graph model."""
+    axis = batch_axis(info)
+    max_batch = info.profile[axis]["max"] if axis else 0
+    platform = {
+        "tensorrt": 'platform: "tensorrt_plan"\n',
+        "onnxruntime": 'platform: "onnxruntime_onnx"\n',
+        "python": 'backend: "python"\n',
+    }[options.flavor]
+    text = f'name: "{name}"\n{platform}max_batch_size: {max_batch}\n'
+    if options.flavor == "tensorrt":
+        text = f"# engine built for {built_for}: Triton's TensorRT must be the same version\n" + text
+    if options.flavor != "python":
+        text += f'default_model_filename: "{file}"\n'
+    text += _tensors(
+        "input", [_tensor(t.name, t.dtype, triton_dims(t.shape, bool(axis))) for t in info.inputs]
+    )
+    text += _tensors(
+        "output", [_tensor(t.name, t.dtype, triton_dims(t.shape, bool(axis))) for t in info.outputs]
+    )
+    if axis and name.endswith("_encoder"):  # prompt-independent, one request per clip: batch them
+        text += f"dynamic_batching {{\n  max_queue_delay_microseconds: {options.max_queue_delay_us}\n}}\n"
+    device = options.device or ("cpu" if options.flavor == "python" else "gpu")
+    text += _instance_group(device, options.instances, options.gpus)
+    if options.flavor == "python":
+        text += _parameters(
+            {
+                "graph_file": file,
+                "graph_info": json.dumps(_graph_info_dict(info)),
+                "device": device,
+            }
+        )
+    return text
+
+
+def _graph_info_dict(info: GraphInfo) -> dict:
+    return {
+        "inputs": [t.__dict__ for t in info.inputs],
+        "outputs": [t.__dict__ for t in info.outputs],
+        "profile": info.profile,
+        "axis_multiples": info.axis_multiples,
+        "batch_axis": batch_axis(info),
+    }
+
+
+def orchestrator_config(manifest: Manifest, options: RepoOptions) -> str:
+    text = f'name: "{ORCHESTRATOR}"\nbackend: "python"\nmax_batch_size: 0\n'
+    text += "model_transaction_policy {\n  decoupled: true\n}\n"
+    text += _tensors("input", [_tensor(n, "uint8", [-1], opt) for n, opt in ORCHESTRATOR_INPUTS])
+    text += _tensors("output", [_tensor(n, "uint8", [-1]) for n in ORCHESTRATOR_OUTPUTS])
+    text += _instance_group("cpu", options.orchestrator_instances, ())
+    text += _parameters(
+        {
+            "package": ORCHESTRATOR_PACKAGE,
+            "graph_models": json.dumps({g: g for g in manifest.graphs}),
+            "threads": str(options.orchestrator_threads),
+            "precision": options.precision,
+        }
+    )
+    return text
+
+
+def _engine_file(name: str, info: GraphInfo, options: RepoOptions, package: Path) -> tuple[str, str]:
+    """(engine file, what it was built for) from the package's engine cache (`<package>/engines/`,
+    written by `vsal-export build --backend tensorrt` or the runtime's TensorRT backend)."""
+    file, precision = info.file_for(options.precision)
+    sha = info.variants[precision].sha256 if precision in info.variants else info.sha256
+    found = []
+    for sidecar in sorted((package / ENGINE_DIR).glob(f"{name}.{precision}.*.json")):
+        try:
+            key = json.loads(sidecar.read_text())["key"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if key.get("onnx_sha256") != sha or not sidecar.with_suffix(".engine").is_file():
+            continue  # built from another version of the graph
+        if options.tensorrt and key.get("tensorrt") != options.tensorrt:
+            continue
+        if options.compute_capability and key.get("compute_capability") != options.compute_capability:
+            continue
+        target = f"TensorRT {key.get('tensorrt')}, compute capability {key.get('compute_capability')}"
+        found.append((f"{ENGINE_DIR}/{sidecar.with_suffix('.engine').name}", target))
+    if not found:
+        raise RepositoryError(
+            f"{package / ENGINE_DIR}: no {precision} TensorRT engine of graph {name} (from {file}); build "
+            "engines on the GPU target, inside the Triton container that will serve them "
+            "(`vsal-export build --backend tensorrt`), or use --flavor onnxruntime"
+        )
+    if len(found) > 1:
+        targets = "; ".join(t for _, t in found)
+        raise RepositoryError(
+            f"{package / ENGINE_DIR}: several engines of graph {name} ({targets}): choose one with "
+            "--tensorrt-version and --compute-capability"
+        )
+    return found[0]
+
+
+def _graph_files(name: str, info: GraphInfo, options: RepoOptions, package: Path) -> list[str]:
+    """Package files the graph model needs, the model file first."""
+    if options.flavor == "tensorrt":
+        return [_engine_file(name, info, options, package)[0]]
+    file, precision = info.file_for(options.precision)
+    extra = info.variants[precision].external_data if precision in info.variants else info.external_data
+    return [file, *sorted(extra)]
+
+
+def _place(src: Path, dst: Path, link: bool) -> None:
+    if not src.is_file():
+        raise RepositoryError(f"{src}: missing (the package is incomplete)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if link:
+        os.symlink(src.resolve(), dst)
+    else:
+        shutil.copy2(src, dst)
+
+
+def _template(name: str) -> str:
+    return resources.files("vsal.runtime.triton_models").joinpath(name).read_text()
+
+
+def write_repository(
+    package: str | os.PathLike,
+    output: str | os.PathLike,
+    options: RepoOptions = RepoOptions(),
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write the Triton model repository for a package; returns its folder."""
+    if options.flavor not in FLAVORS:
+        raise RepositoryError(f"unknown flavor {options.flavor!r}; choose one of {', '.join(FLAVORS)}")
+    if options.precision not in ("fp32", "fp16", "int8"):
+        raise RepositoryError(f"unknown precision {options.precision!r}; choose fp32, fp16 or int8")
+    if options.instances < 1 or options.orchestrator_instances < 1 or options.orchestrator_threads < 1:
+        raise RepositoryError("instance and thread counts must be >= 1")
+    package, output = Path(package), Path(output)
+    manifest = load_manifest(package)
+    if output.exists() and not overwrite:
+        raise RepositoryError(f"{output}: already exists (give --overwrite to replace it)")
+    partial = output.with_name(output.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    try:
+        partial.mkdir(parents=True)
+        for name, info in manifest.graphs.items():
+            files = _graph_files(name, info, options, package)
+            model_file = "model.plan" if options.flavor == "tensorrt" else Path(files[0]).name
+            version = partial / name / "1"
+            _place(package / files[0], version / model_file, options.link)
+            for extra in files[1:]:  # external weights, under the names the graph refers to
+                _place(package / extra, version / Path(extra).name, options.link)
+            if options.flavor == "python":
+                (version / "model.py").write_text(_template("onnx_graph.py"))
+            built_for = _engine_file(name, info, options, package)[1] if options.flavor == "tensorrt" else ""
+            config = graph_config(name, info, options, model_file, built_for)
+            (partial / name / "config.pbtxt").write_text(config)
+        version = partial / ORCHESTRATOR / "1"
+        (version / ORCHESTRATOR_PACKAGE).mkdir(parents=True)
+        for info in (manifest.embeddings, manifest.llm_tokenizer, manifest.instruction_tokenizer):
+            _place(package / info.file, version / ORCHESTRATOR_PACKAGE / info.file, options.link)
+        shutil.copy2(package / MANIFEST_NAME, version / ORCHESTRATOR_PACKAGE / MANIFEST_NAME)
+        (version / "model.py").write_text(_template("orchestrator.py"))
+        (partial / ORCHESTRATOR / "config.pbtxt").write_text(orchestrator_config(manifest, options))
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if output.exists():
+        shutil.rmtree(output)
+    os.replace(partial, output)
+    return output
+
+
+def is_repository(folder: str | os.PathLike) -> bool:
+    """A folder written by write_repository (it holds the orchestrator model)."""
+    return (Path(folder) / ORCHESTRATOR / "config.pbtxt").is_file()
