@@ -113,30 +113,36 @@ class ReferencePipeline:
         return torch.from_numpy(ids), torch.from_numpy(mask)
 
     # --- encoders -> LLM tokens ------------------------------------------------------------------
+    def _here(self, x: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the model's device, floats in its dtype (a model moved to a GPU in fp16
+        is the PyTorch fp16 eager baseline of scripts/gpu_check.py)."""
+        weight = next(self.model.parameters())
+        return x.to(weight.device, weight.dtype if x.is_floating_point() else x.dtype)
+
     @torch.no_grad()
     def av_tokens(self, inputs: MediaInputs, prompt: str) -> torch.Tensor:
         """[1, 3S, llm hidden]: the clip as the LLM reads it."""
         m = self.model
         video_tokens = audio_tokens = None
         if inputs.pixel_values is not None:
-            ids, mask = self.instruction(prompt)
-            frame_tokens = m.frame_qformer(m.vision_encoder(inputs.pixel_values), ids, mask)
+            ids, mask = (self._here(t) for t in self.instruction(prompt))
+            frame_tokens = m.frame_qformer(m.vision_encoder(self._here(inputs.pixel_values)), ids, mask)
             video_tokens = frame_tokens.reshape(1, -1, frame_tokens.shape[-1])
         if inputs.input_features is not None:
-            speech = m.whisper_encoder(inputs.input_features)
-            sound = m.beats_encoder(inputs.fbank)
+            speech = m.whisper_encoder(self._here(inputs.input_features))
+            sound = m.beats_encoder(self._here(inputs.fbank))
             audio_tokens = torch.cat([speech, sound], dim=-1)
         av_features, slot_mask = align_streams(video_tokens, audio_tokens, self.config)
         return m.mrc_qformer(av_features, slot_mask)
 
     def text_ids(self, text: str) -> torch.Tensor:
-        return torch.tensor([self.llama_tokenizer.encode(text)], dtype=torch.long)
+        return self._here(torch.tensor([self.llama_tokenizer.encode(text)], dtype=torch.long))
 
     @torch.no_grad()
     def inputs_embeds(self, av_tokens: torch.Tensor, prompt: str) -> torch.Tensor:
         """[bos] + "USER: <Img>" + av tokens + "</Img> {prompt}\\nASSISTANT:", embedded."""
         embed = self.model.llm.embed
-        bos = torch.tensor([[self.config.llm.bos_token_id]])
+        bos = self._here(torch.tensor([[self.config.llm.bos_token_id]]))
         return torch.cat(
             [
                 embed(bos),
@@ -160,7 +166,7 @@ class ReferencePipeline:
     def _generate(self, inputs_embeds: torch.Tensor, options: DecodingOptions) -> torch.Tensor:
         return self.model.llm.model.generate(
             inputs_embeds=inputs_embeds,
-            attention_mask=torch.ones(inputs_embeds.shape[:2], dtype=torch.long),
+            attention_mask=torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device),
             max_new_tokens=options.max_new_tokens,
             min_length=options.min_length,
             do_sample=False,
