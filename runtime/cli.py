@@ -188,11 +188,18 @@ def run(
     show_default=True,
     help="Graph models of the temporary repository (the bundled Triton has only the Python backend).",
 )
-def serve(model_dir, port, flavor) -> None:
+@click.option(
+    "--max-queue-delay-us",
+    default=2000,
+    show_default=True,
+    help="How long an encoder request may wait to be batched with others.",
+)
+def serve(model_dir, port, flavor, max_queue_delay_us) -> None:
     from vsal.runtime.serve import Server, serve_forever
     from vsal.runtime.triton_repo import RepoOptions
 
-    server = Server(model_dir, port=port, options=RepoOptions(flavor=flavor, link=True))
+    options = RepoOptions(flavor=flavor, link=True, max_queue_delay_us=max_queue_delay_us)
+    server = Server(model_dir, port=port, options=options)
     sys.exit(serve_forever(server))
 
 
