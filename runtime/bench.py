@@ -16,7 +16,7 @@ per-clip encoder cache is cleared before every run. For each stage: median, min 
   as a fraction of its roofline (bandwidth / bytes read per token: decoder weights at the precision
   that ran + the KV cache at the mean context length), the encoders and the prefill as a fraction of
   the GEMM rate (FLOPs counted from the config: every matmul and convolution, attention included).
-* Peak memory: the process's RSS high-water mark (getrusage), the runtime's before the reference
+* Peak memory: the process's RSS high-water mark (VmHWM), the runtime's before the reference
   starts and the reference child's own.
 """
 
@@ -60,8 +60,16 @@ def say(message: str) -> None:
 
 
 def peak_rss_bytes() -> int:
-    """This process's RSS high-water mark (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """This process's RSS high-water mark. Linux: VmHWM, which starts afresh at exec (getrusage's
+    ru_maxrss does not: a child started by this process would report at least this one's peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return peak if sys.platform == "darwin" else peak * 1024
 
 
