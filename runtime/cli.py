@@ -100,6 +100,14 @@ def _generation_options(fn):
                 help="ONNX Runtime execution provider (default: the best this machine has).",
             ),
             click.option(
+                "--backend",
+                "engine",
+                type=click.Choice(["onnxruntime", "tensorrt"]),
+                default="onnxruntime",
+                show_default=True,
+                help="tensorrt: native TensorRT engines, built into MODEL_DIR/engines on first use.",
+            ),
+            click.option(
                 "--precision",
                 type=click.Choice(["fp32", "fp16", "int8"]),
                 default=None,
@@ -135,6 +143,7 @@ def run(
     top_k,
     seed,
     provider,
+    engine,
     precision,
     as_json,
 ) -> None:
@@ -148,12 +157,16 @@ def run(
     if server is not None:
         from vsal.runtime.client import Client
 
-        if provider or precision:
-            raise click.UsageError("--provider and --precision are the server's choice: leave them out")
+        if provider or precision or engine != "onnxruntime":
+            raise click.UsageError(
+                "--provider, --backend and --precision are the server's choice: leave them out"
+            )
 
         pipeline = Client(server)  # the same ask() as the pipeline's
     else:
-        pipeline = Pipeline.load(model_dir, provider=provider, verbose=not as_json, precision=precision)
+        pipeline = Pipeline.load(
+            model_dir, provider=provider, verbose=not as_json, precision=precision, engine=engine
+        )
     if as_json:
         answer = pipeline.ask(prompt, video=video, audio=audio, options=options)
         click.echo(
@@ -220,6 +233,7 @@ def chat(
     top_k,
     seed,
     provider,
+    engine,
     precision,
 ) -> None:
     from vsal.runtime.errors import VsalError
@@ -228,7 +242,7 @@ def chat(
     if video is None and audio is None:
         raise click.UsageError("give --video, --audio or both")
     options = _decoding_options(max_new_tokens, beams, sample, temperature, top_p, top_k, seed)
-    pipeline = Pipeline.load(model_dir, provider=provider, precision=precision)
+    pipeline = Pipeline.load(model_dir, provider=provider, precision=precision, engine=engine)
     pipeline.encode_media(video, audio)  # decode and encode once, up front
     click.echo("Ask about the clip (an empty line or Ctrl-D ends).", err=True)
     while True:

@@ -6,8 +6,11 @@ SmolLM2 has the shape of the `small` preset's LLM (30 layers, 576 wide, 9 heads,
 and ties its LM head to the embedding table. Prints export time, graph size, peak RSS, per-prompt
 token equality, the largest logit difference and tokens/s for ONNX Runtime and PyTorch.
 
-  python scripts/check_smollm2_onnx.py [--tokens 32] [--keep DIR]
+  python scripts/check_smollm2_onnx.py [--tokens 32] [--keep DIR] [--int8]
 Exit status 1 when any prompt's tokens differ or the graph misses the spec's tolerance.
+--int8 also builds the int8 weight-only decoder (what `vsal-export build --precision int8` makes of
+an llm_decoder graph) and reports, per prompt, how many greedy tokens equal the fp32 graph's and
+where they first differ (reported, not failed on: int8 may legitimately pick another near-tie).
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class Report:
     validation_ok: bool
     prompts: list[PromptResult] = field(default_factory=list)
     peak_rss_mib: float = 0.0
+    int8: list[dict] = field(default_factory=list)  # per prompt: int8 weight-only vs fp32 ONNX tokens
 
     @property
     def ok(self) -> bool:
@@ -98,7 +102,9 @@ def greedy_onnx(session, names, table: np.ndarray, ids: list[int], steps: int, e
     return tokens, logits_per_step
 
 
-def run_check(work: Path, new_tokens: int = 32, prompts: tuple[str, ...] = PROMPTS) -> Report:
+def run_check(
+    work: Path, new_tokens: int = 32, prompts: tuple[str, ...] = PROMPTS, int8: bool = False
+) -> Report:
     import onnxruntime as ort
     from vsal.export.llm_graph import (
         LlmDecoderGraph,
@@ -148,6 +154,14 @@ def run_check(work: Path, new_tokens: int = 32, prompts: tuple[str, ...] = PROMP
         validation_ok &= all(e <= lim for e, lim in zip(errors, limits, strict=True))
 
     report = Report(export_seconds, graph_bytes, validation, validation_ok)
+    int8_session = None
+    if int8:
+        from vsal.calib.quantize import quantize_weights_int8
+
+        quantize_weights_int8(path, work / "llm_decoder.int8.onnx")
+        int8_session = ort.InferenceSession(
+            str(work / "llm_decoder.int8.onnx"), options, providers=["CPUExecutionProvider"]
+        )
     table = table_param.detach().numpy()
     names = (past_names(config.num_hidden_layers), present_names(config.num_hidden_layers))
     names += (config.num_key_value_heads, config.head_dim)
@@ -177,6 +191,23 @@ def run_check(work: Path, new_tokens: int = 32, prompts: tuple[str, ...] = PROMP
         report.prompts.append(
             PromptResult(prompt, onnx_tokens, torch_tokens, diff, onnx_seconds, torch_seconds)
         )
+        if int8_session is not None:
+            start = time.perf_counter()
+            int8_tokens, _ = greedy_onnx(int8_session, names, table, ids, new_tokens, eos)
+            int8_seconds = time.perf_counter() - start
+            pairs = list(zip(onnx_tokens, int8_tokens, strict=False))
+            first = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
+            report.int8.append(
+                {
+                    "prompt": prompt,
+                    "equal_positions": sum(a == b for a, b in pairs),
+                    "compared": len(pairs),
+                    "first_difference": first,
+                    "int8_tokens_per_s": len(int8_tokens) / int8_seconds,
+                    "fp32_tokens_per_s": len(onnx_tokens) / onnx_seconds,
+                    "int8_text": tokenizer.decode(int8_tokens),
+                }
+            )
         print(f"  {prompt!r}: {tokenizer.decode(onnx_tokens)!r}", flush=True)
     report.peak_rss_mib = _peak_rss_mib()
     return report
@@ -186,13 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per prompt (default 32)")
     parser.add_argument("--keep", type=Path, help="write the graph here instead of a temporary folder")
+    parser.add_argument("--int8", action="store_true", help="also check the int8 weight-only decoder")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        report = run_check(work, args.tokens)
+        report = run_check(work, args.tokens, int8=args.int8)
     total = time.perf_counter() - start
 
     print(f"export: {report.export_seconds:.1f} s, graph {report.graph_bytes / 2**20:.1f} MiB")
@@ -205,6 +237,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{p.prompt!r}: tokens equal {p.equal} ({len(p.onnx_tokens)} vs {len(p.torch_tokens)}), "
             f"max logit diff {p.max_logit_diff:.2e}, "
             f"{onnx_rate:.1f} tok/s ONNX Runtime vs {torch_rate:.1f} tok/s PyTorch"
+        )
+    for r in report.int8:
+        print(
+            f"int8 weight-only {r['prompt']!r}: {r['equal_positions']}/{r['compared']} greedy tokens equal "
+            f"to fp32 (first difference at {r['first_difference']}), {r['int8_tokens_per_s']:.1f} tok/s vs "
+            f"{r['fp32_tokens_per_s']:.1f}: {r['int8_text']!r}"
         )
     print(f"peak RSS {report.peak_rss_mib:.0f} MiB, total {total:.1f} s")
     print("OK" if report.ok else "MISMATCH")

@@ -136,3 +136,16 @@ def test_engines_match_onnxruntime(tiny_package, clip_10s, precision, tmp_path):
     reference = cpu.encode_media(clip_10s, None)[0]
     assert np.allclose(features.image_embeds, reference.image_embeds, atol=1e-3)
     assert any(p.suffix == ".engine" for p in (package / te.ENGINE_DIR).iterdir())
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed here")
+def test_cli_without_tensorrt_is_one_line(tiny_package, clip_10s):
+    from tests.test_cli import _run
+
+    run = _run(
+        "vsal", "run", str(tiny_package), "--backend", "tensorrt", "--video", str(clip_10s), "--prompt", "hi"
+    )
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert "vsal: error: TensorRT is not installed here" in run.stderr
+    build = _run("vsal-export", "build", str(tiny_package), "--precision", "fp16", "--backend", "tensorrt")
+    assert build.returncode == 2 and "--backend tensorrt: TensorRT is not installed here" in build.stderr

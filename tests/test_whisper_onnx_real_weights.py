@@ -14,7 +14,13 @@ from vsal.export.models.video_salmonn import build_part
 from vsal.export.onnx_export import _session, export_graph, validate_graph
 from vsal.export.specs import encoder_specs
 
-from tests.test_real_weights import SPOKEN, _espeak_16k
+from tests.test_real_weights import KEY_WORDS, SPOKEN, _espeak_16k
+
+CALIBRATION_SENTENCES = (
+    "The weather today is cold and windy, so bring a warm coat.",
+    "Please open the window and let some fresh air into the room.",
+    "Seven hundred people came to the concert in the park last night.",
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +44,10 @@ def _tiny_en_config(tiny_config, hf):
     return dataclasses.replace(tiny_config, whisper=whisper, frame_qformer=fq, mrc_qformer=mrc)
 
 
-def test_onnx_encoder_transcribes_like_pytorch(whisper, tiny_config, tmp_path):
-    from transformers import WhisperFeatureExtractor
-    from transformers.modeling_outputs import BaseModelOutput
-
-    model, tokenizer = whisper
+@pytest.fixture(scope="module")
+def exported(whisper, tiny_config, tmp_path_factory):
+    """Whisper tiny.en's encoder as a whisper_encoder graph: (config, PyTorch part, ONNX path)."""
+    model, _ = whisper
     config = _tiny_en_config(tiny_config, model.config)
     part = build_part(config, "whisper_encoder")
     part.encoder.load_state_dict(model.model.encoder.state_dict())
@@ -50,24 +55,64 @@ def test_onnx_encoder_transcribes_like_pytorch(whisper, tiny_config, tmp_path):
         part.speech_pre_qformer_proj.weight.copy_(torch.eye(config.whisper.d_model))
         part.speech_pre_qformer_proj.bias.zero_()
     spec = encoder_specs(config)["whisper_encoder"]
-    path = export_graph(spec, part, tmp_path / "whisper_encoder.onnx")[0]
+    path = export_graph(spec, part, tmp_path_factory.mktemp("whisper") / "whisper_encoder.onnx")[0]
+    return config, part, spec, path
+
+
+def _features(text: str, tmp_path) -> np.ndarray:
+    from transformers import WhisperFeatureExtractor
+
+    audio = _espeak_16k(text, tmp_path)
+    features = WhisperFeatureExtractor(feature_size=80)(audio, sampling_rate=16000, return_tensors="np")
+    return features.input_features
+
+
+def _transcribe(model, tokenizer, states: np.ndarray) -> tuple[list[int], str]:
+    from transformers.modeling_outputs import BaseModelOutput
+
+    with torch.inference_mode():
+        ids = model.generate(
+            encoder_outputs=BaseModelOutput(last_hidden_state=torch.from_numpy(states)), do_sample=False
+        )
+    return ids[0].tolist(), tokenizer.decode(ids[0], skip_special_tokens=True).strip()
+
+
+def test_onnx_encoder_transcribes_like_pytorch(whisper, exported, tmp_path):
+    model, tokenizer = whisper
+    config, part, spec, path = exported
     validation = validate_graph(spec, part, path)  # B = 1 and 3 against PyTorch
     assert validation.worst() < 1e-3
 
-    audio = _espeak_16k(SPOKEN, tmp_path)
-    features = WhisperFeatureExtractor(feature_size=80)(audio, sampling_rate=16000, return_tensors="np")
-    onnx_states = _session(path).run(["speech_tokens"], {"input_features": features.input_features})[0]
+    features = _features(SPOKEN, tmp_path)
+    onnx_states = _session(path).run(["speech_tokens"], {"input_features": features})[0]
     with torch.inference_mode():
-        torch_ids = model.generate(torch.from_numpy(features.input_features), do_sample=False)
-        onnx_ids = model.generate(
-            encoder_outputs=BaseModelOutput(last_hidden_state=torch.from_numpy(onnx_states)), do_sample=False
-        )
+        torch_ids = model.generate(torch.from_numpy(features), do_sample=False)
+    onnx_ids, onnx_text = _transcribe(model, tokenizer, onnx_states)
     torch_text = tokenizer.decode(torch_ids[0], skip_special_tokens=True).strip()
-    onnx_text = tokenizer.decode(onnx_ids[0], skip_special_tokens=True).strip()
-    assert onnx_ids.tolist() == torch_ids.tolist(), (onnx_text, torch_text)
+    assert onnx_ids == torch_ids[0].tolist(), (onnx_text, torch_text)
     assert "football" in onnx_text.lower()
     np.testing.assert_allclose(
         onnx_states,
-        model.model.encoder(torch.from_numpy(features.input_features)).last_hidden_state.detach(),
+        model.model.encoder(torch.from_numpy(features)).last_hidden_state.detach(),
         atol=1e-3,
     )
+
+
+def test_int8_encoder_still_transcribes(whisper, exported, tmp_path):
+    """The int8 build of a real Whisper encoder (calibrated on other sentences) keeps the transcript."""
+    from vsal.calib.quantize import quantize_int8
+    from vsal.export.accuracy import accuracy
+
+    model, tokenizer = whisper
+    _, _, _, path = exported
+    calibration = [{"input_features": _features(t, tmp_path)} for t in CALIBRATION_SENTENCES]
+    int8 = tmp_path / "whisper_encoder.int8.onnx"
+    quantize_int8(path, int8, calibration)
+    held_out = {"input_features": _features(SPOKEN, tmp_path)}
+    fp32_ids, fp32_text = _transcribe(model, tokenizer, _session(path).run(["speech_tokens"], held_out)[0])
+    int8_ids, int8_text = _transcribe(model, tokenizer, _session(int8).run(["speech_tokens"], held_out)[0])
+    cosine = accuracy(path, int8, [held_out])["speech_tokens"]["cosine"]
+    print(f"int8 Whisper tiny.en: cosine {cosine:.5f}; fp32 {fp32_text!r}; int8 {int8_text!r}")
+    assert cosine > 0.99
+    assert all(word in int8_text.lower() for word in KEY_WORDS), (int8_text, fp32_text)
+    assert int8_text == fp32_text
