@@ -82,7 +82,7 @@ class TensorRTBackend:
             host = np.empty(shape, self._dtypes[name])
             self.context.set_tensor_address(name, self._buffer(name, max(host.nbytes, 1)))
             results[name] = host
-        if not self.context.execute_async_v3(self.stream):
+        if not self.context.execute_async_v3(int(self.stream)):  # TensorRT takes the raw handle
             raise BackendError(f"{self.name}: TensorRT failed to run the engine (see its log above)")
         wanted = outputs or self._outputs
         for name in wanted:
