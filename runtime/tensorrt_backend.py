@@ -107,6 +107,9 @@ class TensorRTBackend:
         for pointer, _ in self._buffers.values():
             self._cudart.cudaFree(pointer)
         self._buffers.clear()
+        if getattr(self, "stream", None) is not None:
+            self._cudart.cudaStreamDestroy(self.stream)
+            self.stream = None
 
     def __del__(self):
         try:
