@@ -323,9 +323,26 @@ def check(model_dir: Path, as_json: bool) -> None:
     "--tensorrt-version", default=None, help="tensorrt: the engines' TensorRT version (if several)."
 )
 @click.option("--compute-capability", default=None, help="tensorrt: the engines' GPU (e.g. 9.0), if several.")
+@click.option(
+    "--decoder",
+    type=click.Choice(["bls", "orchestrator"]),
+    default="bls",
+    show_default=True,
+    help="LLM decoder as its own model (bls: KV cache through host memory) or inside the orchestrator "
+    "(ONNX Runtime with IO binding: the KV cache stays on the GPU; the choice for the 13b).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing repository at --output.")
 def triton(
-    model_dir, output, flavor, precision, instances, gpus, tensorrt_version, compute_capability, overwrite
+    model_dir,
+    output,
+    flavor,
+    precision,
+    instances,
+    gpus,
+    tensorrt_version,
+    compute_capability,
+    decoder,
+    overwrite,
 ) -> None:
     from vsal.runtime.triton_repo import RepoOptions, write_repository
 
@@ -337,6 +354,7 @@ def triton(
         gpus=ids,
         tensorrt=tensorrt_version,
         compute_capability=compute_capability,
+        decoder=decoder,
     )
     repo = write_repository(model_dir, output, options, overwrite=overwrite)
     click.echo(f"wrote a Triton model repository ({flavor}) to {repo}; model 'vsal' takes the requests")

@@ -207,11 +207,18 @@ def run(
     show_default=True,
     help="How long an encoder request may wait to be batched with others.",
 )
-def serve(model_dir, port, flavor, max_queue_delay_us) -> None:
+@click.option(
+    "--decoder",
+    type=click.Choice(["bls", "orchestrator"]),
+    default="bls",
+    show_default=True,
+    help="Run the LLM decoder as its own model (bls) or inside the orchestrator (KV cache on the device).",
+)
+def serve(model_dir, port, flavor, max_queue_delay_us, decoder) -> None:
     from vsal.runtime.serve import Server, serve_forever
     from vsal.runtime.triton_repo import RepoOptions
 
-    options = RepoOptions(flavor=flavor, link=True, max_queue_delay_us=max_queue_delay_us)
+    options = RepoOptions(flavor=flavor, link=True, max_queue_delay_us=max_queue_delay_us, decoder=decoder)
     server = Server(model_dir, port=port, options=options)
     sys.exit(serve_forever(server))
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -71,6 +71,10 @@ class RepoOptions:
     orchestrator_instances: int = 1
     orchestrator_threads: int = 16  # requests one orchestrator instance serves at once
     link: bool = False  # symlink package files instead of copying them (`vsal serve`'s temporary repository)
+    # "bls": the orchestrator calls the llm_decoder model once per token, the KV cache round-tripping
+    # through host memory (fine for small models); "orchestrator": the orchestrator runs the decoder
+    # itself (ONNX Runtime, CUDA when it has it, IO binding: the KV cache stays on the device)
+    decoder: str = "bls"
     tensorrt: str | None = None  # tensorrt flavor: the engines' TensorRT version, when the cache has several
     compute_capability: str | None = None  # ... and GPU compute capability ("9.0")
 
@@ -161,15 +165,19 @@ def _graph_info_dict(info: GraphInfo) -> dict:
 
 
 def orchestrator_config(manifest: Manifest, options: RepoOptions) -> str:
+    local = ["llm_decoder"] if options.decoder == "orchestrator" else []
     text = f'name: "{ORCHESTRATOR}"\nbackend: "python"\nmax_batch_size: 0\n'
     text += "model_transaction_policy {\n  decoupled: true\n}\n"
     text += _tensors("input", [_tensor(n, "uint8", [-1], opt) for n, opt in ORCHESTRATOR_INPUTS])
     text += _tensors("output", [_tensor(n, "uint8", [-1]) for n in ORCHESTRATOR_OUTPUTS])
-    text += _instance_group("cpu", options.orchestrator_instances, ())
+    device = options.device or ("cpu" if options.flavor == "python" else "gpu")
+    kind = "gpu" if local and device == "gpu" else "cpu"  # a local decoder lives on a GPU when there is one
+    text += _instance_group(kind, options.orchestrator_instances, options.gpus if kind == "gpu" else ())
     text += _parameters(
         {
             "package": ORCHESTRATOR_PACKAGE,
-            "graph_models": json.dumps({g: g for g in manifest.graphs}),
+            "graph_models": json.dumps({g: g for g in manifest.graphs if g not in local}),
+            "local_graphs": json.dumps(local),
             "threads": str(options.orchestrator_threads),
             "precision": options.precision,
         }
@@ -246,6 +254,8 @@ def write_repository(
         raise RepositoryError(f"unknown flavor {options.flavor!r}; choose one of {', '.join(FLAVORS)}")
     if options.precision not in ("fp32", "fp16", "int8"):
         raise RepositoryError(f"unknown precision {options.precision!r}; choose fp32, fp16 or int8")
+    if options.decoder not in ("bls", "orchestrator"):
+        raise RepositoryError(f"unknown decoder placement {options.decoder!r}; choose bls or orchestrator")
     if options.instances < 1 or options.orchestrator_instances < 1 or options.orchestrator_threads < 1:
         raise RepositoryError("instance and thread counts must be >= 1")
     package, output = Path(package), Path(output)
@@ -257,7 +267,10 @@ def write_repository(
         shutil.rmtree(partial)
     try:
         partial.mkdir(parents=True)
+        local = ["llm_decoder"] if options.decoder == "orchestrator" else []
         for name, info in manifest.graphs.items():
+            if name in local:
+                continue
             files = _graph_files(name, info, options, package)
             model_file = "model.plan" if options.flavor == "tensorrt" else Path(files[0]).name
             version = partial / name / "1"
@@ -273,6 +286,10 @@ def write_repository(
         (version / ORCHESTRATOR_PACKAGE).mkdir(parents=True)
         for info in (manifest.embeddings, manifest.llm_tokenizer, manifest.instruction_tokenizer):
             _place(package / info.file, version / ORCHESTRATOR_PACKAGE / info.file, options.link)
+        for name in local:  # graphs the orchestrator runs itself, under their package names
+            info = manifest.graphs[name]
+            for file in _graph_files(name, info, replace(options, flavor="onnxruntime"), package):
+                _place(package / file, version / ORCHESTRATOR_PACKAGE / file, options.link)
         shutil.copy2(package / MANIFEST_NAME, version / ORCHESTRATOR_PACKAGE / MANIFEST_NAME)
         (version / "model.py").write_text(_template("orchestrator.py"))
         (partial / ORCHESTRATOR / "config.pbtxt").write_text(orchestrator_config(manifest, options))

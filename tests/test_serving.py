@@ -52,6 +52,18 @@ def fake_engines(package: Path, folder: Path) -> Path:
     return folder
 
 
+def test_decoder_in_the_orchestrator_config(tiny_package, tmp_path):
+    repo = write_repository(
+        tiny_package, tmp_path / "repo", RepoOptions(flavor="onnxruntime", decoder="orchestrator")
+    )
+    assert not (repo / "llm_decoder").exists()
+    orchestrator = parse_config(repo / ORCHESTRATOR / "config.pbtxt")
+    assert json.loads(orchestrator.parameters["local_graphs"].string_value) == ["llm_decoder"]
+    assert orchestrator.instance_group[0].kind == orchestrator.instance_group[0].KIND_GPU
+    info = load_manifest(tiny_package).graphs["llm_decoder"]
+    assert (repo / ORCHESTRATOR / "1" / "package" / info.file).is_file()
+
+
 @pytest.mark.parametrize("flavor", ["python", "onnxruntime", "tensorrt"])
 def test_repository_configs_follow_tritons_schema_and_the_manifest(tiny_package, tmp_path, flavor):
     package = fake_engines(tiny_package, tmp_path / "pkg") if flavor == "tensorrt" else tiny_package
@@ -206,6 +218,38 @@ def test_bad_media_is_one_clear_line_naming_the_clients_file(server, tmp_path):
     assert done.stderr.strip().count("\n") == 0
     with pytest.raises(ServerError, match="the prompt is empty"):
         server["client"].ask("", video=bad, options=GREEDY)
+
+
+def test_beam_search_through_the_server_equals_in_process(server, tiny_package, clip_10s):
+    from vsal.runtime.pipeline import Pipeline
+
+    beams = DecodingOptions(num_beams=3, max_new_tokens=8)
+    answer = server["client"].ask("Describe it.", video=clip_10s, options=beams)
+    local = Pipeline.load(tiny_package, verbose=False).ask("Describe it.", video=clip_10s, options=beams)
+    assert answer.token_ids == local.token_ids and answer.text == local.text
+
+
+def test_decoder_inside_the_orchestrator_gives_the_same_answer(tiny_package, clip_10s):
+    """--decoder orchestrator: the LLM runs in the orchestrator (KV cache kept by ONNX Runtime)."""
+    from vsal.runtime.client import Client
+    from vsal.runtime.pipeline import Pipeline
+    from vsal.runtime.serve import ServeError, Server, free_port
+
+    options = RepoOptions(flavor="python", link=True, decoder="orchestrator")
+    try:
+        server = Server(tiny_package, port=free_port(), options=options, quiet=True).start()
+    except ServeError as exc:
+        if "shared libpython" in str(exc) or "could not download" in str(exc):
+            pytest.skip(f"no Triton server can run here: {exc}")
+        raise
+    try:
+        answer = Client(server.url, timeout_s=120).ask("What happens?", video=clip_10s, options=GREEDY)
+    finally:
+        server.stop()
+    local = Pipeline.load(tiny_package, verbose=False).ask("What happens?", video=clip_10s, options=GREEDY)
+    assert answer.token_ids == local.token_ids
+    assert answer.backends["llm_decoder"].startswith("onnxruntime cpu")
+    assert answer.backends["whisper_encoder"].startswith("triton model")
 
 
 def test_server_stops_cleanly_on_sigint(server):

@@ -91,13 +91,18 @@ class TritonPipeline(Pipeline):
     """The runtime pipeline with every graph behind a BLS call."""
 
     graph_models = {}
+    local_graphs = ()  # graphs run here (ONNX Runtime), not by another model
 
     def backend(self, name):
+        if name in self.local_graphs:
+            return Pipeline.backend(self, name)
         if name not in self._backends:
             self._backends[name] = BlsBackend(name, self.graph_models[name], self.manifest.graphs[name])
         return self._backends[name]
 
     def _step(self):
+        if "llm_decoder" in self.local_graphs:
+            return Pipeline._step(self)  # IO binding: the KV cache stays in ONNX Runtime
         llm = self.llm
         head_dim = llm["hidden_size"] // llm["num_attention_heads"]
         run = self.backend("llm_decoder").run
@@ -121,10 +126,13 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         folder = Path(args["model_repository"]) / args["model_version"] / params["package"]
         TritonPipeline.graph_models = json.loads(params["graph_models"])
+        TritonPipeline.local_graphs = tuple(json.loads(params.get("local_graphs", "[]")))
         precision = params.get("precision") or None
-        # The graph files live in the graph models: only the manifest, tokenizers and embeddings here.
+        provider = None if TritonPipeline.local_graphs else "cpu"  # a local decoder: the best provider here
+        # Here: the manifest, tokenizers, embeddings, local graphs (the others are models of their own);
+        # exact_precision: a local graph runs the file the repository holds, whatever the provider.
         self.pipeline = TritonPipeline.load(
-            folder, provider="cpu", verbose=False, verify=False, precision=precision
+            folder, provider=provider, verbose=False, verify=False, precision=precision, exact_precision=True
         )
         self.pool = ThreadPoolExecutor(int(params.get("threads", "16")), thread_name_prefix="vsal")
         self.workdir = tempfile.mkdtemp(prefix="vsal-triton-")
