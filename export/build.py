@@ -142,6 +142,7 @@ def build(
                 f"end to end: greedy token agreement {report.end_to_end['token_agreement']:.1%} "
                 f"< {thresholds.min_token_agreement:.0%}"
             )
+    _static_check(report, package, names, precision)
     if not engines:
         _tensorrt_note(report)
     write_json_atomic(package / f"build_{precision}.json", report.__dict__)
@@ -297,13 +298,37 @@ def token_agreement(
     }
 
 
+def _static_check(report: BuildReport, package: Path, names, precision: str) -> None:
+    """`vsal-export check` on what this build made: is each graph expected to parse on TensorRT
+    10 and 11 (from NVIDIA's documents; a note, the ONNX Runtime graphs work either way)."""
+    from vsal.export.trt_check import VERSIONS, check_package
+
+    checked = check_package(package)
+    labels = [name if precision == "fp32" else f"{name}.{precision}" for name in names]
+    failing = []
+    for label in labels:
+        graph = checked.graphs.get(label)
+        if graph is None:
+            continue
+        for version in VERSIONS:
+            if not graph.parses(version):
+                failing.append(f"{label} on TensorRT {version}: {graph.errors(version)[0].message}")
+    if failing:
+        report.notes += [f"TensorRT check (documents): NOT expected to parse: {f}" for f in failing]
+    else:
+        report.notes.append(
+            f"TensorRT check (documents): all {len(labels)} {precision} graphs expected to parse on "
+            f"TensorRT {' and '.join(VERSIONS)}"
+        )
+
+
 def _tensorrt_note(report: BuildReport) -> None:
     try:
         import tensorrt  # noqa: F401
     except ImportError:
         report.notes.append(
-            "TensorRT is not installed here: no engines were built. The graphs are ready for TensorRT "
-            "10/11 (`vsal-export check`); engines are built on the GPU target."
+            "TensorRT is not installed here: no engines were built; build them on the GPU target "
+            "(`vsal-export build --backend tensorrt`)"
         )
         return
     report.notes.append("TensorRT is installed: `--backend tensorrt` also builds and checks engines")

@@ -38,6 +38,8 @@ def test_variants_are_recorded_checked_and_accurate(built, precision):
     saved = json.loads((folder / f"build_{precision}.json").read_text())
     assert set(saved["graphs"]) == set(manifest.graphs)
     assert any("TensorRT is not installed" in n for n in report.notes)  # nothing pretends to be an engine
+    assert report.engines == {} and not (folder / "engines").exists()
+    assert f"all 6 {precision} graphs expected to parse on TensorRT 10 and 11" in " ".join(report.notes)
 
 
 def test_int8_shrinks_the_decoder_and_runs_on_cpu(built):
