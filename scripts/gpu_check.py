@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -162,8 +163,40 @@ def build(folder: Path, precision: str, backend: str) -> dict:
     ]
     result = {"graphs": checked, "end_to_end": report.end_to_end, "problems": report.problems}
     if failed:
-        raise AssertionError("; ".join(failed))
+        for name, e in checked.items():
+            if engines and e["cosine"] < PARITY_MIN_COSINE[precision]:
+                result.setdefault("diagnosis", {})[name] = polygraphy_layers(folder, name, precision)
+        raise AssertionError("; ".join(failed) + f"; layer-by-layer comparison: {result.get('diagnosis')}")
     return result
+
+
+def polygraphy_layers(folder: Path, name: str, precision: str) -> str:
+    """Where an engine departs from ONNX Runtime: Polygraphy runs the same graph in both with every
+    tensor marked as an output and compares them layer by layer; returns the log's path."""
+    import shutil
+    import subprocess
+
+    from vsal.runtime.manifest import load_manifest
+    from vsal.runtime.tensorrt_engines import input_profiles
+
+    exe = shutil.which("polygraphy", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    if exe is None:
+        return "polygraphy is not installed (pip install polygraphy)"
+    info = load_manifest(folder).graphs[name]
+    file, _ = info.file_for(precision)
+    profiles = input_profiles(info)
+
+    def shapes(level: int) -> list[str]:
+        return [f"{n}:[{','.join(str(d) for d in p[level])}]" for n, p in profiles.items()]
+
+    log = folder / f"polygraphy-{name}.{precision}.log"
+    command = [exe, "run", str(folder / file), "--trt", "--onnxrt", "--strongly-typed"]
+    for i, level in enumerate(("min", "opt", "max")):
+        command += [f"--trt-{level}-shapes", *shapes(i)]
+    command += ["--input-shapes", *shapes(1), "--trt-outputs", "mark", "all", "--onnx-outputs", "mark", "all"]
+    command += ["--fail-fast", "--log-file", str(log)]
+    subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    return str(log)
 
 
 def clip_feeds(folder: Path, clip: Path) -> dict[str, dict[str, np.ndarray]]:
