@@ -183,14 +183,21 @@ class OnnxRuntimeBackend:
         elif provider == "tensorrt":  # nodes TensorRT does not take fall back to CUDA, then the CPU
             options = tensorrt_ep_options(info, precision, cache_dir or path.parent)
             providers[:0] = [(PROVIDERS["tensorrt"], options), PROVIDERS["cuda"]]
+        source, note = str(path), ""
+        if provider == "cpu" and precision == "int8":  # x86: uint8 activations fuse (runtime.qdq_cpu)
+            from vsal.runtime.qdq_cpu import uint8_activations
+
+            rewritten = uint8_activations(path)
+            if rewritten is not None:
+                source, note = rewritten[0], ", uint8 activations"
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
+            self.session = ort.InferenceSession(source, options, providers=providers)
         except Exception as exc:  # onnxruntime's own exception types
             raise BackendError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from None
         self.name = name
         self.provider = provider
         self.precision = precision
-        self.description = f"onnxruntime {provider} ({self.session.get_providers()[0]}) {precision}"
+        self.description = f"onnxruntime {provider} ({self.session.get_providers()[0]}) {precision}{note}"
         self.checker = FeedChecker(name, info)
         self._outputs = [o.name for o in self.session.get_outputs()]
 
