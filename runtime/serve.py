@@ -192,6 +192,14 @@ class Server:
             print(f"vsal: {message}", file=sys.stderr, flush=True)
 
     def start(self, timeout: float = START_TIMEOUT_S) -> Server:
+        with socket.socket() as probe:  # else the readiness check could find another server there
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((self.host, self.port))
+            except OSError as exc:
+                raise ServeError(
+                    f"{self.url}: the port is taken ({exc.strerror}); choose another --port"
+                ) from None
         install = self.install or find_triton(quiet=self.quiet)
         self.install = install
         env = dict(os.environ)
@@ -216,6 +224,11 @@ class Server:
             repo = self.model_dir
         else:
             options = self.options or RepoOptions(flavor="python", link=True)
+            if install.python_only and options.flavor != "python":
+                raise ServeError(
+                    f"{install.description} has only the Python backend: serve --flavor python, or "
+                    f"install a full Triton (tritonserver on PATH) for --flavor {options.flavor}"
+                )
             repo = write_repository(self.model_dir, self.workdir / "repo", options)
         cmd = [
             str(install.binary),
@@ -239,7 +252,7 @@ class Server:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
-        self._say(f"starting {install.description} with {repo.name if repo != self.model_dir else repo}")
+        self._say(f"starting {install.description}")
         self._wait_ready(timeout)
         self._say(f"serving {self.model_dir} on {self.url} (gRPC; model 'vsal')")
 
@@ -268,8 +281,13 @@ class Server:
             lines = self.log.read_text(errors="replace").splitlines()
         except OSError:
             return "no log"
-        errors = [ln for ln in lines if ln.startswith("E") or "error" in ln.lower()]
-        return " | ".join((errors or lines)[-3:]) or "no log"
+        noise = ("CudaDriverHelper", "pinned memory")  # a CPU machine's harmless complaints
+        errors = [
+            ln.strip()
+            for ln in lines
+            if (ln.startswith("E") or "error" in ln.lower()) and not any(n in ln for n in noise)
+        ]
+        return " | ".join((errors or lines)[-2:]) or "no log"
 
     def stop(self) -> None:
         """Stop the server (SIGINT, then SIGKILL after the exit timeout) and remove the temporary files."""
@@ -317,5 +335,6 @@ def serve_forever(server: Server) -> int:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-        server._say("stopping the server")
+        if server.process is not None:
+            server._say("stopping the server")
         server.stop()
