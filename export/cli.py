@@ -331,6 +331,12 @@ def check(model_dir: Path, as_json: bool) -> None:
     help="LLM decoder as its own model (bls: KV cache through host memory) or inside the orchestrator "
     "(ONNX Runtime with IO binding: the KV cache stays on the GPU; the choice for the 13b).",
 )
+@click.option(
+    "--orchestrator-instances",
+    default=1,
+    show_default=True,
+    help="Processes of the orchestrator (media decoding and preprocessing are Python: one core each).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing repository at --output.")
 def triton(
     model_dir,
@@ -342,6 +348,7 @@ def triton(
     tensorrt_version,
     compute_capability,
     decoder,
+    orchestrator_instances,
     overwrite,
 ) -> None:
     from vsal.runtime.triton_repo import RepoOptions, write_repository
@@ -355,6 +362,7 @@ def triton(
         tensorrt=tensorrt_version,
         compute_capability=compute_capability,
         decoder=decoder,
+        orchestrator_instances=orchestrator_instances,
     )
     repo = write_repository(model_dir, output, options, overwrite=overwrite)
     click.echo(f"wrote a Triton model repository ({flavor}) to {repo}; model 'vsal' takes the requests")

@@ -84,7 +84,16 @@ class Client:
         client = grpcclient.InferenceServerClient(self.url)
         try:
             client.start_stream(callback=lambda result, error: events.put((result, error)))
-            client.async_stream_infer(self.model, inputs, outputs=outputs, enable_empty_final_response=True)
+            try:
+                client.async_stream_infer(
+                    self.model, inputs, outputs=outputs, enable_empty_final_response=True
+                )
+            except Exception as exc:  # the stream failed before the request went out
+                try:
+                    _, error = events.get(timeout=5)  # its reason, when the callback has it
+                except queue.Empty:
+                    error = exc
+                raise _error(self.url, error) from None
             while True:
                 try:
                     result, error = events.get(timeout=self.timeout_s)
@@ -102,8 +111,11 @@ class Client:
                 if final is not None and final.bool_param:
                     return
         finally:
-            client.stop_stream(cancel_requests=True)
-            client.close()
+            try:
+                client.stop_stream(cancel_requests=True)
+                client.close()
+            except Exception:  # a stream that already failed: its error was raised above
+                pass
 
     def stream(
         self, prompt: str, video=None, audio=None, options: DecodingOptions | None = None
