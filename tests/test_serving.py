@@ -118,6 +118,17 @@ def test_repository_errors_are_one_line_and_leave_nothing_behind(tiny_package, t
     assert done.stderr.startswith("vsal-export: error: ") and "already exists" in done.stderr
 
 
+def test_client_without_a_server_is_one_clear_error(clip_10s):
+    from vsal.runtime.client import Client, ConnectionFailed
+    from vsal.runtime.serve import free_port
+
+    client = Client(f"127.0.0.1:{free_port()}", timeout_s=30)
+    with pytest.raises(ConnectionFailed, match="cannot reach the server"):
+        client.ask("What happens?", video=clip_10s, options=GREEDY)
+    with pytest.raises(ValueError, match="no such file"):  # checked before anything is sent
+        client.ask("What happens?", video=clip_10s.with_name("missing.mp4"), options=GREEDY)
+
+
 # --- a real server on loopback --------------------------------------------------------------------
 
 
