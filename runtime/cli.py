@@ -214,11 +214,20 @@ def run(
     show_default=True,
     help="Run the LLM decoder as its own model (bls) or inside the orchestrator (KV cache on the device).",
 )
-def serve(model_dir, port, flavor, max_queue_delay_us, decoder) -> None:
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16", "int8"]),
+    default="fp32",
+    show_default=True,
+    help="Which file of each graph (the package's fp16/int8 variants where built).",
+)
+def serve(model_dir, port, flavor, max_queue_delay_us, decoder, precision) -> None:
     from vsal.runtime.serve import Server, serve_forever
     from vsal.runtime.triton_repo import RepoOptions
 
-    options = RepoOptions(flavor=flavor, link=True, max_queue_delay_us=max_queue_delay_us, decoder=decoder)
+    options = RepoOptions(
+        flavor=flavor, link=True, max_queue_delay_us=max_queue_delay_us, decoder=decoder, precision=precision
+    )
     server = Server(model_dir, port=port, options=options)
     sys.exit(serve_forever(server))
 
