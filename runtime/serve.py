@@ -211,6 +211,8 @@ class Server:
             old = env.get("LD_LIBRARY_PATH")
             env["LD_LIBRARY_PATH"] = os.pathsep.join([*map(str, lib_dirs), *([old] if old else [])])
         self.workdir = Path(tempfile.mkdtemp(prefix="vsal-serve-"))
+        (self.workdir / "tmp").mkdir()
+        env["TMPDIR"] = str(self.workdir / "tmp")  # the models' temporary files go with the server's
         try:
             self._launch(install, env, timeout)
         except BaseException:

@@ -206,5 +206,5 @@ class TritonPythonModel:
             shutil.rmtree(folder, ignore_errors=True)
 
     def finalize(self):
-        self.pool.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(self.workdir, ignore_errors=True)
+        self.pool.shutdown(wait=False, cancel_futures=True)
