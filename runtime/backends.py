@@ -175,6 +175,9 @@ class OnnxRuntimeBackend:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # The pipeline runs several sessions in turn: a session's intra-op threads that keep spinning
+        # after its run take the cores from the next one (docs/performance.md).
+        options.add_session_config_entry("session.force_spinning_stop", "1")
         if threads:
             options.intra_op_num_threads = threads
         providers: list = [PROVIDERS["cpu"]]
