@@ -11,7 +11,7 @@ quantized MatMuls fused with int8 activations, 52 of 52 with uint8, 1.9x faster,
 Re-encoding is exact: q_int8 = clip(round(x / s), -128, 127) with zero point 0 and
 q_uint8 = clip(round(x / s) + 128, 0, 255) with zero point 128 dequantize to the same values. Only
 activation Q/DQ pairs change (weights stay int8, as the u8s8 kernels want). Needs the `onnx`
-package (the export extra) and a graph under protobuf's 2 GiB; without either the graph runs as it
+package (a core dependency) and a graph under protobuf's 2 GiB; without either the graph runs as it
 is. On ARM ONNX Runtime fuses int8 activations itself, so nothing is done there.
 """
 
