@@ -184,8 +184,8 @@ class OnnxRuntimeBackend:
         if provider == "cuda":
             providers.insert(0, PROVIDERS["cuda"])
         elif provider == "tensorrt":  # nodes TensorRT does not take fall back to CUDA, then the CPU
-            options = tensorrt_ep_options(info, precision, cache_dir or path.parent)
-            providers[:0] = [(PROVIDERS["tensorrt"], options), PROVIDERS["cuda"]]
+            trt_options = tensorrt_ep_options(info, precision, cache_dir or path.parent)
+            providers[:0] = [(PROVIDERS["tensorrt"], trt_options), PROVIDERS["cuda"]]
         source, note = str(path), ""
         if provider == "cpu" and precision == "int8":  # x86: uint8 activations fuse (runtime.qdq_cpu)
             from vsal.runtime.qdq_cpu import uint8_activations

@@ -149,3 +149,33 @@ def test_cli_without_tensorrt_is_one_line(tiny_package, clip_10s):
     assert "vsal: error: TensorRT is not installed here" in run.stderr
     build = _run("vsal-export", "build", str(tiny_package), "--precision", "fp16", "--backend", "tensorrt")
     assert build.returncode == 2 and "--backend tensorrt: TensorRT is not installed here" in build.stderr
+
+
+def test_ort_tensorrt_provider_session_arguments(manifest, tiny_package, monkeypatch):
+    """With provider tensorrt, the session gets ONNX Runtime's SessionOptions and the TensorRT EP
+    (with its options) before CUDA and the CPU (checked on a stand-in session: no GPU here)."""
+    import onnxruntime as ort
+    from vsal.runtime.backends import OnnxRuntimeBackend
+
+    seen = {}
+
+    class Session:
+        def __init__(self, source, options, providers):
+            seen.update(source=source, options=options, providers=providers)
+
+        def get_providers(self):
+            return ["TensorrtExecutionProvider"]
+
+        def get_outputs(self):
+            return []
+
+    monkeypatch.setattr(ort, "InferenceSession", Session)
+    info = manifest.graphs["vision_encoder"]
+    backend = OnnxRuntimeBackend(
+        "vision_encoder", tiny_package / info.file, info, "tensorrt", precision="fp32", cache_dir=tiny_package
+    )
+    assert isinstance(seen["options"], ort.SessionOptions)
+    (name, options), cuda, cpu = seen["providers"]
+    assert (name, cuda, cpu) == ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+    assert options["trt_engine_cache_path"] == str(tiny_package / "ort-tensorrt")
+    assert "TensorrtExecutionProvider" in backend.description
