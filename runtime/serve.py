@@ -337,6 +337,6 @@ def serve_forever(server: Server) -> int:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-        if server.process is not None:
+        if stopping or server.process is not None:  # a signal during start() too
             server._say("stopping the server")
         server.stop()
