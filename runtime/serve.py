@@ -292,14 +292,19 @@ class Server:
         return " | ".join((errors or lines)[-2:]) or "no log"
 
     def stop(self) -> None:
-        """Stop the server (SIGINT, then SIGKILL after the exit timeout) and remove the temporary files."""
+        """Stop the server (SIGINT, then SIGKILL after the exit timeout) and remove the temporary files.
+
+        Waits for the Python backend's stub processes too: they outlive the server by a moment and
+        release the backend's shared memory regions as they exit."""
         if self.process is not None and self.process.poll() is None:
+            stubs = _descendants(self.process.pid)
             self.process.send_signal(signal.SIGINT)
             try:
                 self.process.wait(STOP_TIMEOUT_S + 5)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+            _wait_gone(stubs, STOP_TIMEOUT_S)
         self.process = None
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
@@ -314,6 +319,37 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc), children first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # a process that ended meanwhile
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _wait_gone(pids: list[int], timeout: float) -> None:
+    """Until none of `pids` runs any more (zombies count as gone), at most `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+
+    def running(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return False
+
+    while any(running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def serve_forever(server: Server) -> int:
