@@ -35,7 +35,7 @@ def media_files(folder: str | os.PathLike, max_clips: int | None = None) -> list
 
 
 def collect(
-    package: str | os.PathLike, clips: Iterable[Path], progress: bool = True
+    package: str | os.PathLike, clips: Iterable[Path], progress: bool = True, label: str = "calibration clips"
 ) -> dict[str, list[Feeds]]:
     """Run the fp32 pipeline over `clips` and return every feed each encoder-side graph received."""
     from tqdm import tqdm
@@ -54,7 +54,7 @@ def collect(
         backend.run = recording
     options = DecodingOptions(num_beams=1, max_new_tokens=1)
     clips = list(clips)
-    for clip in tqdm(clips, desc="calibration clips", unit="clip", disable=not progress):
+    for clip in tqdm(clips, desc=label, unit="clip", disable=not progress):
         kind = "audio" if clip.suffix.lower() in AUDIO_SUFFIXES else "video"
         for prompt in PROMPTS:
             pipeline.ask(prompt, options=options, **{kind: clip})

@@ -116,7 +116,7 @@ def build(
         calibration_clips, held_out = split_media(media)
         _say(progress, f"{len(calibration_clips)} calibration clips, {len(held_out)} held-out clips")
         calibration = collect(package, calibration_clips, progress) if precision == "int8" else {}
-        checks = collect(package, held_out, progress)
+        checks = collect(package, held_out, progress, "held-out clips")
         if precision != "fp32":
             for name in names:
                 _say(progress, f"{name}: building {precision}")

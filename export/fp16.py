@@ -90,6 +90,12 @@ class Fp16Report:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def summary(self) -> str:
+        """One line for the build report: what stayed fp32, and why."""
+        kept = ", ".join(f"{op} x{n}" for op, n in sorted(self.kept_fp32.items())) or "none"
+        why = ", ".join(f"{reason} {n}" for reason, n in sorted(self.reasons.items()))
+        return f"fp32 islands: {kept} ({why}); +{self.casts_added} casts"
+
 
 # --- planning ---------------------------------------------------------------------------------
 
