@@ -32,25 +32,9 @@ from vsal.runtime.errors import VsalError  # noqa: E402
 from vsal.runtime.generation import GraphDecoderStep  # noqa: E402
 from vsal.runtime.pipeline import Pipeline  # noqa: E402
 from vsal.runtime.prompt import DecodingOptions  # noqa: E402
+from vsal.runtime.triton_models.dlpack import from_numpy, to_numpy  # noqa: E402
 
 ERROR_PREFIX = "vsal-error: "  # what the client shows as a one-line error
-
-
-def to_numpy(tensor):
-    """A copy of a pb_utils.Tensor's data. Through DLPack: the stub bundled with Triton 2.51
-    (nvidia-pytriton) misreads tensors in as_numpy() and Tensor(name, array) under numpy 2; shape
-    and dtype are right, so an empty tensor (the prefill's past keys and values) is taken as it is."""
-    array = tensor.as_numpy()
-    return array.copy() if array.size == 0 else np.array(np.from_dlpack(tensor))
-
-
-def from_numpy(name, array):
-    array = np.ascontiguousarray(array)
-    if not array.flags.writeable:  # DLPack (numpy's version of it) exports writeable arrays only
-        array = array.copy()
-    if array.size == 0:  # nothing to misread, and DLPack's strides of an empty array fail Triton's check
-        return pb_utils.Tensor(name, array)
-    return pb_utils.Tensor.from_dlpack(name, array)
 
 
 class BlsBackend:

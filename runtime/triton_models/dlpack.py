@@ -1,0 +1,25 @@
+"""Tensors between numpy and Triton's Python backend, shared by the model files here.
+
+Through DLPack: the stub bundled with Triton 2.51 (nvidia-pytriton) misreads tensors in as_numpy()
+and Tensor(name, array) under numpy 2. Imported only inside the backend (`triton_python_backend_utils`
+exists nowhere else).
+"""
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+def to_numpy(tensor):
+    """A copy of a pb_utils.Tensor's data (shape and dtype are right even where the data is misread,
+    so an empty tensor, the prefill's past keys and values, is taken as it is)."""
+    array = tensor.as_numpy()
+    return array.copy() if array.size == 0 else np.array(np.from_dlpack(tensor))
+
+
+def from_numpy(name, array):
+    array = np.ascontiguousarray(array)
+    if not array.flags.writeable:  # DLPack (numpy's version of it) exports writeable arrays only
+        array = array.copy()
+    if array.size == 0:  # nothing to misread, and DLPack's strides of an empty array fail Triton's check
+        return pb_utils.Tensor(name, array)
+    return pb_utils.Tensor.from_dlpack(name, array)
