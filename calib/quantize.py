@@ -43,7 +43,10 @@ outputs (names, dtypes, shapes) are unchanged, so an int8 graph drops in beside 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import re
 import tempfile
@@ -498,21 +501,39 @@ def _ort_static(src, dst, reader, nodes, op_types, method, percentile, external)
         "CalibPercentile": percentile,
         "CalibTensorRangeSymmetric": True,
     }
-    quantize_static(
-        str(src),
-        str(dst),
-        reader,
-        quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=op_types,
-        nodes_to_quantize=nodes,
-        per_channel=True,
-        reduce_range=False,
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
-        calibrate_method=calibrate,
-        use_external_data_format=external,
-        extra_options=extra,
-    )
+    with _quiet_ort_quantizer():
+        quantize_static(
+            str(src),
+            str(dst),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=op_types,
+            nodes_to_quantize=nodes,
+            per_channel=True,
+            reduce_range=False,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=calibrate,
+            use_external_data_format=external,
+            extra_options=extra,
+        )
+
+
+@contextlib.contextmanager
+def _quiet_ort_quantizer():
+    """ONNX Runtime's quantizer prints histogram settings and advises pre-processing (symbolic shape
+    inference, optimisation) that exported, slimmed graphs do not need: neither is for our users."""
+
+    def advice(record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(advice)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.removeFilter(advice)
 
 
 def _modelopt_child(args_path: str) -> None:
