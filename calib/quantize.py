@@ -57,7 +57,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from vsal.export.onnx_files import EXTERNAL_DATA_THRESHOLD, save_onnx
+from vsal.export.onnx_files import EXTERNAL_DATA_THRESHOLD, graph_bytes, save_onnx
 
 QUANTIZED_OPS = ("MatMul", "Conv", "Gemm")  # op types whose inputs get Q/DQ (TensorRT's int8 GEMM/conv)
 
@@ -300,13 +300,6 @@ def _commit(staged: list[Path], folder: Path) -> list[Path]:
     return final
 
 
-def _file_bytes(path: Path) -> int:
-    path = Path(path)
-    total = path.stat().st_size
-    data = path.with_name(path.name + ".data")
-    return total + (data.stat().st_size if data.is_file() else 0)
-
-
 def check_graph(path: Path, reference: Path | None = None) -> None:
     """onnx.checker, ONNX Runtime CPU loads it, and (given the fp32 graph) the same inputs/outputs."""
     import onnx
@@ -470,8 +463,8 @@ def quantize_int8(
         excluded=excluded,
         kept_float_ops=kept,
         calibration_samples=len(calibration),
-        src_bytes=_file_bytes(src),
-        dst_bytes=_file_bytes(dst),
+        src_bytes=graph_bytes(src),
+        dst_bytes=graph_bytes(dst),
         files=[str(f) for f in files],
         seconds=time.perf_counter() - start,
         notes=notes,
@@ -674,8 +667,8 @@ def quantize_weights_int8(
         excluded=excluded,
         kept_float_ops=kept,
         calibration_samples=0,
-        src_bytes=_file_bytes(src),
-        dst_bytes=_file_bytes(dst),
+        src_bytes=graph_bytes(src),
+        dst_bytes=graph_bytes(dst),
         files=[str(f) for f in files],
         seconds=time.perf_counter() - start,
         notes=[f"{len(targets)} weight tensors int8 (per output channel, symmetric)"],

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -179,17 +178,3 @@ def time_graph(
             sess.run(None, feeds)
         times.append(time.perf_counter() - start)
     return float(np.median(times))
-
-
-def file_size(path: str | os.PathLike) -> int:
-    """Bytes of an ONNX graph with its external data files (those its tensors name beside it)."""
-    import onnx
-
-    path = Path(path)
-    model = onnx.load_model(path, load_external_data=False)
-    files = {path}
-    for tensor in model.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                files.add(path.parent / entry.value)
-    return sum(f.stat().st_size for f in files if f.is_file())

@@ -77,10 +77,7 @@ def load_model(model_dir: Path, checkpoint: Path | None):
 @torch.no_grad()
 def run_once(pipe, video, audio, prompt: str, tokens: int) -> dict:
     from vsal.export.models.alignment import align_streams
-    from vsal.export.reference import preprocess_frame
     from vsal.runtime import media
-    from vsal.runtime.features import beats_fbank
-    from vsal.runtime.preprocess import pad_audio
 
     m, cfg = pipe.model, pipe.config
     timings: dict[str, float] = {}
@@ -88,11 +85,7 @@ def run_once(pipe, video, audio, prompt: str, tokens: int) -> dict:
     image_embeds = None
     if video is not None:
         t = time.perf_counter()
-        frames = [
-            preprocess_frame(f, cfg.vision.img_size)
-            for f in media.sample_video_frames(video, cfg.alignment.max_clips)
-        ]
-        pixels = torch.stack(frames)
+        pixels = pipe.video_pixels(video)
         timings["decode_video+preprocess"] = time.perf_counter() - t
         t = time.perf_counter()
         image_embeds = m.vision_encoder(pixels)
@@ -102,20 +95,7 @@ def run_once(pipe, video, audio, prompt: str, tokens: int) -> dict:
     audio_tokens = None
     if audio is not None:
         t = time.perf_counter()
-        align = cfg.alignment
-        wave = pad_audio(
-            media.load_audio(audio, align.sample_rate), align.min_audio_seconds, align.sample_rate
-        )
-        features = pipe.whisper_features(
-            wave,
-            sampling_rate=align.sample_rate,
-            return_tensors="pt",
-            max_length=int(align.max_audio_seconds * align.sample_rate),
-        )["input_features"]
-        fbank = beats_fbank(
-            wave[: int(align.max_audio_seconds * align.sample_rate)], align.sample_rate, cfg.beats.n_mels
-        )
-        fbank = torch.from_numpy(fbank)[None]
+        features, fbank = pipe.audio_features(audio)
         timings["decode_audio+features"] = time.perf_counter() - t
         t = time.perf_counter()
         speech = m.whisper_encoder(features)

@@ -216,13 +216,10 @@ def _build_engine(package: Path, manifest, name: str, precision: str, checks, wo
     """The graph's TensorRT engine on this machine (cached or built), checked against fp32 in ORT."""
     from vsal.export.accuracy import compare, session, worst_cosine
     from vsal.runtime.tensorrt_backend import TensorRTBackend
-    from vsal.runtime.tensorrt_engines import engine_for
 
     info = manifest.graphs[name]
-    file, _ = info.file_for(precision)
-    sha = info.variants[precision].sha256 if precision in info.variants else info.sha256
-    cached = engine_for(package, name, info, file, sha, precision, workspace_bytes=workspace_bytes)
-    backend = TensorRTBackend(name, cached.path, info, precision)
+    backend = TensorRTBackend.for_graph(package, name, info, precision, workspace_bytes)
+    cached = backend.cached
     reference = session(package / info.file)
     outputs = [t.name for t in info.outputs]
     feeds = checks.get(name) or _random_feeds(manifest, name)
@@ -303,8 +300,8 @@ def _static_check(report: BuildReport, package: Path, names, precision: str) -> 
     10 and 11 (from NVIDIA's documents; a note, the ONNX Runtime graphs work either way)."""
     from vsal.export.trt_check import VERSIONS, check_package
 
-    checked = check_package(package)
     labels = [name if precision == "fp32" else f"{name}.{precision}" for name in names]
+    checked = check_package(package, only=set(labels))
     failing = []
     for label in labels:
         graph = checked.graphs.get(label)

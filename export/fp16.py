@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from vsal.export.onnx_files import EXTERNAL_DATA_THRESHOLD
+from vsal.export.onnx_files import EXTERNAL_DATA_THRESHOLD, graph_bytes
 from vsal.runtime.errors import VsalError
 
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
@@ -520,14 +520,6 @@ def _to_fp16(values: np.ndarray) -> tuple[np.ndarray, int]:
     return np.where(finite, np.clip(out, -FP16_MAX, FP16_MAX), out).astype(np.float16), clamped
 
 
-def _graph_bytes(path: Path, model: onnx.ModelProto) -> int:
-    files = {path}
-    for tensor in model.graph.initializer:
-        if _is_external(tensor):
-            files.add(path.parent / _external_info(tensor)["location"])
-    return sum(f.stat().st_size for f in files if f.is_file())
-
-
 def convert_fp16(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -554,7 +546,7 @@ def convert_fp16(
     if src.resolve() == dst.resolve():
         raise Fp16Error(f"{dst}: the fp16 graph must not overwrite its source")
     model = onnx.load_model(src, load_external_data=False)
-    bytes_before = _graph_bytes(src, model)
+    bytes_before = graph_bytes(src)
     nodes_before = len(model.graph.node)
     casts_before = sum(1 for n in model.graph.node if n.op_type == "Cast")
     if any(t.data_type == _HALF for t in model.graph.initializer):
@@ -624,7 +616,7 @@ def convert_fp16(
         nodes_after=nodes_after,
         casts_added=casts_after - casts_before,
         bytes_before=bytes_before,
-        bytes_after=_graph_bytes(dst, model),
+        bytes_after=graph_bytes(dst),
         external_data=external_out,
         clamped_values=clamped + more_clamped,
         seconds=time.perf_counter() - start,

@@ -39,3 +39,15 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> list[Path]:
     os.replace(tmp_data, data)
     os.replace(tmp, path)
     return [path, data]
+
+
+def graph_bytes(path: str | os.PathLike) -> int:
+    """Bytes of an ONNX graph with its external data files (those its tensors name beside it)."""
+    path = Path(path)
+    model = onnx.load_model(path, load_external_data=False)
+    files = {path}
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                files.add(path.parent / entry.value)
+    return sum(f.stat().st_size for f in files if f.is_file())

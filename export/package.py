@@ -51,6 +51,18 @@ def graph_specs(config: ModelConfig) -> dict[str, GraphSpec]:
     return specs
 
 
+def decoder_step_feeds(config: ModelConfig, prompt_length: int, seed: int = 0) -> tuple[dict, dict]:
+    """(prefill, decode) inputs of the llm_decoder graph at batch 1: a prompt of `prompt_length`
+    tokens, then one token after it. No clip records the decoder's inputs; scripts time it on these."""
+    from vsal.export.llm_graph import llm_decoder_spec
+
+    spec = llm_decoder_spec(config)
+    rng = np.random.default_rng(seed)
+    prefill = spec.make_inputs({"B": 1, "T": prompt_length, "P": 0}, rng)
+    decode = spec.make_inputs({"B": 1, "T": 1, "P": prompt_length}, rng)
+    return prefill, decode
+
+
 def graph_module(name: str, part: nn.Module) -> nn.Module:
     """The module whose forward takes the graph's inputs in spec order."""
     if name == "llm_decoder":

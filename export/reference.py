@@ -82,30 +82,36 @@ class ReferencePipeline:
             raise MediaError("give a video file, an audio file or both")
         pixels = None
         if video is not None:
-            frames = [
-                preprocess_frame(f, self.config.vision.img_size)
-                for f in media.sample_video_frames(video, self.config.alignment.max_clips)
-            ]
-            pixels = torch.stack(frames)
+            pixels = self.video_pixels(video)
             if audio is None and media.has_audio(video):
                 audio = video
         features = fbank = None
         if audio is not None:
-            align = self.config.alignment
-            wave = pad_audio(
-                media.load_audio(audio, align.sample_rate), align.min_audio_seconds, align.sample_rate
-            )
-            feats = self.whisper_features(
-                wave,
-                sampling_rate=align.sample_rate,
-                return_tensors="pt",
-                max_length=int(align.max_audio_seconds * align.sample_rate),
-            )
-            features = feats["input_features"]
-            beats_wave = wave[: int(align.max_audio_seconds * align.sample_rate)]  # truncated, not padded
-            fbank = beats_fbank(beats_wave, align.sample_rate, self.config.beats.n_mels)
-            fbank = torch.from_numpy(fbank)[None]
+            features, fbank = self.audio_features(audio)
         return MediaInputs(pixels, features, fbank)
+
+    def video_pixels(self, video: str | os.PathLike) -> torch.Tensor:
+        """[N, 3, H, W]: the release's frames of the clip, preprocessed."""
+        frames = [
+            preprocess_frame(f, self.config.vision.img_size)
+            for f in media.sample_video_frames(video, self.config.alignment.max_clips)
+        ]
+        return torch.stack(frames)
+
+    def audio_features(self, audio: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Whisper log-mel [1, mels, 3000], BEATs fbank [1, F, mels]) of the audio."""
+        align = self.config.alignment
+        wave = media.load_audio(audio, align.sample_rate)
+        wave = pad_audio(wave, align.min_audio_seconds, align.sample_rate)
+        features = self.whisper_features(
+            wave,
+            sampling_rate=align.sample_rate,
+            return_tensors="pt",
+            max_length=int(align.max_audio_seconds * align.sample_rate),
+        )["input_features"]
+        beats_wave = wave[: int(align.max_audio_seconds * align.sample_rate)]  # truncated, not padded
+        fbank = beats_fbank(beats_wave, align.sample_rate, self.config.beats.n_mels)
+        return features, torch.from_numpy(fbank)[None]
 
     def instruction(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The frame Q-Former's instruction: the prompt as WordPiece ids and mask, [1, L] each."""

@@ -70,6 +70,10 @@ class GraphInfo:
             return self.variants[precision].file, precision
         return self.file, self.precision
 
+    def sha256_for(self, precision: str) -> str:
+        """sha256 of the file `file_for(precision)` names."""
+        return self.variants[precision].sha256 if precision in self.variants else self.sha256
+
 
 @dataclass
 class FileInfo:

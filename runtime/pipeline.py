@@ -32,6 +32,7 @@ from vsal.runtime.manifest import Manifest, PackageError, load_manifest, verify_
 from vsal.runtime.ort_decoder import BoundDecoderStep
 from vsal.runtime.preprocess import audio_inputs, preprocess_frame
 from vsal.runtime.prompt import DecodingOptions, cut_answer
+from vsal.runtime.tensorrt_engines import ENGINE_DIR
 from vsal.runtime.tokenizers import InstructionTokenizer, LlamaTokenizer
 
 REQUIRED_GRAPHS = (
@@ -170,12 +171,9 @@ class Pipeline:
         info = self.manifest.graphs[name]
         if self.engine == "tensorrt":
             from vsal.runtime.tensorrt_backend import TensorRTBackend
-            from vsal.runtime.tensorrt_engines import engine_for
 
-            sha = info.variants[precision].sha256 if precision in info.variants else info.sha256
-            cached = engine_for(self.folder, name, info, file, sha, precision, progress=self.verbose)
-            return TensorRTBackend(name, cached.path, info, precision)
-        engines = self.folder / "engines"
+            return TensorRTBackend.for_graph(self.folder, name, info, precision, progress=self.verbose)
+        engines = self.folder / ENGINE_DIR
         return OnnxRuntimeBackend(
             name, self.folder / file, info, self.provider, self.threads, precision, engines
         )

@@ -17,11 +17,20 @@ from pathlib import Path
 import numpy as np
 from vsal.runtime.backends import BackendError, FeedChecker
 from vsal.runtime.manifest import GraphInfo
-from vsal.runtime.tensorrt_engines import EngineError, cuda_check, import_cudart, import_tensorrt
+from vsal.runtime.tensorrt_engines import (
+    CachedEngine,
+    EngineError,
+    cuda_check,
+    engine_for,
+    import_cudart,
+    import_tensorrt,
+)
 
 
 class TensorRTBackend:
     """One serialized engine, deserialized once and run many times."""
+
+    cached: CachedEngine | None = None  # where `for_graph` found or built the engine
 
     def __init__(self, name: str, engine_path: str | os.PathLike, info: GraphInfo, precision: str):
         trt = import_tensorrt()
@@ -51,6 +60,33 @@ class TensorRTBackend:
         self.precision = precision
         self.description = f"tensorrt {trt.__version__} engine {precision} ({engine_path.name})"
         self.checker = FeedChecker(name, info)
+
+    @classmethod
+    def for_graph(
+        cls,
+        folder: str | os.PathLike,
+        name: str,
+        info: GraphInfo,
+        precision: str,
+        workspace_bytes: int | None = None,
+        progress: bool = True,
+    ) -> TensorRTBackend:
+        """The package graph's engine for this machine at `precision` (its fp32 graph where no such
+        variant was built): from the engine cache, else built from the ONNX."""
+        file, got = info.file_for(precision)
+        cached = engine_for(
+            Path(folder),
+            name,
+            info,
+            file,
+            info.sha256_for(got),
+            got,
+            workspace_bytes=workspace_bytes,
+            progress=progress,
+        )
+        backend = cls(name, cached.path, info, got)
+        backend.cached = cached
+        return backend
 
     def input_names(self) -> list[str]:
         return list(self._inputs)

@@ -157,25 +157,33 @@ class CachedEngine:
     build_seconds: float = 0.0
 
 
-def find_engine(folder: Path, key: EngineKey) -> tuple[CachedEngine | None, list[str]]:
-    """The cached engine for `key`, and why each other engine of this graph and precision was refused."""
-    cache = Path(folder) / ENGINE_DIR
-    refused = []
-    for sidecar in sorted(cache.glob(f"{key.graph}.{key.precision}.*.json")):
+def cached_engines(folder: Path, graph: str, precision: str) -> tuple[list[CachedEngine], list[str]]:
+    """Every complete engine the cache holds for this graph and precision (any TensorRT, any GPU), and
+    why each other record there was skipped."""
+    engines, skipped = [], []
+    for sidecar in sorted((Path(folder) / ENGINE_DIR).glob(f"{graph}.{precision}.*.json")):
         try:
             data = json.loads(sidecar.read_text())
-            other = EngineKey(**data["key"])
+            key = EngineKey(**data["key"])
         except (OSError, ValueError, KeyError, TypeError):
-            refused.append(f"{sidecar.name}: unreadable record, ignored")
+            skipped.append(f"{sidecar.name}: unreadable record, ignored")
             continue
         engine = sidecar.with_suffix(".engine")
         if not engine.is_file():
-            refused.append(f"{sidecar.name}: its engine file is missing")
+            skipped.append(f"{sidecar.name}: its engine file is missing")
             continue
-        reason = key.mismatch(other)
+        engines.append(CachedEngine(engine, key, data.get("build_seconds", 0.0)))
+    return engines, skipped
+
+
+def find_engine(folder: Path, key: EngineKey) -> tuple[CachedEngine | None, list[str]]:
+    """The cached engine for `key`, and why each other engine of this graph and precision was refused."""
+    engines, refused = cached_engines(folder, key.graph, key.precision)
+    for cached in engines:
+        reason = key.mismatch(cached.key)
         if reason is None:
-            return CachedEngine(engine, other, data.get("build_seconds", 0.0)), refused
-        refused.append(f"{engine.name}: refused, {reason}")
+            return cached, refused
+        refused.append(f"{cached.path.name}: refused, {reason}")
     return None, refused
 
 

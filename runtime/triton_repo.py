@@ -26,11 +26,11 @@ from pathlib import Path
 
 from vsal.runtime.errors import VsalError
 from vsal.runtime.manifest import MANIFEST_NAME, GraphInfo, Manifest, load_manifest
+from vsal.runtime.tensorrt_engines import ENGINE_DIR, cached_engines
 
 FLAVORS = ("tensorrt", "onnxruntime", "python")
 ORCHESTRATOR = "vsal"  # the model clients call
 ORCHESTRATOR_PACKAGE = "package"  # folder inside the orchestrator's version folder
-ENGINE_DIR = "engines"  # the package's TensorRT engine cache (runtime.tensorrt_engines)
 DTYPES = {  # numpy dtype name -> Triton data type
     "float32": "TYPE_FP32",
     "float16": "TYPE_FP16",
@@ -189,21 +189,18 @@ def _engine_file(name: str, info: GraphInfo, options: RepoOptions, package: Path
     """(engine file, what it was built for) from the package's engine cache (`<package>/engines/`,
     written by `vsal-export build --backend tensorrt` or the runtime's TensorRT backend)."""
     file, precision = info.file_for(options.precision)
-    sha = info.variants[precision].sha256 if precision in info.variants else info.sha256
+    sha = info.sha256_for(precision)
     found = []
-    for sidecar in sorted((package / ENGINE_DIR).glob(f"{name}.{precision}.*.json")):
-        try:
-            key = json.loads(sidecar.read_text())["key"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if key.get("onnx_sha256") != sha or not sidecar.with_suffix(".engine").is_file():
+    for cached in cached_engines(package, name, precision)[0]:
+        key = cached.key
+        if key.onnx_sha256 != sha:
             continue  # built from another version of the graph
-        if options.tensorrt and key.get("tensorrt") != options.tensorrt:
+        if options.tensorrt and key.tensorrt != options.tensorrt:
             continue
-        if options.compute_capability and key.get("compute_capability") != options.compute_capability:
+        if options.compute_capability and key.compute_capability != options.compute_capability:
             continue
-        target = f"TensorRT {key.get('tensorrt')}, compute capability {key.get('compute_capability')}"
-        found.append((f"{ENGINE_DIR}/{sidecar.with_suffix('.engine').name}", target))
+        target = f"TensorRT {key.tensorrt}, compute capability {key.compute_capability}"
+        found.append((f"{ENGINE_DIR}/{cached.path.name}", target))
     if not found:
         raise RepositoryError(
             f"{package / ENGINE_DIR}: no {precision} TensorRT engine of graph {name} (from {file}); build "

@@ -121,13 +121,11 @@ def vsal_backend(folder: Path, name: str, precision: str, backend: str):
     from vsal.runtime.manifest import load_manifest
 
     info = load_manifest(folder).graphs[name]
-    file, got = info.file_for(precision)
     if backend == "tensorrt":
         from vsal.runtime.tensorrt_backend import TensorRTBackend
-        from vsal.runtime.tensorrt_engines import engine_for
 
-        sha = info.variants[got].sha256 if got in info.variants else info.sha256
-        return TensorRTBackend(name, engine_for(folder, name, info, file, sha, got).path, info, got)
+        return TensorRTBackend.for_graph(folder, name, info, precision)
+    file, got = info.file_for(precision)
     provider = "cuda" if "cuda" in available_providers() else "cpu"
     return OnnxRuntimeBackend(name, folder / file, info, provider, precision=got)
 
@@ -208,15 +206,12 @@ def clip_feeds(folder: Path, clip: Path) -> dict[str, dict[str, np.ndarray]]:
 
 def decoder_feeds(folder: Path, prompt_length: int) -> dict[str, dict[str, np.ndarray]]:
     from vsal.export.config import ModelConfig
-    from vsal.export.package import graph_specs
+    from vsal.export.package import decoder_step_feeds
     from vsal.runtime.manifest import load_manifest
 
-    spec = graph_specs(ModelConfig.from_dict(load_manifest(folder).config))["llm_decoder"]
-    rng = np.random.default_rng(0)
-    return {
-        "llm_decoder.prefill": spec.make_inputs({"B": 1, "T": prompt_length, "P": 0}, rng),
-        "llm_decoder.decode": spec.make_inputs({"B": 1, "T": 1, "P": prompt_length}, rng),
-    }
+    config = ModelConfig.from_dict(load_manifest(folder).config)
+    prefill, decode = decoder_step_feeds(config, prompt_length, seed=0)
+    return {"llm_decoder.prefill": prefill, "llm_decoder.decode": decode}
 
 
 def median_seconds(fn, runs: int, sync=None) -> dict:

@@ -23,15 +23,11 @@ import numpy as np
 
 def decoder_cases(package: Path) -> dict[str, list[dict[str, np.ndarray]]]:
     from vsal.export.config import ModelConfig
-    from vsal.export.package import graph_specs
+    from vsal.export.package import decoder_step_feeds
     from vsal.runtime.manifest import load_manifest
 
-    spec = graph_specs(ModelConfig.from_dict(load_manifest(package).config))["llm_decoder"]
-    rng = np.random.default_rng(7)
-    return {
-        "llm_decoder (prefill T=200)": [spec.make_inputs({"B": 1, "T": 200, "P": 0}, rng)],
-        "llm_decoder (decode, P=200)": [spec.make_inputs({"B": 1, "T": 1, "P": 200}, rng)],
-    }
+    prefill, decode = decoder_step_feeds(ModelConfig.from_dict(load_manifest(package).config), 200, seed=7)
+    return {"llm_decoder (prefill T=200)": [prefill], "llm_decoder (decode, P=200)": [decode]}
 
 
 def median_ms(backend, feeds: list[dict[str, np.ndarray]], repeats: int) -> float:

@@ -14,6 +14,8 @@ from click.testing import CliRunner
 from vsal.runtime.bench import STAGES
 from vsal.runtime.cli import cli
 
+from tests.test_runtime import VSAL_WITHOUT_TORCH
+
 
 @pytest.fixture(scope="module")
 def clip_3s(tmp_path_factory):
@@ -46,20 +48,9 @@ def test_bench_json_has_every_stage_reference_ratio_and_limits(tiny_package, cli
 
 def test_bench_without_torch_skips_the_reference(tiny_package, clip_3s):
     """As on a Jetson image: torch cannot be imported, the bench still runs and says why no reference."""
-    code = (
-        "import sys\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('torch', 'transformers'):\n"
-        "            raise ImportError(f'{name} is blocked in this test')\n"
-        "sys.meta_path.insert(0, Block())\n"
-        "from vsal.runtime.cli import main\n"
-        "sys.argv = ['vsal'] + sys.argv[1:]\n"
-        "main()\n"
-    )
     args = ["bench", str(tiny_package), "--media", str(clip_3s), "--runs", "1", "--max-new-tokens", "2"]
     out = subprocess.run(
-        [sys.executable, "-c", code, *args, "--json", "--quick-limits"],
+        [sys.executable, "-c", VSAL_WITHOUT_TORCH, *args, "--json", "--quick-limits"],
         capture_output=True,
         text=True,
         timeout=120,

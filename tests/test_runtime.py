@@ -176,19 +176,23 @@ def test_long_video_is_truncated_with_a_notice(tiny_package, tmp_path, capsys):
     assert "only its first 60 s" in capsys.readouterr().err
 
 
+# `python -c VSAL_WITHOUT_TORCH ARGS...` is `vsal ARGS...` where importing torch or transformers fails.
+VSAL_WITHOUT_TORCH = (
+    "import sys\n"
+    "class Block:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name.split('.')[0] in ('torch', 'transformers'):\n"
+    "            raise ImportError(f'{name} is blocked in this test')\n"
+    "sys.meta_path.insert(0, Block())\n"
+    "from vsal.runtime.cli import main\n"
+    "sys.argv = ['vsal'] + sys.argv[1:]\n"
+    "main()\n"
+)
+
+
 def test_vsal_run_needs_neither_torch_nor_transformers(tiny_package, media):
     """As on a Jetson image: importing torch or transformers fails, and `vsal run` still answers."""
-    code = (
-        "import sys\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('torch', 'transformers'):\n"
-        "            raise ImportError(f'{name} is blocked in this test')\n"
-        "sys.meta_path.insert(0, Block())\n"
-        "from vsal.runtime.cli import main\n"
-        "sys.argv = ['vsal'] + sys.argv[1:]\n"
-        "main()\n"
-    )
+    code = VSAL_WITHOUT_TORCH
     out = subprocess.run(
         [
             sys.executable,
