@@ -58,6 +58,7 @@ from pathlib import Path
 
 import numpy as np
 from vsal.export.onnx_files import EXTERNAL_DATA_THRESHOLD, graph_bytes, save_onnx
+from vsal.runtime.errors import BuildError
 
 QUANTIZED_OPS = ("MatMul", "Conv", "Gemm")  # op types whose inputs get Q/DQ (TensorRT's int8 GEMM/conv)
 
@@ -101,7 +102,7 @@ METHODS = ("percentile", "minmax", "entropy", "modelopt", "modelopt-max")
 WEIGHT_ONLY = "weight-only"
 
 
-class QuantizeError(ValueError):
+class QuantizeError(BuildError, ValueError):
     """A graph or calibration set that cannot be quantized; the message names the file."""
 
 

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vsal.runtime.errors import VsalError
+
 # --- pinned sources ---------------------------------------------------------------------------
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 LLAMA_CPP_SDIST_ROOT = "llama_cpp_python-0.3.36"
@@ -79,7 +81,7 @@ LLAMA2_KNOWN_IDS: dict[str, list[int]] = {
 }
 
 
-class AssetError(RuntimeError):
+class AssetError(VsalError, RuntimeError):
     """A tokenizer asset could not be obtained or is not what it should be (one-line message)."""
 
 

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 
 import torch
 from vsal.export.lora import merge_lora
+from vsal.runtime.errors import VsalError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(VsalError, ValueError):
     """A checkpoint that cannot be loaded: names the file or key and what is wrong."""
 
 

@@ -18,6 +18,8 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from vsal.runtime.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class VisionConfig:
@@ -255,7 +257,7 @@ class ModelConfig:
         if self.llm.num_attention_heads % self.llm.num_key_value_heads:
             problems.append("llm.num_attention_heads must be a multiple of llm.num_key_value_heads")
         if problems:
-            raise ValueError(f"invalid ModelConfig {self.name!r}: " + "; ".join(problems))
+            raise ConfigError(f"invalid ModelConfig {self.name!r}: " + "; ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -273,7 +275,7 @@ class ModelConfig:
                 known = {g.name for g in fields(sub)}
                 unknown = set(value) - known
                 if unknown:
-                    raise ValueError(f"unknown keys in {f.name}: {sorted(unknown)}")
+                    raise ConfigError(f"unknown keys in {f.name}: {sorted(unknown)}")
                 value = dict(value)
                 for g in fields(sub):
                     if g.name in value and isinstance(value[g.name], list):
@@ -282,7 +284,7 @@ class ModelConfig:
             kwargs[f.name] = value
         unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
-            raise ValueError(f"unknown ModelConfig keys: {sorted(unknown)}")
+            raise ConfigError(f"unknown ModelConfig keys: {sorted(unknown)}")
         return cls(**kwargs)
 
 

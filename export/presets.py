@@ -17,6 +17,7 @@ from vsal.export.config import (
     VisionConfig,
     WhisperEncoderConfig,
 )
+from vsal.runtime.errors import ConfigError
 
 
 def _tiny() -> ModelConfig:
@@ -118,5 +119,5 @@ def get(name: str) -> ModelConfig:
     try:
         factory = _PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(_PRESETS)}") from None
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(_PRESETS)}") from None
     return factory()

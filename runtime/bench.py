@@ -35,6 +35,7 @@ from pathlib import Path
 
 import click
 import numpy as np
+from vsal.runtime.errors import ConfigError
 
 STAGES = (  # in pipeline order; the ones a clip without video or audio lacks are left out
     "decode_video+preprocess",
@@ -385,7 +386,7 @@ def run_bench(
 
     model_dir = Path(model_dir)
     if runs < 1 or tokens < 2:
-        raise ValueError("--runs must be >= 1 and --max-new-tokens >= 2")
+        raise ConfigError("--runs must be >= 1 and --max-new-tokens >= 2")
     load_manifest(model_dir)  # a clear error before anything else
     with tempfile.TemporaryDirectory(prefix="vsal-bench-") as tmp:
         generated = media is None

@@ -11,7 +11,12 @@ from vsal.runtime.errors import VsalError
 
 
 def run_cli(group: click.Group, prog: str) -> None:
-    """Run a click group; a user mistake is one line on stderr and exit code 1, never a traceback."""
+    """Run a click group: a user mistake (the `VsalError` tree) is one line on stderr and exit code 1.
+
+    An OSError that names a file (a full disk, a folder without write permission) is the machine's
+    answer about the user's file, so it is one line too. Anything else is a bug: it keeps its
+    traceback, followed by one line that says so (exit code 3).
+    """
     try:
         group(standalone_mode=False)
     except click.exceptions.Abort:
@@ -20,9 +25,33 @@ def run_cli(group: click.Group, prog: str) -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except (VsalError, ValueError, OSError) as exc:
+    except VsalError as exc:
         click.echo(f"{prog}: error: {exc}", err=True)
         sys.exit(1)
+    except MemoryError:
+        click.echo(
+            f"{prog}: error: out of memory; use a smaller input, fewer beams or --max-new-tokens, "
+            "or a machine with more memory",
+            err=True,
+        )
+        sys.exit(1)
+    except OSError as exc:
+        if exc.filename is None:
+            _report_bug(prog)
+        click.echo(f"{prog}: error: {exc.filename}: {exc.strerror or exc}", err=True)
+        sys.exit(1)
+    except Exception:
+        _report_bug(prog)
+
+
+def _report_bug(prog: str) -> None:
+    import traceback
+
+    traceback.print_exc()
+    click.echo(
+        f"{prog}: internal error (a bug in vsal, not in your input): please report the traceback", err=True
+    )
+    sys.exit(3)
 
 
 def main() -> None:
@@ -276,7 +305,7 @@ def chat(
                 options=options,
                 on_text=lambda piece: click.echo(piece, nl=False),
             )
-        except (VsalError, ValueError) as exc:
+        except VsalError as exc:
             click.echo(f"vsal: error: {exc}", err=True)
             continue
         if options.num_beams > 1:

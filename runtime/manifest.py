@@ -14,14 +14,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vsal.runtime.errors import VsalError
+from vsal.runtime.errors import PackageError  # noqa: F401  (re-exported: its historical home)
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
-
-
-class PackageError(VsalError, ValueError):
-    """A model package that is missing, corrupt or of another format: names the file and the problem."""
 
 
 @dataclass

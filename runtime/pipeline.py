@@ -26,7 +26,7 @@ import numpy as np
 from vsal.runtime import media
 from vsal.runtime.alignment import align_streams
 from vsal.runtime.backends import Backend, OnnxRuntimeBackend, choose_provider
-from vsal.runtime.errors import MediaError
+from vsal.runtime.errors import ConfigError, MediaError, PromptError
 from vsal.runtime.generation import GraphDecoderStep, beam_search, generate_tokens, stream_text
 from vsal.runtime.manifest import Manifest, PackageError, load_manifest, verify_files
 from vsal.runtime.ort_decoder import BoundDecoderStep
@@ -81,7 +81,7 @@ class Pipeline:
         engine: str = "onnxruntime",
     ):
         if engine not in ENGINES:
-            raise ValueError(f"unknown backend {engine!r}; choose {' or '.join(ENGINES)}")
+            raise ConfigError(f"unknown backend {engine!r}; choose {' or '.join(ENGINES)}")
         self.folder = folder
         self.engine = engine  # "onnxruntime" (its execution providers) or "tensorrt" (native engines)
         self.manifest = manifest
@@ -123,7 +123,7 @@ class Pipeline:
         cache, built from the ONNX when missing or foreign); "onnxruntime" uses its providers.
         """
         if precision not in (None, "fp32", "fp16", "int8"):
-            raise ValueError(f"unknown precision {precision!r}; choose fp32, fp16 or int8")
+            raise ConfigError(f"unknown precision {precision!r}; choose fp32, fp16 or int8")
         folder = Path(folder)
         manifest = load_manifest(folder)
         missing = [g for g in REQUIRED_GRAPHS if g not in manifest.graphs]
@@ -331,7 +331,7 @@ class Pipeline:
 
     def _prepare(self, prompt, video, audio) -> tuple[np.ndarray, Answer]:
         if not prompt or not prompt.strip():
-            raise ValueError("the prompt is empty")
+            raise PromptError("the prompt is empty")
         features, cached = self.encode_media(video, audio)
         timings = {} if cached else dict(features.timings)
         av = self.av_tokens(features, prompt, timings)

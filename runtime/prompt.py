@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vsal.runtime.errors import ConfigError
+
 PROMPT_BEFORE = "USER: <Img>"
 PROMPT_AFTER = "</Img> {prompt}\nASSISTANT:"
 ANSWER_CUT = "\n#"  # the release keeps only what comes before this
@@ -55,7 +57,7 @@ class DecodingOptions:
         if self.eos_token_id is not None and self.eos_token_id < 0:
             problems.append(f"eos_token_id must be >= 0 or None, got {self.eos_token_id}")
         if problems:
-            raise ValueError("invalid decoding options: " + "; ".join(problems))
+            raise ConfigError("invalid decoding options: " + "; ".join(problems))
 
 
 def prompt_after(prompt: str) -> str:

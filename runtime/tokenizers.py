@@ -27,6 +27,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+from vsal.runtime.errors import PackageError
 
 SPIECE_UNDERLINE = "\u2581"
 LLAMA_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
@@ -35,7 +36,7 @@ INSTRUCTION_BOS_TOKEN = "[DEC]"
 INSTRUCTION_MAX_LENGTH = 512  # the release's max_tgt_len, passed as max_length to the bert tokenizer
 
 
-class TokenizerFileError(ValueError):
+class TokenizerFileError(PackageError):
     """A tokenizer file is missing or not what it should be; the message names the file."""
 
     def __init__(self, path: Path | str, problem: str):

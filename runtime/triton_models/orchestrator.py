@@ -28,7 +28,7 @@ for _folder in os.environ.get("VSAL_SITE_DIRS", "").split(os.pathsep):  # set by
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 from vsal.runtime.backends import BackendError, FeedChecker  # noqa: E402
-from vsal.runtime.errors import VsalError  # noqa: E402
+from vsal.runtime.errors import ConfigError, VsalError  # noqa: E402
 from vsal.runtime.generation import GraphDecoderStep  # noqa: E402
 from vsal.runtime.pipeline import Pipeline  # noqa: E402
 from vsal.runtime.prompt import DecodingOptions  # noqa: E402
@@ -142,10 +142,10 @@ class TritonPythonModel:
             if options_json:
                 fields = json.loads(options_json)
                 if not isinstance(fields, dict):
-                    raise ValueError("OPTIONS must be a JSON object of decoding options")
+                    raise ConfigError("OPTIONS must be a JSON object of decoding options")
                 unknown = sorted(set(fields) - set(DecodingOptions.__dataclass_fields__))
                 if unknown:
-                    raise ValueError(f"unknown decoding options {unknown}")
+                    raise ConfigError(f"unknown decoding options {unknown}")
                 options = DecodingOptions(**fields)
             media = {}
             for kind in ("VIDEO", "AUDIO"):
