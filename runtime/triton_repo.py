@@ -20,12 +20,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass, replace
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from vsal.runtime.errors import VsalError
 from vsal.runtime.manifest import MANIFEST_NAME, GraphInfo, Manifest, load_manifest
+from vsal.runtime.package_paths import check_sha256, confined, link_folder, place_file, write_text_file
 from vsal.runtime.tensorrt_engines import ENGINE_DIR, cached_engines
 
 FLAVORS = ("tensorrt", "onnxruntime", "python")
@@ -77,6 +79,8 @@ class RepoOptions:
     decoder: str = "bls"
     tensorrt: str | None = None  # tensorrt flavor: the engines' TensorRT version, when the cache has several
     compute_capability: str | None = None  # ... and GPU compute capability ("9.0")
+    max_upload_mib: int = 256  # the orchestrator refuses a larger media file (each of video, audio)
+    max_new_tokens_limit: int = 512  # ... and a request for more new tokens (the release's max_tgt_len)
 
 
 def batch_axis(info: GraphInfo) -> str | None:
@@ -180,6 +184,8 @@ def orchestrator_config(manifest: Manifest, options: RepoOptions) -> str:
             "local_graphs": json.dumps(local),
             "threads": str(options.orchestrator_threads),
             "precision": options.precision,
+            "max_upload_mib": str(options.max_upload_mib),
+            "max_new_tokens_limit": str(options.max_new_tokens_limit),
         }
     )
     return text
@@ -225,18 +231,100 @@ def _graph_files(name: str, info: GraphInfo, options: RepoOptions, package: Path
     return [file, *sorted(extra)]
 
 
-def _place(src: Path, dst: Path, link: bool) -> None:
-    if not src.is_file():
-        raise RepositoryError(f"{src}: missing (the package is incomplete)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if link:
-        os.symlink(src.resolve(), dst)
-    else:
-        shutil.copy2(src, dst)
-
-
 def _template(name: str) -> str:
     return resources.files("vsal.runtime.triton_models").joinpath(name).read_text()
+
+
+def precision_notes(manifest: Manifest, precision: str, package: Path) -> list[str]:
+    """One note per graph that has no `precision` variant (it ships fp32); RepositoryError when no
+    graph has one: a repository that silently ships fp32 for fp16 is never written."""
+    if precision == "fp32":
+        return []
+    lacking = [name for name, info in manifest.graphs.items() if precision not in info.variants]
+    if len(lacking) == len(manifest.graphs):
+        raise RepositoryError(
+            f"{package}: no graph has a {precision} variant; build them first "
+            f"(`vsal-export build {package} --precision {precision}`) or ask for --precision fp32"
+        )
+    return [f"{name}: no {precision} variant in the package, ships its fp32 graph" for name in lacking]
+
+
+class _Writer:
+    """Places package files in the repository being written: confined sources, sha256 checked
+    against the manifest, destinations inside the repository only (package_paths.place_file)."""
+
+    def __init__(self, package: Path, manifest: Manifest, root: Path, link: bool):
+        self.package, self.root, self.link = package, root, link
+        self.digests = manifest.files()
+
+    def place(self, name: str, dst: Path) -> None:
+        src = confined(self.package, name, "file", must_exist=True)
+        # Engines are not hashed in the manifest (their records key them by the ONNX's sha256).
+        place_file(src, dst, self.digests.get(name), self.root, link=self.link)
+
+    def verify(self, name: str) -> None:
+        check_sha256(confined(self.package, name, "file", must_exist=True), self.digests.get(name))
+
+    def text(self, dst: Path, text: str) -> None:
+        write_text_file(dst, text, self.root)
+
+
+def _write_graph(name: str, info: GraphInfo, options: RepoOptions, writer: _Writer) -> None:
+    """One graph model: its files under version 1, and its config."""
+    package = writer.package
+    files = _graph_files(name, info, options, package)
+    model_file = "model.plan" if options.flavor == "tensorrt" else PurePosixPath(files[0]).name
+    version = writer.root / name / "1"
+    writer.place(files[0], version / model_file)
+    for extra in files[1:]:  # external weights, under the names the graph refers to
+        writer.place(extra, version / PurePosixPath(extra).name)
+    if options.flavor == "python":
+        writer.text(version / "model.py", _template("onnx_graph.py"))
+    built_for = _engine_file(name, info, options, package)[1] if options.flavor == "tensorrt" else ""
+    writer.text(writer.root / name / "config.pbtxt", graph_config(name, info, options, model_file, built_for))
+
+
+def _write_orchestrator(manifest: Manifest, options: RepoOptions, local: list[str], writer: _Writer) -> None:
+    """The orchestrator model, with the package files it reads itself under their package names:
+    copies, or with `link` one symlink to the package folder (the orchestrator loads it as a package,
+    and a package's files must lie inside its folder: links to each file would be refused)."""
+    folder = writer.root / ORCHESTRATOR / "1" / ORCHESTRATOR_PACKAGE
+    files = [
+        info.file for info in (manifest.embeddings, manifest.llm_tokenizer, manifest.instruction_tokenizer)
+    ]
+    for name in local:  # graphs the orchestrator runs itself
+        files += _graph_files(
+            name, manifest.graphs[name], replace(options, flavor="onnxruntime"), writer.package
+        )
+    if writer.link:
+        for file in files:
+            writer.verify(file)
+        link_folder(writer.package, folder, writer.root)
+    else:
+        for file in files:
+            writer.place(file, folder / file)
+        writer.text(folder / MANIFEST_NAME, json.dumps(manifest.to_dict(), indent=2) + "\n")  # as checked
+    writer.text(folder.parent / "model.py", _template("orchestrator.py"))
+    writer.text(writer.root / ORCHESTRATOR / "config.pbtxt", orchestrator_config(manifest, options))
+
+
+def _remove(path: Path) -> None:
+    """Remove what is at path without following a symlink there (a link is removed, not its target)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def _check_options(options: RepoOptions) -> None:
+    if options.flavor not in FLAVORS:
+        raise RepositoryError(f"unknown flavor {options.flavor!r}; choose one of {', '.join(FLAVORS)}")
+    if options.precision not in ("fp32", "fp16", "int8"):
+        raise RepositoryError(f"unknown precision {options.precision!r}; choose fp32, fp16 or int8")
+    if options.decoder not in ("bls", "orchestrator"):
+        raise RepositoryError(f"unknown decoder placement {options.decoder!r}; choose bls or orchestrator")
+    if options.instances < 1 or options.orchestrator_instances < 1 or options.orchestrator_threads < 1:
+        raise RepositoryError("instance and thread counts must be >= 1")
 
 
 def write_repository(
@@ -246,55 +334,32 @@ def write_repository(
     *,
     overwrite: bool = False,
 ) -> Path:
-    """Write the Triton model repository for a package; returns its folder."""
-    if options.flavor not in FLAVORS:
-        raise RepositoryError(f"unknown flavor {options.flavor!r}; choose one of {', '.join(FLAVORS)}")
-    if options.precision not in ("fp32", "fp16", "int8"):
-        raise RepositoryError(f"unknown precision {options.precision!r}; choose fp32, fp16 or int8")
-    if options.decoder not in ("bls", "orchestrator"):
-        raise RepositoryError(f"unknown decoder placement {options.decoder!r}; choose bls or orchestrator")
-    if options.instances < 1 or options.orchestrator_instances < 1 or options.orchestrator_threads < 1:
-        raise RepositoryError("instance and thread counts must be >= 1")
+    """Write the Triton model repository for a package; returns its folder.
+
+    Everything is written under OUTPUT.partial, created afresh (a symlink found there or at OUTPUT is
+    removed, never followed), then renamed to OUTPUT. Every package file is confined to the package
+    and its sha256 checked against the manifest, also when linked (`link`)."""
+    _check_options(options)
     package, output = Path(package), Path(output)
     manifest = load_manifest(package)
-    if output.exists() and not overwrite:
+    if os.path.lexists(output) and not overwrite:
         raise RepositoryError(f"{output}: already exists (give --overwrite to replace it)")
+    for note in precision_notes(manifest, options.precision, package):
+        print(f"vsal: note: {note}", file=sys.stderr)
     partial = output.with_name(output.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
+    _remove(partial)
     try:
         partial.mkdir(parents=True)
+        writer = _Writer(package, manifest, partial, options.link)
         local = ["llm_decoder"] if options.decoder == "orchestrator" else []
         for name, info in manifest.graphs.items():
-            if name in local:
-                continue
-            files = _graph_files(name, info, options, package)
-            model_file = "model.plan" if options.flavor == "tensorrt" else Path(files[0]).name
-            version = partial / name / "1"
-            _place(package / files[0], version / model_file, options.link)
-            for extra in files[1:]:  # external weights, under the names the graph refers to
-                _place(package / extra, version / Path(extra).name, options.link)
-            if options.flavor == "python":
-                (version / "model.py").write_text(_template("onnx_graph.py"))
-            built_for = _engine_file(name, info, options, package)[1] if options.flavor == "tensorrt" else ""
-            config = graph_config(name, info, options, model_file, built_for)
-            (partial / name / "config.pbtxt").write_text(config)
-        version = partial / ORCHESTRATOR / "1"
-        (version / ORCHESTRATOR_PACKAGE).mkdir(parents=True)
-        for info in (manifest.embeddings, manifest.llm_tokenizer, manifest.instruction_tokenizer):
-            _place(package / info.file, version / ORCHESTRATOR_PACKAGE / info.file, options.link)
-        for name in local:  # graphs the orchestrator runs itself, under their package names
-            info = manifest.graphs[name]
-            for file in _graph_files(name, info, replace(options, flavor="onnxruntime"), package):
-                _place(package / file, version / ORCHESTRATOR_PACKAGE / file, options.link)
-        shutil.copy2(package / MANIFEST_NAME, version / ORCHESTRATOR_PACKAGE / MANIFEST_NAME)
-        (version / "model.py").write_text(_template("orchestrator.py"))
-        (partial / ORCHESTRATOR / "config.pbtxt").write_text(orchestrator_config(manifest, options))
+            if name not in local:
+                _write_graph(name, info, options, writer)
+        _write_orchestrator(manifest, options, local, writer)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    if output.exists():
-        shutil.rmtree(output)
+    _remove(output)
     os.replace(partial, output)
     return output
 

@@ -63,14 +63,15 @@ def _package(tmp_path: Path, graphs: dict[str, tuple[onnx.ModelProto, GraphInfo]
             onnx.save_model(model, folder / info.file)
         info.sha256 = sha256_file(folder / info.file)
         infos[name] = info
-    files = {}
-    for name, data in (("embeddings.npy", b"emb"), ("tokenizer.model", b"tok"), ("vocab.txt", b"[PAD]\n")):
+    np.save(folder / "embeddings.npy", np.zeros((4, 2), np.float32))  # [vocab, hidden] of config.llm
+    files = {"embeddings.npy": FileInfo("embeddings.npy", sha256_file(folder / "embeddings.npy"))}
+    for name, data in (("tokenizer.model", b"tok"), ("vocab.txt", b"[PAD]\n")):
         (folder / name).write_bytes(data)
         files[name] = FileInfo(name, sha256_file(folder / name))
     manifest = Manifest(
         preset="test",
         random_weights=True,
-        config={},
+        config={"llm": {"vocab_size": 4, "hidden_size": 2}},
         graphs=infos,
         embeddings=files["embeddings.npy"],
         llm_tokenizer=files["tokenizer.model"],

@@ -1,0 +1,202 @@
+"""Packages come from elsewhere: every file their manifest names stays inside the package folder.
+
+A name must be a relative POSIX path without `..`; every symlink on its way must resolve inside the
+folder; what it names must be a regular file (a FIFO blocks a reader forever, /dev/zero never ends).
+manifest.json itself is bounded in size and nesting before it is parsed. Writers that place package
+files elsewhere (the Triton repository) go through `place_file`: inside their output folder only,
+never through a symlink found there, and only bytes whose sha256 the manifest gives. Torch-free.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import stat
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+from vsal.runtime.errors import PackageError
+
+MAX_MANIFEST_BYTES = 4 << 20  # 4 MiB; the 13b's manifest is about 20 KB
+MAX_JSON_DEPTH = 32  # the manifest nests 6 levels deep
+_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def checked_name(name: Any, field: str, manifest: Path) -> PurePosixPath:
+    """A manifest's file name as a relative path with no `..`; PackageError naming the field if not."""
+    if not isinstance(name, str) or not name or "\0" in name or "\\" in name:
+        raise PackageError(f"{manifest}: {field} must be a relative file name, got {name!r}")
+    path = PurePosixPath(name)
+    if path.is_absolute():
+        raise PackageError(
+            f"{manifest}: {field} {name!r} is an absolute path; a package names its files relative to it"
+        )
+    if ".." in path.parts:
+        raise PackageError(f"{manifest}: {field} {name!r} leaves the package folder (..)")
+    return path
+
+
+def confined(
+    folder: Path, name: str, field: str, *, must_exist: bool = False, named_in: Path | None = None
+) -> Path:
+    """The real path of `folder/name`, checked to lie inside `folder` and to be a regular file.
+
+    A name that does not exist passes unless `must_exist` (verify_files reports missing files);
+    everything else that is wrong raises PackageError naming the file and the field. `named_in`: the
+    file that gives the name (default: the manifest)."""
+    folder = Path(folder)
+    checked_name(name, field, named_in or folder / "manifest.json")
+    path = folder / name
+    root = os.path.realpath(folder)
+    real = os.path.realpath(path)
+    if not inside(real, root):
+        raise PackageError(
+            f"{path}: {field} resolves to {real}, outside the package folder {root} (a symlink that "
+            "leaves it); a package's files must lie inside its folder"
+        )
+    try:
+        mode = os.stat(real).st_mode
+    except FileNotFoundError:
+        if must_exist:
+            raise PackageError(f"{path}: missing ({field})") from None
+        return Path(real)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise PackageError(f"{path}: {field} is a symlink loop") from None
+        raise PackageError(f"{path}: {field} cannot be read ({exc.strerror})") from None
+    if not stat.S_ISREG(mode):
+        kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise PackageError(f"{path}: {field} is {kind}; a package's files must be regular files")
+    if not os.access(real, os.R_OK):
+        raise PackageError(f"{path}: {field} is not readable by this user (permission denied)")
+    return Path(real)
+
+
+def read_manifest_json(path: Path) -> Any:
+    """manifest.json, parsed, once it is known to be small and shallow enough to parse safely."""
+    with open(path, "rb") as f:
+        raw = f.read(MAX_MANIFEST_BYTES + 1)
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise PackageError(
+            f"{path}: larger than {MAX_MANIFEST_BYTES >> 20} MiB; a manifest is a few KB (not a package?)"
+        )
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        data = None  # the decoder's own recursion limit: certainly deeper than ours
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PackageError(f"{path}: not valid JSON ({exc})") from None
+    if data is None or _depth(data) > MAX_JSON_DEPTH:
+        raise PackageError(f"{path}: JSON nested deeper than {MAX_JSON_DEPTH} levels; a manifest nests 6")
+    return data
+
+
+def _depth(data: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            deepest = max(deepest, depth)
+            children = value.values() if isinstance(value, dict) else value
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def load_embeddings(folder: Path, name: str, vocab: int, hidden: int) -> np.ndarray:
+    """The token-embedding table [vocab, hidden] float32, memory-mapped; never unpickled."""
+    path = confined(folder, name, "embeddings.file", must_exist=True)
+    shown = Path(folder) / name
+    try:
+        table = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:  # pickled object arrays, bad headers
+        raise PackageError(f"{shown}: not a plain .npy array ({exc})") from None
+    except OSError as exc:
+        raise PackageError(f"{shown}: cannot be read as .npy ({exc})") from None
+    if not isinstance(table, np.ndarray):  # a .npz archive
+        raise PackageError(f"{shown}: an archive of arrays, expected one .npy array [vocab, hidden]")
+    if table.shape != (vocab, hidden) or table.dtype != np.dtype("float32"):
+        raise PackageError(
+            f"{shown}: {table.dtype} {list(table.shape)}, expected float32 [{vocab}, {hidden}] "
+            "(the manifest's config.llm vocab_size, hidden_size): re-export the package"
+        )
+    return table
+
+
+# --- writers ----------------------------------------------------------------------------------------
+
+
+def _prepare(dst: Path, root: Path) -> None:
+    """Make dst writable without following anything planted there: its folder lies inside root
+    (through no symlink that leaves it), and whatever sits at dst itself is removed."""
+    real_root = os.path.realpath(root)
+    if not inside(os.path.realpath(dst.parent), real_root):  # checked before mkdir creates anything
+        raise PackageError(f"{dst}: would be written outside the output folder {root} (through a symlink)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if os.path.lexists(dst):
+        if os.path.isdir(dst) and not os.path.islink(dst):
+            raise PackageError(f"{dst}: a directory is in the way of a file to write")
+        os.unlink(dst)  # a planted symlink is replaced, never followed
+
+
+def place_file(src: Path, dst: Path, sha256: str | None, root: Path, *, link: bool = False) -> None:
+    """Copy (or symlink) a confined package file to dst inside root, checking its sha256 (None: a
+    file the manifest does not hash). A link points at src's real path, inside the package."""
+    _prepare(dst, root)
+    if link:
+        check_sha256(src, sha256)
+        os.symlink(src, dst)
+        return
+    digest = _copy_hashed(src, dst)
+    if sha256 is not None and digest != sha256:
+        dst.unlink()
+        raise PackageError(f"{src}: sha256 differs from the manifest (corrupt or replaced): not copied")
+
+
+def link_folder(src: Path, dst: Path, root: Path) -> None:
+    """A symlink at dst (inside root) to the package folder src, whose files load_manifest confines."""
+    _prepare(dst, root)
+    os.symlink(os.path.realpath(src), dst, target_is_directory=True)
+
+
+def check_sha256(src: Path, sha256: str | None) -> None:
+    if sha256 is None:
+        return
+    h = hashlib.sha256()
+    with open(src, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    if h.hexdigest() != sha256:
+        raise PackageError(f"{src}: sha256 differs from the manifest (corrupt or replaced)")
+
+
+def _copy_hashed(src: Path, dst: Path) -> str:
+    """Copy src to a new file dst (O_EXCL | O_NOFOLLOW: never through a link), hashing the bytes."""
+    h = hashlib.sha256()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    with open(src, "rb") as fin, os.fdopen(os.open(dst, flags, 0o644), "wb") as fout:
+        for block in iter(lambda: fin.read(1 << 22), b""):
+            h.update(block)
+            fout.write(block)
+    return h.hexdigest()
+
+
+def write_text_file(dst: Path, text: str, root: Path) -> None:
+    """Write a new text file at dst inside root, never through a link planted there."""
+    _prepare(dst, root)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    with os.fdopen(os.open(dst, flags, 0o644), "w") as f:
+        f.write(text)

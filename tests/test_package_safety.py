@@ -1,0 +1,520 @@
+"""Hostile model packages: every file a manifest names stays inside the package, the manifest is
+bounded and typed, graphs and embeddings are what the manifest says, writers write only inside their
+output. Each case edits a copy of the tiny package; every refusal is one PackageError naming the file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from vsal.runtime.errors import PackageError
+from vsal.runtime.manifest import load_manifest, sha256_file, verify_files
+from vsal.runtime.package_paths import MAX_JSON_DEPTH, MAX_MANIFEST_BYTES, place_file
+from vsal.runtime.pipeline import Pipeline
+from vsal.runtime.triton_repo import RepoOptions, write_repository
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def pkg(tiny_package, tmp_path):
+    """A private copy of the tiny package, to break."""
+    copy = tmp_path / "pkg"
+    shutil.copytree(tiny_package, copy, symlinks=True)
+    return copy
+
+
+def _data(pkg: Path) -> dict:
+    return json.loads((pkg / "manifest.json").read_text())
+
+
+def _save(pkg: Path, data: dict) -> None:
+    (pkg / "manifest.json").write_text(json.dumps(data))
+
+
+def _set(pkg: Path, keys: str, value) -> None:
+    """Set a manifest field by dotted path ("graphs.beats_encoder.file")."""
+    data = _data(pkg)
+    *parents, last = keys.split(".")
+    node = data
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    _save(pkg, data)
+
+
+def _refused(pkg: Path, match: str) -> str:
+    """load_manifest (so every reader) and Pipeline.load without sha256 both refuse; the message."""
+    with pytest.raises(PackageError, match=match) as caught:
+        load_manifest(pkg)
+    with pytest.raises(PackageError, match=match):
+        Pipeline.load(pkg, verbose=False, verify=False)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run(
+        [str(BIN / args[0]), *args[1:]], capture_output=True, text=True, timeout=300, env=env
+    )
+
+
+# --- confinement ------------------------------------------------------------------------------------
+
+
+def test_absolute_path_is_refused(pkg):
+    _set(pkg, "graphs.vision_encoder.file", "/etc/passwd")
+    message = _refused(pkg, "absolute path")
+    assert "graphs.vision_encoder.file '/etc/passwd'" in message and "manifest.json" in message
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "label"),
+    [
+        ("external_data", {"../x.data": "0" * 64}, r"graphs.llm_decoder.external_data\['../x.data'\]"),
+        ("engines", [{"file": "/etc/passwd"}], r"graphs.llm_decoder.engines\[0\].file"),
+        (
+            "variants",
+            {"fp16": {"precision": "fp16", "file": "../../x.onnx", "sha256": "0" * 64}},
+            "graphs.llm_decoder.variants.fp16.file",
+        ),
+        (
+            "variants",
+            {
+                "int8": {
+                    "precision": "int8",
+                    "file": "graphs/llm_decoder.onnx",
+                    "sha256": "0" * 64,
+                    "external_data": {"/etc/shadow": "0" * 64},
+                }
+            },
+            r"graphs.llm_decoder.variants.int8.external_data\['/etc/shadow'\]",
+        ),
+    ],
+)
+def test_every_named_file_is_confined(pkg, field, value, label):
+    _set(pkg, f"graphs.llm_decoder.{field}", value)
+    _refused(pkg, f"manifest.json: {label} .* (is an absolute path|leaves the package folder)")
+
+
+def test_engine_cache_is_confined(pkg, tmp_path):
+    (pkg / "engines").mkdir()
+    (pkg / "engines" / "llm_decoder.fp32.x.engine").symlink_to("/etc/passwd")
+    _refused(pkg, "llm_decoder.fp32.x.engine: engine cache resolves to /etc/passwd, outside the package")
+    shutil.rmtree(pkg / "engines")
+    (tmp_path / "cache").mkdir()
+    (pkg / "engines").symlink_to(tmp_path / "cache")
+    _refused(pkg, "engines: the engine cache must be a folder inside the package")
+
+
+@pytest.mark.parametrize("name", ["../outside.npy", "tokenizer/../../outside.npy", "../../../../etc/passwd"])
+def test_dotdot_is_refused(pkg, name):
+    shutil.copy(pkg / "embeddings.npy", pkg.parent / "outside.npy")
+    _set(pkg, "embeddings.file", name)
+    assert "embeddings.file" in _refused(pkg, r"leaves the package folder \(\.\.\)")
+
+
+def test_symlink_out_of_the_package_is_refused(pkg, tmp_path):
+    # Same bytes, so the sha256 matches: only confinement can refuse it.
+    outside = tmp_path / "elsewhere.onnx"
+    graph = pkg / "graphs" / "beats_encoder.onnx"
+    shutil.move(graph, outside)
+    graph.symlink_to(outside)
+    _refused(pkg, "graphs.beats_encoder.file resolves to .*elsewhere.onnx, outside the package folder")
+
+
+def test_symlinked_folder_out_of_the_package_is_refused(pkg, tmp_path):
+    shutil.move(pkg / "tokenizer", tmp_path / "tokenizer")
+    (pkg / "tokenizer").symlink_to(tmp_path / "tokenizer")
+    _refused(pkg, "llm_tokenizer.file resolves to .*tokenizer.model, outside the package folder")
+
+
+def test_symlink_inside_the_package_is_fine(pkg):
+    graph = pkg / "graphs" / "beats_encoder.onnx"
+    shutil.move(graph, pkg / "graphs" / "real.onnx")
+    graph.symlink_to("real.onnx")
+    assert verify_files(load_manifest(pkg), pkg) == []
+
+
+def test_symlink_to_etc_passwd_is_refused(pkg):
+    (pkg / "graphs" / "vision_encoder.onnx").unlink()
+    (pkg / "graphs" / "vision_encoder.onnx").symlink_to("/etc/passwd")
+    _refused(pkg, "resolves to /etc/passwd, outside the package folder")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink out"])
+def test_hostile_manifest_file_is_refused_before_it_is_read(pkg, kind):
+    manifest = pkg / "manifest.json"
+    manifest.unlink()
+    if kind == "fifo":
+        os.mkfifo(manifest)
+        _refused(pkg, "manifest.json: manifest.json is a FIFO")
+    else:
+        manifest.symlink_to("/etc/passwd")
+        _refused(pkg, "manifest.json: manifest.json resolves to /etc/passwd, outside the package folder")
+
+
+def test_fifo_graph_is_refused_without_opening_it(pkg):
+    graph = pkg / "graphs" / "vision_encoder.onnx"
+    graph.unlink()
+    os.mkfifo(graph)  # opening it would block forever
+    _refused(pkg, "vision_encoder.onnx: graphs.vision_encoder.file is a FIFO")
+
+
+def test_directory_and_symlink_loop_are_named(pkg):
+    graph = pkg / "graphs" / "vision_encoder.onnx"
+    graph.unlink()
+    graph.mkdir()
+    _refused(pkg, "is a directory; a package's files must be regular files")
+    graph.rmdir()
+    graph.symlink_to(graph.name)
+    _refused(pkg, "vision_encoder.onnx: graphs.vision_encoder.file is a symlink loop")
+
+
+def test_graph_weights_outside_the_package_are_refused(pkg):
+    """The ONNX file names its external weights itself: those locations are confined too."""
+    path = pkg / "graphs" / "vision_encoder.onnx"
+    model = onnx.load(str(path))
+    tensor = model.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", "/etc/passwd"
+    onnx.save_model(model, path)
+    _set(pkg, "graphs.vision_encoder.sha256", sha256_file(path))  # an attacker updates it too
+    _refused(
+        pkg,
+        r"vision_encoder.onnx: its weights location \(for graphs.vision_encoder\) '/etc/passwd' is an abs",
+    )
+
+
+# --- manifest.json bounds and types -----------------------------------------------------------------
+
+
+def test_deeply_nested_manifest_is_one_error(pkg):
+    data, deep = _data(pkg), 0
+    (pkg / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)  # past Python's recursion limit
+    _refused(pkg, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    for _ in range(MAX_JSON_DEPTH):
+        deep = {"a": deep}
+    data["config"]["deep"] = deep  # within the decoder's limit, past ours
+    _save(pkg, data)
+    _refused(pkg, "nested deeper")
+
+
+def test_oversized_manifest_is_refused_before_parsing(pkg):
+    data = _data(pkg)
+    data["vsal_version"] = "x" * MAX_MANIFEST_BYTES
+    _save(pkg, data)
+    _refused(pkg, "manifest.json: larger than 4 MiB")
+
+
+@pytest.mark.parametrize(
+    ("keys", "value", "match"),
+    [
+        ("graphs.vision_encoder.inputs", "pixel_values", "graphs.vision_encoder.inputs must be a list"),
+        ("graphs.vision_encoder.file", 7, "graphs.vision_encoder.file must be a string, got 7"),
+        ("graphs.vision_encoder.profile.N.max", "120", r"profile.N.max must be an integer, got \"120\""),
+        ("graphs.vision_encoder.inputs.0.shape", ["N", 3.5], r"shape\[1\] must be an integer or a string"),
+        ("special_tokens.bos", True, "special_tokens.bos must be an integer, got true"),
+        ("embeddings", [], "embeddings must be an object, got list"),
+        ("graphs.vision_encoder.variants", {"fp16": {"file": "x"}}, "variants.fp16 lacks precision, sha256"),
+        ("graphs.vision_encoder.surprise", 1, r"graphs.vision_encoder has unknown fields \['surprise'\]"),
+    ],
+)
+def test_wrong_types_name_the_field(pkg, keys, value, match):
+    if keys.endswith("inputs.0.shape"):
+        data = _data(pkg)
+        data["graphs"]["vision_encoder"]["inputs"][0]["shape"] = value
+        _save(pkg, data)
+    else:
+        _set(pkg, keys, value)
+    assert "manifest.json" in _refused(pkg, match)
+
+
+def test_graph_names_cannot_be_paths(pkg):
+    data = _data(pkg)
+    data["graphs"]["../../escape"] = data["graphs"].pop("beats_encoder")
+    _save(pkg, data)
+    _refused(pkg, r"graphs has a key '../../escape'; graph names are")
+
+
+def test_manifest_that_is_not_an_object(pkg):
+    (pkg / "manifest.json").write_text("[1, 2]")
+    _refused(pkg, "format_version None")
+
+
+# --- graphs and embeddings are what the manifest says -----------------------------------------------
+
+
+def test_swapped_graph_is_refused_at_load_naming_the_file(pkg):
+    whisper = pkg / "graphs" / "whisper_encoder.onnx"
+    shutil.copy(pkg / "graphs" / "beats_encoder.onnx", whisper)
+    with pytest.raises(PackageError, match="whisper_encoder.onnx: sha256 differs"):
+        load_manifest(pkg)  # a plain swap: the sha256 tells
+    _set(pkg, "graphs.whisper_encoder.sha256", sha256_file(whisper))  # a crafted one: the interface tells
+    message = _refused(pkg, r"whisper_encoder.onnx: its inputs are \['fbank'\], the manifest declares")
+    assert "graphs.whisper_encoder in manifest.json describes another graph" in message
+
+
+def test_dtype_and_rank_are_checked(pkg):
+    data = _data(pkg)
+    data["graphs"]["beats_encoder"]["inputs"][0]["dtype"] = "float16"
+    _save(pkg, data)
+    _refused(pkg, "beats_encoder.onnx: input fbank is float32, the manifest declares float16")
+    data["graphs"]["beats_encoder"]["inputs"][0]["dtype"] = "float32"
+    data["graphs"]["beats_encoder"]["outputs"][0]["shape"].append(1)
+    _save(pkg, data)
+    _refused(pkg, "output audio_tokens has rank 3, the manifest declares 4")
+
+
+def test_swapped_variant_is_refused(pkg):
+    variant = pkg / "graphs" / "whisper_encoder.fp16.onnx"
+    shutil.copy(pkg / "graphs" / "beats_encoder.onnx", variant)
+    _set(
+        pkg,
+        "graphs.whisper_encoder.variants",
+        {
+            "fp16": {
+                "precision": "fp16",
+                "file": "graphs/whisper_encoder.fp16.onnx",
+                "sha256": sha256_file(variant),
+            }
+        },
+    )
+    _refused(pkg, "whisper_encoder.fp16.onnx: its inputs are .*graphs.whisper_encoder.variants.fp16 in")
+
+
+def test_garbage_graph_with_matching_sha256_is_refused(pkg):
+    graph = pkg / "graphs" / "vision_encoder.onnx"
+    graph.write_bytes(b"broken" * 10)  # a field whose length runs past the end
+    _set(pkg, "graphs.vision_encoder.sha256", sha256_file(graph))
+    _refused(pkg, "vision_encoder.onnx: not an ONNX graph")
+
+
+class _Payload:
+    """Unpickling this creates a marker file: proof that pickled code ran."""
+
+    marker: Path
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pickled_embeddings_never_run(pkg, tmp_path):
+    payload = _Payload()
+    payload.marker = tmp_path / "pickle-ran"
+    table = pkg / "embeddings.npy"
+    np.save(table, np.array([payload], dtype=object), allow_pickle=True)
+    _set(pkg, "embeddings.sha256", sha256_file(table))
+    with pytest.raises(PackageError, match="embeddings.npy: not a plain .npy array"):
+        Pipeline.load(pkg, verbose=False)
+    assert not payload.marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("array", "match"),
+    [
+        (np.zeros((100, 64), np.float32), r"float32 \[100, 64\], expected float32 \[32000, 64\]"),
+        (np.zeros((32000, 64), np.float64), r"float64 \[32000, 64\], expected float32"),
+        (np.zeros(32000 * 64, np.float32), r"float32 \[2048000\], expected"),
+    ],
+)
+def test_wrong_embeddings_are_one_error(pkg, array, match):
+    table = pkg / "embeddings.npy"
+    np.save(table, array)
+    _set(pkg, "embeddings.sha256", sha256_file(table))
+    with pytest.raises(PackageError, match=f"embeddings.npy: {match}"):
+        Pipeline.load(pkg, verbose=False)
+
+
+# --- the Triton repository writer -------------------------------------------------------------------
+
+
+def test_writer_refuses_a_package_that_points_outside(pkg, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    _set(pkg, "llm_tokenizer.file", "../../victim.txt")
+    with pytest.raises(PackageError, match="leaves the package folder"):
+        write_repository(pkg, tmp_path / "out" / "repo")
+    assert victim.read_text() == "precious"
+    assert not (tmp_path / "out").exists()
+
+
+def test_writer_replaces_planted_symlinks_never_follows_them(tiny_package, tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("precious")
+    out = tmp_path / "repo"
+    out.with_name("repo.partial").symlink_to(victim)  # where the writer works
+    write_repository(tiny_package, out)
+    assert not out.is_symlink() and (out / "vsal" / "config.pbtxt").is_file()
+    out2 = tmp_path / "repo2"
+    out2.symlink_to(victim)
+    write_repository(tiny_package, out2, overwrite=True)  # replaces the link, not the victim's files
+    assert not out2.is_symlink() and (out2 / "vsal" / "config.pbtxt").is_file()
+    assert sorted(p.name for p in victim.iterdir()) == ["keep.txt"]
+    assert (victim / "keep.txt").read_text() == "precious"
+
+
+def test_place_file_writes_only_inside_its_output(tiny_package, tmp_path):
+    src, digest = tiny_package / "embeddings.npy", load_manifest(tiny_package).embeddings.sha256
+    root, victim = tmp_path / "root", tmp_path / "victim"
+    root.mkdir()
+    victim.mkdir()
+    (victim / "x.npy").write_text("precious")
+    (root / "sub").symlink_to(victim)
+    with pytest.raises(PackageError, match="would be written outside the output folder"):
+        place_file(src, root / "sub" / "x.npy", digest, root)
+    with pytest.raises(PackageError, match="would be written outside the output folder"):
+        place_file(src, root / "sub" / "new" / "x.npy", digest, root)
+    assert not (victim / "new").exists()
+    (root / "planted.npy").symlink_to(victim / "x.npy")
+    place_file(src, root / "planted.npy", digest, root)
+    assert not (root / "planted.npy").is_symlink() and sha256_file(root / "planted.npy") == digest
+    assert (victim / "x.npy").read_text() == "precious"
+    with pytest.raises(PackageError, match="sha256 differs from the manifest"):
+        place_file(src, root / "other.npy", "0" * 64, root)
+    assert not (root / "other.npy").exists()
+
+
+@pytest.mark.parametrize("link", [True, False])
+def test_repository_links_point_only_at_package_files(pkg, tmp_path, link):
+    """`vsal serve` links (link=True): every link lies in the repository and points at a package file,
+    or (the orchestrator's package) at the package folder; the orchestrator can load what it gets."""
+    options = RepoOptions(flavor="python", link=link, decoder="orchestrator")
+    repo = write_repository(pkg, tmp_path / "repo", options)
+    links = [p for p in repo.rglob("*") if p.is_symlink()]
+    assert bool(links) == link
+    files = {(pkg / name).resolve() for name in load_manifest(pkg).files()}
+    for path in links:
+        assert path.resolve() in files or path.resolve() == pkg.resolve()
+    orchestrator_package = repo / "vsal" / "1" / "package"
+    assert orchestrator_package.is_symlink() == link
+    Pipeline.load(orchestrator_package, verbose=False, verify=False)  # what the orchestrator does
+
+
+def test_writer_checks_sha256_of_what_it_copies(pkg, tmp_path):
+    (pkg / "tokenizer" / "instruction" / "vocab.txt").write_text("[PAD]\n")
+    with pytest.raises(PackageError, match="vocab.txt: sha256 differs from the manifest"):
+        write_repository(pkg, tmp_path / "repo")
+    assert not (tmp_path / "repo").exists() and not (tmp_path / "repo.partial").exists()
+
+
+def _fake_fp16_variants(pkg: Path, graphs) -> None:
+    """fp16 variants as `vsal-export build` records them (same I/O: keep_io_types), bytes of fp32."""
+    data = _data(pkg)
+    for name in graphs:
+        info = data["graphs"][name]
+        file = f"graphs/{name}.fp16.onnx"
+        shutil.copy(pkg / info["file"], pkg / file)
+        info["variants"] = {"fp16": {"precision": "fp16", "file": file, "sha256": info["sha256"]}}
+    _save(pkg, data)
+
+
+def test_triton_fp16_ships_the_fp16_files_and_says_which_lack_them(pkg, tmp_path):
+    names = list(_data(pkg)["graphs"])
+    _fake_fp16_variants(pkg, names[1:])
+    out = tmp_path / "repo"
+    done = _cli(
+        "vsal-export",
+        "triton",
+        str(pkg),
+        "--output",
+        str(out),
+        "--flavor",
+        "onnxruntime",
+        "--precision",
+        "fp16",
+    )
+    assert done.returncode == 0, done.stderr
+    shipped = sorted(p.name for p in out.rglob("*.onnx"))
+    assert shipped == sorted([f"{names[0]}.onnx", *(f"{n}.fp16.onnx" for n in names[1:])])
+    assert f"vsal: note: {names[0]}: no fp16 variant in the package, ships its fp32 graph" in done.stderr
+    assert done.stderr.count("no fp16 variant") == 1
+    done = _cli(
+        "vsal-export",
+        "triton",
+        str(pkg),
+        "--output",
+        str(out),
+        "--flavor",
+        "onnxruntime",
+        "--precision",
+        "int8",
+        "--overwrite",
+    )
+    assert done.returncode == 1 and done.stderr.strip().count("\n") == 0
+    assert "no graph has a int8 variant; build them first" in done.stderr
+
+
+# --- the command lines: exit 1 and one line ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["run", "check", "triton"])
+def test_hostile_package_is_one_line_from_every_cli(pkg, tmp_path, command):
+    graph = pkg / "graphs" / "vision_encoder.onnx"
+    graph.unlink()
+    os.mkfifo(graph)
+    args = {
+        "run": ("vsal", "run", str(pkg), "--prompt", "hi", "--audio", str(tmp_path / "a.wav")),
+        "check": ("vsal-export", "check", str(pkg)),
+        "triton": ("vsal-export", "triton", str(pkg), "--output", str(tmp_path / "repo")),
+    }[command]
+    done = _cli(*args)
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr
+    assert lines[0].endswith(
+        f"{graph}: graphs.vision_encoder.file is a FIFO; a package's files must be regular files"
+    )
+
+
+def test_header_reader_finds_weights_in_subgraphs_and_matches_onnx(tmp_path):
+    """The wire-format reader sees what onnx.load sees: inputs less initializers, outputs, and the
+    external-data locations of tensors nested in a subgraph's Constant."""
+    from onnx import TensorProto, helper
+    from vsal.runtime.graph_header import read_graph_header
+
+    hidden = helper.make_tensor("c", TensorProto.FLOAT, [1], [0.0])
+    hidden.ClearField("float_data")
+    hidden.data_location = TensorProto.EXTERNAL
+    entry = hidden.external_data.add()
+    entry.key, entry.value = "location", "../../deep.bin"
+    then = helper.make_graph(
+        [helper.make_node("Constant", [], ["y"], value=hidden)],
+        "then",
+        [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["w"], ["z"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1])],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["out"], then_branch=then, else_branch=other)],
+        "g",
+        [
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("w", TensorProto.FLOAT, [1]),
+        ],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1])],
+        initializer=[helper.make_tensor("w", TensorProto.FLOAT, [1], [1.0])],
+    )
+    path = tmp_path / "g.onnx"
+    onnx.save_model(helper.make_model(graph), path)
+    header = read_graph_header(path)
+    assert [(t.name, t.dtype, t.rank) for t in header.inputs] == [("cond", "bool", 0)]
+    assert [(t.name, t.dtype, t.rank) for t in header.outputs] == [("out", "float32", 1)]
+    assert header.external_locations == {"../../deep.bin"}
