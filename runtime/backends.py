@@ -4,12 +4,16 @@ One small interface (`Backend`), implemented by ONNX Runtime with the TensorRT, 
 execution provider; the native TensorRT engine backend plugs in behind the same interface. The
 provider is chosen per graph from what the machine has and said on screen, never silently. Feeds
 are checked against the manifest (names, dtypes, ranks, static sizes, profile ranges, multiples)
-before running, so a wrong input is one clear error instead of a failure deep in a kernel.
+before running, so a wrong input is one clear error instead of a failure deep in a kernel, and an
+input past the graph's profile (a prompt of 50,000 tokens) never reaches it. Every way of running
+a graph (`OnnxRuntimeBackend.run`, the decoder's IO-binding step, `TensorRTBackend.run`, a
+server's BLS call) passes through `FeedChecker.check`: shapes and dtypes only, cheap per token.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -66,6 +70,16 @@ def choose_provider(requested: str | None) -> str:
     return requested
 
 
+class Tensor(Protocol):
+    """What the checker reads of a feed: a numpy array, or facts about a tensor on a device."""
+
+    @property
+    def dtype(self) -> np.dtype: ...
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+
 @dataclass
 class FeedChecker:
     """Checks feeds against a graph's manifest entry: one message listing every problem."""
@@ -73,28 +87,40 @@ class FeedChecker:
     graph: str
     info: GraphInfo
 
-    def check(self, feeds: dict[str, np.ndarray]) -> None:
+    def __post_init__(self) -> None:
+        # Read once, not per call: the decoder's feeds are checked at every token.
+        self._expected = {t.name: (t, np.dtype(t.dtype)) for t in self.info.inputs}
+        self._relations = [
+            (t, i, want)
+            for t in self.info.inputs
+            for i, want in enumerate(t.shape)
+            if not isinstance(want, int) and want not in self.info.profile
+        ]
+
+    def check(self, feeds: Mapping[str, Tensor]) -> None:
         problems = []
-        expected = {t.name: t for t in self.info.inputs}
-        missing = sorted(set(expected) - set(feeds))
-        extra = sorted(set(feeds) - set(expected))
-        if missing:
-            problems.append(f"missing inputs {missing}")
-        if extra:
-            problems.append(f"unknown inputs {extra}")
+        if feeds.keys() != self._expected.keys():
+            missing = sorted(set(self._expected) - set(feeds))
+            extra = sorted(set(feeds) - set(self._expected))
+            if missing:
+                problems.append(f"missing inputs {missing}")
+            if extra:
+                problems.append(f"unknown inputs {extra}")
         sizes: dict[str, int] = {}
-        for name, spec in expected.items():
+        for name, (spec, dtype) in self._expected.items():
             if name in feeds:
-                problems += self._check_one(spec, feeds[name], sizes)
+                problems += self._check_one(spec, dtype, feeds[name], sizes)
         if not problems:
             problems += self._check_relations(feeds, sizes)
         if problems:
             raise BackendError(f"{self.graph}: " + "; ".join(problems))
 
-    def _check_one(self, spec: TensorInfo, array: np.ndarray, sizes: dict[str, int]) -> list[str]:
-        if array.dtype != np.dtype(spec.dtype):
+    def _check_one(
+        self, spec: TensorInfo, dtype: np.dtype, array: Tensor, sizes: dict[str, int]
+    ) -> list[str]:
+        if array.dtype != dtype:
             return [f"{spec.name} is {array.dtype}, expected {spec.dtype}"]
-        if array.ndim != len(spec.shape):
+        if len(array.shape) != len(spec.shape):
             return [f"{spec.name} has shape {array.shape}, expected rank {len(spec.shape)} {spec.shape}"]
         problems = []
         for dim, want in zip(array.shape, spec.shape, strict=True):
@@ -113,25 +139,33 @@ class FeedChecker:
                     )
         return problems
 
-    def _check_relations(self, feeds: dict[str, np.ndarray], sizes: dict[str, int]) -> list[str]:
+    def _check_relations(self, feeds: Mapping[str, Tensor], sizes: dict[str, int]) -> list[str]:
         """Dimensions given by expressions ("P+T", "S*32") must equal their value (nothing in the
         graph checks it: a wrong attention-mask length could broadcast silently)."""
         problems = []
-        for spec in self.info.inputs:
-            for i, want in enumerate(spec.shape):
-                if isinstance(want, int) or want in self.info.profile:
-                    continue
-                try:
-                    value = evaluate(want, sizes)
-                except KeyError:
-                    continue  # an axis that only this expression names: nothing to compare with
-                got = feeds[spec.name].shape[i]
-                if got != value:
-                    where = ", ".join(f"{k}={v}" for k, v in sorted(sizes.items()))
-                    problems.append(
-                        f"{spec.name} dimension {i} is {got}, expected {want} = {value} ({where})"
-                    )
+        for spec, i, want in self._relations:
+            try:
+                value = evaluate(want, sizes)
+            except KeyError:
+                continue  # an axis that only this expression names: nothing to compare with
+            got = feeds[spec.name].shape[i]
+            if got != value:
+                where = ", ".join(f"{k}={v}" for k, v in sorted(sizes.items()))
+                problems.append(f"{spec.name} dimension {i} is {got}, expected {want} = {value} ({where})")
         return problems
+
+
+def ort_errors() -> tuple[type[BaseException], ...]:
+    """ONNX Runtime's own exception types (a kernel's failure, an allocation it could not make): what
+    a run may raise once its feeds passed the checker. Python's MemoryError is not among them."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return tuple(v for v in vars(state).values() if isinstance(v, type) and issubclass(v, BaseException))
+
+
+def ort_failure(graph: str, exc: BaseException) -> BackendError:
+    first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+    return BackendError(f"{graph}: ONNX Runtime failed ({first_line})")
 
 
 def tensorrt_ep_options(info: GraphInfo, precision: str, cache_dir: str | os.PathLike) -> dict[str, str]:
@@ -187,12 +221,12 @@ class OnnxRuntimeBackend:
             trt_options = tensorrt_ep_options(info, precision, cache_dir or path.parent)
             providers[:0] = [(PROVIDERS["tensorrt"], trt_options), PROVIDERS["cuda"]]
         source, note = str(path), ""
-        if provider == "cpu" and precision == "int8":  # x86: uint8 activations fuse (runtime.qdq_cpu)
-            from vsal.runtime.qdq_cpu import uint8_activations
+        if provider == "cpu" and precision == "int8":  # x86: re-encoded for this CPU (runtime.qdq_cpu)
+            from vsal.runtime.qdq_cpu import cpu_int8_graph
 
-            rewritten = uint8_activations(path)
+            rewritten = cpu_int8_graph(path)
             if rewritten is not None:
-                source, note = rewritten[0], ", uint8 activations"
+                source, note = rewritten.model, f", {rewritten.note}"
         try:
             self.session = ort.InferenceSession(source, options, providers=providers)
         except Exception as exc:  # onnxruntime's own exception types
@@ -202,6 +236,7 @@ class OnnxRuntimeBackend:
         self.precision = precision
         self.description = f"onnxruntime {provider} ({self.session.get_providers()[0]}) {precision}{note}"
         self.checker = FeedChecker(name, info)
+        self.errors = ort_errors()
         self._outputs = [o.name for o in self.session.get_outputs()]
 
     def input_names(self) -> list[str]:
@@ -215,6 +250,6 @@ class OnnxRuntimeBackend:
         names = outputs or self._outputs
         try:
             values = self.session.run(names, feeds)
-        except Exception as exc:
-            raise BackendError(f"{self.name}: ONNX Runtime failed ({str(exc).splitlines()[0]})") from None
+        except self.errors as exc:
+            raise ort_failure(self.name, exc) from None
         return dict(zip(names, values, strict=True))

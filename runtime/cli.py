@@ -177,9 +177,11 @@ def run(
     as_json,
 ) -> None:
     from vsal.runtime.pipeline import Pipeline
+    from vsal.runtime.prompt import check_prompt
 
     if video is None and audio is None:
         raise click.UsageError("give --video, --audio or both")
+    prompt = check_prompt(prompt)  # before the package loads; the server checks it again
     options = _decoding_options(max_new_tokens, beams, sample, temperature, top_p, top_k, seed)
     if (model_dir is None) == (server is None):
         raise click.UsageError("give MODEL_DIR or --server HOST:PORT")
@@ -250,12 +252,38 @@ def run(
     show_default=True,
     help="Which file of each graph (the package's fp16/int8 variants where built).",
 )
-def serve(model_dir, port, flavor, max_queue_delay_us, decoder, precision) -> None:
+@click.option(
+    "--max-upload-mib",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Largest media file a request may send, each of video and audio, in MiB [default: 256].",
+)
+@click.option(
+    "--max-new-tokens-limit",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Most new tokens a request may ask for [default: 512, the release's].",
+)
+def serve(
+    model_dir, port, flavor, max_queue_delay_us, decoder, precision, max_upload_mib, max_new_tokens_limit
+) -> None:
     from vsal.runtime.serve import Server, serve_forever
-    from vsal.runtime.triton_repo import RepoOptions
+    from vsal.runtime.triton_repo import RepoOptions, is_repository
 
+    limits = {"max_upload_mib": max_upload_mib, "max_new_tokens_limit": max_new_tokens_limit}
+    limits = {k: v for k, v in limits.items() if v is not None}
+    if limits and is_repository(model_dir):
+        raise click.UsageError(
+            "a repository from `vsal-export triton` is served with the limits in its vsal/config.pbtxt "
+            "(parameters max_upload_mib, max_new_tokens_limit): edit them there, or serve the package"
+        )
     options = RepoOptions(
-        flavor=flavor, link=True, max_queue_delay_us=max_queue_delay_us, decoder=decoder, precision=precision
+        flavor=flavor,
+        link=True,
+        max_queue_delay_us=max_queue_delay_us,
+        decoder=decoder,
+        precision=precision,
+        **limits,
     )
     server = Server(model_dir, port=port, options=options)
     sys.exit(serve_forever(server))
@@ -288,7 +316,10 @@ def chat(
         raise click.UsageError("give --video, --audio or both")
     options = _decoding_options(max_new_tokens, beams, sample, temperature, top_p, top_k, seed)
     pipeline = Pipeline.load(model_dir, provider=provider, precision=precision, engine=engine)
+    pipeline.check_options(options, video)  # beams and --max-new-tokens once, not at every question
     pipeline.encode_media(video, audio)  # decode and encode once, up front
+    if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 reaches the prompt check
+        sys.stdin.reconfigure(errors="surrogateescape")
     click.echo("Ask about the clip (an empty line or Ctrl-D ends).", err=True)
     while True:
         try:

@@ -4,7 +4,10 @@ Each step binds the previous step's present tensors (OrtValues) as the next past
 Runtime allocate the new presents on the execution device, so the cache is never converted to numpy
 or copied to the host between tokens (on a GPU it never leaves the device). Only the small inputs
 and the logits cross. Beam search reorders the cache with a host round trip (rare: once per step
-of a beam search, never in greedy or sampling).
+of a beam search, never in greedy or sampling). Every step's feeds, the bound past included, go
+through the backend's FeedChecker first, like every other run of a graph: a past beyond the
+profile's P max, or an input of another shape or dtype, is one clear error before ONNX Runtime
+allocates anything.
 """
 
 from __future__ import annotations
@@ -12,7 +15,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from vsal.runtime.backends import ort_errors, ort_failure
 from vsal.runtime.generation import past_names, present_names
+
+ORT_DTYPES = {  # OrtValue.data_type() -> numpy
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(float16)": np.dtype(np.float16),
+    "tensor(int64)": np.dtype(np.int64),
+    "tensor(int32)": np.dtype(np.int32),
+}
+
+
+@dataclass(frozen=True)
+class BoundTensor:
+    """What the feed checker reads of an OrtValue (which may live on the device)."""
+
+    dtype: np.dtype | str
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, value) -> BoundTensor:
+        kind = value.data_type()
+        return cls(ORT_DTYPES.get(kind, kind), tuple(value.shape()))
 
 
 @dataclass(frozen=True)
@@ -38,6 +62,7 @@ class BoundDecoderStep:
     def __init__(self, backend, num_layers: int, num_kv_heads: int, head_dim: int):
         self.backend = backend
         self.session = backend.session
+        self.errors = ort_errors()
         self.device = "cuda" if backend.provider in ("cuda", "tensorrt") else "cpu"
         self.past = past_names(num_layers)
         self.present = present_names(num_layers)
@@ -52,21 +77,24 @@ class BoundDecoderStep:
 
     def __call__(self, inputs_embeds, attention_mask, position_ids, cache: OrtKVCache | None):
         cache = cache if cache is not None else self._empty(inputs_embeds.shape[0])
-        past_length = cache.values[0].shape()[2]
-        if attention_mask.shape[1] != past_length + inputs_embeds.shape[1]:
-            raise ValueError(
-                f"attention_mask covers {attention_mask.shape[1]} positions, expected past {past_length} + "
-                f"new {inputs_embeds.shape[1]}"
-            )
+        host = {
+            "inputs_embeds": inputs_embeds,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+        }
+        past = dict(zip(self.past, cache.values, strict=True))
+        self.backend.checker.check(host | {name: BoundTensor.of(value) for name, value in past.items()})
         binding = self.session.io_binding()
-        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds, dtype=np.float32))
-        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
-        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
-        for name, value in zip(self.past, cache.values, strict=True):
+        for name, array in host.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        for name, value in past.items():
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
         for name in self.present:
             binding.bind_output(name, self.device)
-        self.session.run_with_iobinding(binding)
+        try:
+            self.session.run_with_iobinding(binding)
+        except self.errors as exc:
+            raise ort_failure(self.backend.name, exc) from None
         outputs = binding.get_outputs()
         return outputs[0].numpy(), OrtKVCache(tuple(outputs[1:]), self.device)

@@ -7,9 +7,11 @@
          -> alignment -> mrc_qformer -> LLM tokens       runtime.alignment
          -> [bos] "USER: <Img>" tokens "</Img> {prompt}\\nASSISTANT:" -> llm_decoder  runtime.generation
 
-Everything comes from the package's manifest; each graph runs on the backend chosen for it, which
-is printed once. The instruction-independent encoder outputs are cached per media file (path, size,
-mtime), so a second question about the same clip skips decoding and the three encoders.
+A request is checked first (`check_request`: the prompt is text; beams, input and context fit the
+decoder's profile), before any media is decoded. Everything comes from the package's manifest;
+each graph runs on the backend chosen for it, which is printed once. The instruction-independent
+encoder outputs are cached per media file (path, size, mtime), so a second question about the
+same clip skips decoding and the three encoders.
 """
 
 from __future__ import annotations
@@ -24,14 +26,15 @@ from pathlib import Path
 
 import numpy as np
 from vsal.runtime import media
-from vsal.runtime.alignment import align_streams
+from vsal.runtime.alignment import align_streams, round_up
 from vsal.runtime.backends import Backend, OnnxRuntimeBackend, choose_provider
-from vsal.runtime.errors import ConfigError, MediaError, PromptError
+from vsal.runtime.errors import ConfigError, MediaError
 from vsal.runtime.generation import GraphDecoderStep, beam_search, generate_tokens, stream_text
+from vsal.runtime.limits import DecoderLimits
 from vsal.runtime.manifest import Manifest, PackageError, load_manifest, verify_files
 from vsal.runtime.ort_decoder import BoundDecoderStep
 from vsal.runtime.preprocess import audio_inputs, preprocess_frame
-from vsal.runtime.prompt import DecodingOptions, cut_answer
+from vsal.runtime.prompt import DecodingOptions, check_prompt, cut_answer
 from vsal.runtime.tensorrt_engines import ENGINE_DIR
 from vsal.runtime.tokenizers import InstructionTokenizer, LlamaTokenizer
 
@@ -96,7 +99,8 @@ class Pipeline:
         self.llm = cfg["llm"]
         self.llama = LlamaTokenizer(folder / manifest.llm_tokenizer.file)
         self.instruction = InstructionTokenizer(folder / manifest.instruction_tokenizer.file)
-        self.embeddings = np.load(folder / manifest.embeddings.file, mmap_mode="r")  # [V, H]
+        self.embeddings = manifest.load_embeddings(folder)  # [V, H], checked, never unpickled
+        self.limits = DecoderLimits.of(manifest.graphs["llm_decoder"])
         self._backends: dict[str, Backend] = {}
         self._media_cache: OrderedDict[tuple, MediaFeatures] = OrderedDict()
 
@@ -297,13 +301,24 @@ class Pipeline:
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return np.asarray(self.embeddings[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
 
-    def inputs_embeds(self, av_tokens: np.ndarray, prompt: str) -> np.ndarray:
-        """[1, P, H]: [bos] + "USER: <Img>" + clip tokens + "</Img> {prompt}\\nASSISTANT:"."""
+    def text_ids(self, prompt: str) -> tuple[list[int], list[int]]:
+        """The LLM input's text around the clip: [bos] + "USER: <Img>", "</Img> {prompt}\\nASSISTANT:"."""
         before = self.llama.encode(self.manifest.prompt["before"])
         after = self.llama.encode(self.manifest.prompt["after"].format(prompt=prompt))
-        head = self.embed(np.array([self.manifest.special_tokens["bos"], *before]))
-        tail = self.embed(np.array(after))
-        return np.concatenate([head, av_tokens[0], tail])[None]
+        return [self.manifest.special_tokens["bos"], *before], after
+
+    def inputs_embeds(self, av_tokens: np.ndarray, prompt: str) -> np.ndarray:
+        """[1, P, H]: [bos] + "USER: <Img>" + clip tokens + "</Img> {prompt}\\nASSISTANT:"."""
+        head, tail = self.text_ids(prompt)
+        return np.concatenate([self.embed(np.array(head)), av_tokens[0], self.embed(np.array(tail))])[None]
+
+    def av_token_count(self, frames: int) -> int:
+        """LLM tokens of a clip with `frames` sampled video frames (0: audio only), known before any
+        encoder runs: slots of 0.5 s, at least the audio's, in whole windows, so many tokens each."""
+        a = self.alignment
+        slots = round_up(max(frames, a["audio_slots"]), a["high_window"])
+        per_slot = self.manifest.config["mrc_qformer"]["num_query_tokens"] // a["high_window"]
+        return slots * per_slot
 
     # --- asking ---------------------------------------------------------------------------------------
 
@@ -329,22 +344,53 @@ class Pipeline:
             return BoundDecoderStep(backend, *shape)
         return GraphDecoderStep(backend.run, *shape)
 
-    def _prepare(self, prompt, video, audio) -> tuple[np.ndarray, Answer]:
-        if not prompt or not prompt.strip():
-            raise PromptError("the prompt is empty")
+    def check_request(self, prompt: str | bytes, options: DecodingOptions | None = None, video=None) -> str:
+        """The prompt as text when the request fits the decoder, else a PromptError or LimitError.
+
+        Reads no media beyond the video's header (its duration gives the clip's token count; audio
+        always takes the same), so it runs before any decoding or encoder: `ask` and `stream` call
+        it first."""
+        prompt = check_prompt(prompt)
+        self._check_fit(prompt, self._options(options), video)
+        return prompt
+
+    def check_options(self, options: DecodingOptions | None = None, video=None) -> None:
+        """The options against the decoder's limits for the shortest question about this clip (a
+        chat's options, before its first question)."""
+        self._check_fit("", self._options(options), video)
+
+    def _check_fit(self, prompt: str, options: DecodingOptions, video) -> None:
+        head, tail = self.text_ids(prompt)
+        self.limits.check(options, len(head) + len(tail), self.av_token_count(self._frames(video)))
+
+    def _frames(self, video) -> int:
+        """Video frames the release samples from this file: from the cache or the file's header."""
+        if video is None:
+            return 0
+        key = _file_key(video)
+        for (video_key, _), features in self._media_cache.items():
+            if video_key == key:
+                return features.frames
+        info = media.probe_media(video, self.alignment["max_clips"])
+        return self.alignment["fps"] * info.clips
+
+    def _prepare(self, prompt, video, audio, options: DecodingOptions) -> tuple[np.ndarray, Answer]:
+        prompt = self.check_request(prompt, options, video)
         features, cached = self.encode_media(video, audio)
         timings = {} if cached else dict(features.timings)
         av = self.av_tokens(features, prompt, timings)
         embeds = self.inputs_embeds(av, prompt)
+        # The token count as the decoder will see it (the estimate above comes from the header).
+        self.limits.check(options, embeds.shape[1] - av.shape[1], av.shape[1])
         answer = Answer("", [], av.shape[1], timings, media_cached=cached)
         return embeds, answer
 
     def stream(
-        self, prompt: str, video=None, audio=None, options: DecodingOptions | None = None
+        self, prompt: str | bytes, video=None, audio=None, options: DecodingOptions | None = None
     ) -> Iterator[str]:
         """Text pieces as tokens come (one beam); with beam search, the answer in one piece at the end."""
         options = self._options(options)
-        embeds, answer = self._prepare(prompt, video, audio)
+        embeds, answer = self._prepare(prompt, video, audio, options)
         step = self._step()
         if options.num_beams > 1:
             ids = beam_search(step, self.embed, embeds, options)
@@ -353,11 +399,18 @@ class Pipeline:
         yield from stream_text(generate_tokens(step, self.embed, embeds, options), self.llama)
 
     def ask(
-        self, prompt: str, video=None, audio=None, options: DecodingOptions | None = None, on_text=None
+        self,
+        prompt: str | bytes,
+        video=None,
+        audio=None,
+        options: DecodingOptions | None = None,
+        on_text=None,
     ) -> Answer:
-        """The whole answer; `on_text(piece)` is called as text arrives (one beam)."""
+        """The whole answer; `on_text(piece)` is called as text arrives (one beam). The prompt is text
+        or UTF-8 bytes (a server's request); it and the options are checked (`check_request`) before
+        any media is decoded."""
         options = self._options(options)
-        embeds, answer = self._prepare(prompt, video, audio)
+        embeds, answer = self._prepare(prompt, video, audio, options)
         step = self._step()
         start = time.perf_counter()
         first = None
@@ -392,8 +445,5 @@ def _file_key(path) -> tuple | None:
     if path is None:
         return None
     p = Path(path)
-    try:
-        st = p.stat()
-    except OSError:
-        raise MediaError(f"{p}: no such file") from None
+    st = media.stat_media_file(p)  # missing, a symlink loop, a FIFO, a device: each its own message
     return (str(p.resolve()), st.st_size, st.st_mtime_ns)

@@ -7,13 +7,19 @@ instruction.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import numbers
+import re
+from dataclasses import dataclass, fields
 
-from vsal.runtime.errors import ConfigError
+from vsal.runtime.errors import ConfigError, PromptError
 
 PROMPT_BEFORE = "USER: <Img>"
 PROMPT_AFTER = "</Img> {prompt}\nASSISTANT:"
 ANSWER_CUT = "\n#"  # the release keeps only what comes before this
+# Control characters (C0, DEL, C1) but tab, newline and carriage return (multi-line questions).
+CONTROL_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+SURROGATES = re.compile("[\ud800-\udfff]")  # what undecodable bytes become in a str
 
 
 @dataclass(frozen=True)
@@ -37,7 +43,9 @@ class DecodingOptions:
     eos_token_id: int | None = 2  # stops a sequence (LLaMA's "</s>"); None = run to max_new_tokens
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = _type_problems(self)
+        if problems:  # comparing a string or None with a number would fail with a TypeError
+            raise ConfigError("invalid decoding options: " + "; ".join(problems))
         if self.num_beams < 1:
             problems.append(f"num_beams must be >= 1, got {self.num_beams}")
         if self.max_new_tokens < 1:
@@ -48,16 +56,80 @@ class DecodingOptions:
             problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.sample and self.num_beams > 1:
             problems.append(f"sampling works with num_beams 1, got num_beams {self.num_beams}")
+        for name in ("repetition_penalty", "length_penalty", "temperature", "top_p"):
+            if not math.isfinite(getattr(self, name)):
+                problems.append(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.temperature <= 0:
             problems.append(f"temperature must be > 0 (use sample=False for greedy), got {self.temperature}")
         if self.top_k < 0:
             problems.append(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and self.seed < 0:
+            problems.append(f"seed must be >= 0 or None, got {self.seed}")
         if self.eos_token_id is not None and self.eos_token_id < 0:
             problems.append(f"eos_token_id must be >= 0 or None, got {self.eos_token_id}")
         if problems:
             raise ConfigError("invalid decoding options: " + "; ".join(problems))
+
+
+def _type_problems(options: DecodingOptions) -> list[str]:
+    """Each field against its annotation (options also arrive as JSON from a server's client)."""
+    problems = []
+    for f in fields(options):
+        value = getattr(options, f.name)
+        if value is None and "None" in f.type:
+            continue
+        if f.type.startswith("bool"):
+            ok = isinstance(value, bool)
+        elif f.type.startswith("int"):
+            ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        else:  # float: an int is a number too
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        if not ok:
+            problems.append(f"{f.name} must be {f.type.replace(' | None', ' or None')}, got {value!r}")
+    return problems
+
+
+def check_prompt(prompt: str | bytes) -> str:
+    """The prompt as text, or a PromptError saying what is wrong with it.
+
+    Bytes (a server request) must be UTF-8. A str must encode as UTF-8: the command line hands
+    undecodable bytes over as surrogate escapes, which no tokenizer can read. A prompt that is
+    empty or only whitespace is refused, and so are control characters other than tab, newline
+    and carriage return (NUL, escape sequences: never part of a question, usually binary input).
+    """
+    if isinstance(prompt, bytes):
+        try:
+            prompt = prompt.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PromptError(
+                f"the prompt is not valid UTF-8 text (byte 0x{prompt[exc.start]:02x} at byte {exc.start}): "
+                "send the question as UTF-8"
+            ) from None
+    if not isinstance(prompt, str):
+        raise PromptError(f"the prompt must be text, got {type(prompt).__name__}")
+    bad = SURROGATES.search(prompt)
+    if bad:
+        raise PromptError(
+            f"the prompt is not valid UTF-8 text ({_surrogate(bad.group())} at character {bad.start()}): "
+            "give the question as UTF-8 (check the terminal's or the file's encoding)"
+        )
+    bad = CONTROL_CHARS.search(prompt)
+    if bad:
+        raise PromptError(
+            f"the prompt holds control character U+{ord(bad.group()):04X} at character {bad.start()}; "
+            "only tab and newline are accepted: remove it"
+        )
+    if not prompt.strip():
+        raise PromptError("the prompt is empty: ask a question")
+    return prompt
+
+
+def _surrogate(char: str) -> str:
+    """What a lone surrogate stands for: an undecodable byte (surrogateescape), or itself."""
+    code = ord(char)
+    return f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
 
 
 def prompt_after(prompt: str) -> str:

@@ -53,6 +53,12 @@ class TensorRTBackend:
         is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
         self._inputs = [n for n in names if is_input[n]]
         self._outputs = [n for n in names if not is_input[n]]
+        declared = sorted(t.name for t in info.inputs)
+        if sorted(self._inputs) != declared:  # the feeds are checked against the manifest's inputs
+            raise EngineError(
+                f"{engine_path}: the engine takes inputs {sorted(self._inputs)}, the graph {declared}; "
+                "delete it and run `vsal-export build --backend tensorrt`"
+            )
         self._dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
         self._declared = {t.name: np.dtype(t.dtype) for t in (*info.inputs, *info.outputs)}
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)

@@ -1,0 +1,53 @@
+"""What one request may ask of the LLM decoder: its optimisation profile, read from the manifest.
+
+The llm_decoder graph (and every engine built from it) takes B rows (beams), T new positions and
+a past of P positions, each within its profile's [min, max]. A request reads its whole input at
+once (T = bos + template + clip tokens + question), then one token per step, the past growing
+by one each time: input + new tokens must fit the context, P max + 1 (the export's contract:
+T max + max_tgt_len). Checking this before any encoder runs makes a request past a limit cost
+nothing (a 50,000-token prompt once took 21.9 GB in the decoder), and the messages say what to ask
+for instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vsal.runtime.errors import LimitError
+from vsal.runtime.manifest import GraphInfo
+from vsal.runtime.prompt import DecodingOptions
+
+
+@dataclass(frozen=True)
+class DecoderLimits:
+    max_beams: int  # B max: rows in one call
+    max_input: int  # T max: LLM input tokens the prefill reads at once
+    context: int  # P max + 1: LLM input + generated tokens
+
+    @classmethod
+    def of(cls, decoder: GraphInfo) -> DecoderLimits:
+        profile = decoder.profile
+        return cls(profile["B"]["max"], profile["T"]["max"], profile["P"]["max"] + 1)
+
+    def check(self, options: DecodingOptions, text_tokens: int, av_tokens: int) -> None:
+        """LimitError when the request does not fit: text_tokens (bos, template and question) and
+        av_tokens (the clip) make the LLM input."""
+        if options.num_beams > self.max_beams:
+            raise LimitError(
+                f"num_beams {options.num_beams} is more than the decoder takes (llm_decoder profile "
+                f"B max {self.max_beams}): ask for at most {self.max_beams} beams (--beams)"
+            )
+        total = text_tokens + av_tokens
+        if total > self.max_input:
+            raise LimitError(
+                f"the LLM input is {total} tokens (question and template {text_tokens}, clip {av_tokens}); "
+                f"the decoder reads at most {self.max_input} at once (llm_decoder profile T max): "
+                f"shorten the question by at least {total - self.max_input} tokens"
+            )
+        room = self.context - total
+        if options.max_new_tokens > room:
+            raise LimitError(
+                f"max_new_tokens {options.max_new_tokens} does not fit: the decoder's context holds "
+                f"{self.context} tokens (llm_decoder profile P max {self.context - 1} + 1) and this "
+                f"request's input takes {total}: ask for at most {room} new tokens (--max-new-tokens)"
+            )
