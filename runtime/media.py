@@ -4,25 +4,39 @@ Video: the release cuts the whole duration into 1-second clips (pytorchvideo's U
 with backpad_last: the last clip is moved back to end at the video's end, so it may overlap the one
 before), takes frames with start <= pts < end from each, keeps the first and last of them
 (UniformTemporalSubsample(2) = linspace(0, n-1, 2)) and stops at 60 clips.
-Audio: the first channel, resampled to 16 kHz, as float32 in [-1, 1].
+Audio: the first channel, resampled to 16 kHz, as float32 in [-1, 1]; the encoders read only its
+first 30 s (Whisper's window, BEATs' truncation).
 
-Decoding streams: a frame is converted to an array only once it is known to be sampled, so a long
-high-resolution clip never sits in memory as full frames.
+Decoding streams and stops at what the release samples: a frame is converted to an array only once
+it is known to be sampled, video decoding ends after the last sampled clip and audio decoding after
+its first 30 s, so a 4-hour file costs what its first minute does. The samples are a prefix of the
+file (clips start at 0 and follow each other), so there is nothing to seek past.
+
+Files are checked before FFmpeg sees them: only a readable regular file is opened, and it is
+opened without blocking (a FIFO or a device never reaches FFmpeg, which would wait on it or read
+it forever).
 """
 
 from __future__ import annotations
 
+import errno
 import os
-from collections.abc import Iterator
+import stat
+from collections.abc import Generator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 from vsal.runtime.errors import MediaError
+from vsal.runtime.preprocess import MAX_AUDIO_SECONDS  # what the encoders read: nothing after it is decoded
 
 CLIP_SECONDS = 1  # the release's clip_duration
 FRAMES_PER_CLIP = 2  # sample_per_clip: 2 fps
+# Largest decoded frame accepted: DCI 8K. One such frame is 53 MB as yuv420 and 106 MB as RGB, and
+# FFmpeg's frame threads hold one each; a 16k x 16k frame would need 4x that per thread.
+MAX_FRAME_PIXELS = 8192 * 4320
 
 
 @dataclass(frozen=True)
@@ -50,63 +64,182 @@ def clip_timepoints(duration: float, max_clips: int, clip_seconds: int = CLIP_SE
     return clips
 
 
-def _check_file(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise MediaError(f"{path}: no such file")
-    if path.is_dir():
-        raise MediaError(f"{path}: is a directory, expected a media file")
-    if path.stat().st_size == 0:
+# --- the file itself ---------------------------------------------------------------------------
+
+_NOT_REGULAR = (
+    (stat.S_ISDIR, "is a directory, expected a media file"),
+    (stat.S_ISFIFO, "is a FIFO (named pipe), not a media file: give a regular file"),
+    (stat.S_ISCHR, "is a character device, not a media file: give a regular file"),
+    (stat.S_ISBLK, "is a block device, not a media file: give a regular file"),
+    (stat.S_ISSOCK, "is a socket, not a media file: give a regular file"),
+)
+
+
+def _path_problem(path: Path, exc: OSError) -> str:
+    """What a failed stat or open of `path` means, in words."""
+    if exc.errno == errno.ENOENT:
+        if os.path.islink(path):
+            return f"a dangling symlink (its target {os.readlink(path)} does not exist)"
+        return "no such file"
+    if exc.errno == errno.ELOOP:
+        return "a symlink loop (following its links leads back to them): give the file itself"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied: this user cannot read the file (check its mode and its folders')"
+    if exc.errno == errno.ENOTDIR:
+        return "no such file (a part of the path is not a folder)"
+    return f"cannot be read ({exc.strerror})"
+
+
+def _file_kind_problem(mode: int) -> str | None:
+    for test, problem in _NOT_REGULAR:
+        if test(mode):
+            return problem
+    return None if stat.S_ISREG(mode) else "is not a regular file: give a media file"
+
+
+def _checked_stat(path: Path) -> os.stat_result:
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise MediaError(f"{path}: {_path_problem(path, exc)}") from None
+    problem = _file_kind_problem(info.st_mode)
+    if problem is not None:
+        raise MediaError(f"{path}: {problem}")
+    if info.st_size == 0:
         raise MediaError(f"{path}: the file is empty (0 bytes)")
+    return info
+
+
+def _open_regular(path: Path) -> int:
+    """A read-only descriptor of the regular file at `path`, checked before and after opening.
+
+    Only a regular file is opened (opening a device may act on it), with O_NONBLOCK so that a file
+    swapped for a FIFO in between cannot block; fstat then confirms it is the file that was checked.
+    """
+    before = _checked_stat(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise MediaError(f"{path}: {_path_problem(path, exc)}") from None
+    after = os.fstat(fd)
+    if (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino) or not stat.S_ISREG(after.st_mode):
+        os.close(fd)
+        raise MediaError(f"{path}: the file was replaced while being opened; give a file that stays put")
+    return fd
+
+
+def stat_media_file(path: str | os.PathLike) -> os.stat_result:
+    """The stat of `path` when it names a non-empty regular file (not opened); else a MediaError
+    saying what it is: missing, a dangling symlink, a symlink loop, a FIFO, a device, a directory."""
+    return _checked_stat(Path(path))
+
+
+def _check_file(path: str | os.PathLike) -> Path:
+    """`path` when it names a readable, non-empty regular file; else a MediaError saying what it is."""
+    path = Path(path)
+    os.close(_open_regular(path))
     return path
 
 
-def _open(path: Path):
+@contextmanager
+def _open(path: Path) -> Iterator:
+    """The PyAV container of the checked file; FFmpeg reads through our descriptor, never the path."""
     import av
 
-    try:
-        return av.open(str(path))
-    except (av.error.FFmpegError, UnicodeDecodeError) as exc:
-        raise MediaError(f"{path}: not a media file FFmpeg can read ({exc})") from None
+    with os.fdopen(_open_regular(path), "rb") as file:
+        try:
+            container = av.open(file)
+        except (av.error.FFmpegError, UnicodeDecodeError) as exc:
+            raise MediaError(
+                f"{path}: not a media file FFmpeg can read, or truncated ({_reason(exc)})"
+            ) from None
+        with container:
+            yield container
 
 
-def _stream_duration(container, stream) -> float:
+def _reason(exc: Exception) -> str:
+    """FFmpeg's words without its file name, which is our descriptor's number here."""
+    return getattr(exc, "strerror", None) or str(exc)
+
+
+def _stream_duration(path: Path, container, stream) -> float:
     if stream.duration is not None and stream.time_base is not None:
         return float(stream.duration * stream.time_base)
     if container.duration is not None:
         return container.duration / 1_000_000  # av.time_base
-    raise MediaError(f"{container.name}: the video stream has no duration")
+    raise MediaError(
+        f"{path}: the {stream.type} stream declares no duration; remux it (ffmpeg -i IN -c copy OUT.mp4)"
+    )
+
+
+def _check_frame_size(path: Path, width: int, height: int) -> None:
+    if width * height > MAX_FRAME_PIXELS:
+        raise MediaError(
+            f"{path}: video frames of {width}x{height} are larger than the {MAX_FRAME_PIXELS:,} pixels "
+            "(8192x4320) this runtime decodes, and the model sees them at 224x224: scale the video down first"
+        )
+
+
+def _video_stream(path: Path, container):
+    if not container.streams.video:
+        raise MediaError(f"{path}: no video stream")
+    stream = container.streams.video[0]
+    _check_frame_size(path, stream.codec_context.width, stream.codec_context.height)
+    return stream
+
+
+def _audio_stream(path: Path, container):
+    if not container.streams.audio:
+        raise MediaError(f"{path}: no audio stream")
+    return container.streams.audio[0]
+
+
+def _demux_only(container, stream) -> None:
+    """Tell the demuxer to skip the other streams' packets rather than read and drop them."""
+    import av
+
+    for other in container.streams:
+        if other.index != stream.index:
+            other.discard = av.stream.Discard.all
 
 
 def has_audio(path: str | os.PathLike) -> bool:
-    with _open(_check_file(path)) as container:
+    path = Path(path)
+    with _open(path) as container:
         return bool(container.streams.audio)
 
 
-def sample_video_frames(path: str | os.PathLike, max_clips: int = 60) -> Iterator[np.ndarray]:
+# --- video -------------------------------------------------------------------------------------
+
+
+def sample_video_frames(path: str | os.PathLike, max_clips: int = 60) -> Generator[np.ndarray, None, int]:
     """Yield the release's sampled frames in order, each RGB uint8 [H, W, 3] at native size.
 
     At most 2 * max_clips frames; a clip with a single decodable frame yields it twice (as
     linspace(0, 0, 2) does), a clip with none is an error (the release raises "No clip found").
+    Decoding stops at the first frame past the last clip; the generator returns how many frames it
+    decoded (`count = yield from sample_video_frames(...)`).
     """
     import av
 
-    path = _check_file(path)
+    path = Path(path)
     with _open(path) as container:
-        if not container.streams.video:
-            raise MediaError(f"{path}: no video stream")
-        stream = container.streams.video[0]
+        stream = _video_stream(path, container)
+        _demux_only(container, stream)
         stream.thread_type = "AUTO"
-        clips = clip_timepoints(_stream_duration(container, stream), max_clips)
+        duration = _stream_duration(path, container, stream)
+        clips = clip_timepoints(duration, max_clips)
         start_time = stream.start_time or 0
         time_base = stream.time_base
         first: list = [None] * len(clips)
         last: list = [None] * len(clips)
-        emitted = 0
+        emitted = decoded = 0
         try:
             for frame in container.decode(stream):
+                decoded += 1
                 if frame.pts is None:
                     continue
+                _check_frame_size(path, frame.width, frame.height)  # the bitstream may change size
                 t = Fraction(frame.pts - start_time) * time_base
                 for i, clip in enumerate(clips):
                     if clip.start <= t < clip.end:
@@ -115,49 +248,89 @@ def sample_video_frames(path: str | os.PathLike, max_clips: int = 60) -> Iterato
                         last[i] = frame
                 # Clips are ordered by start; emit those that can no longer grow.
                 while emitted < len(clips) and t >= clips[emitted].end:
-                    yield from _emit(path, emitted, first, last)
+                    yield from _emit(path, emitted, duration, first, last)
                     emitted += 1
+                if emitted == len(clips):
+                    break  # every sampled clip is out: the rest of the file is never decoded
         except av.error.FFmpegError as exc:
-            raise MediaError(f"{path}: the video stream is corrupt or truncated ({exc})") from None
+            raise MediaError(f"{path}: the video stream is corrupt or truncated ({_reason(exc)})") from None
         while emitted < len(clips):
-            yield from _emit(path, emitted, first, last)
+            yield from _emit(path, emitted, duration, first, last)
             emitted += 1
+    return decoded
 
 
-def _emit(path: Path, index: int, first: list, last: list) -> Iterator[np.ndarray]:
+def _emit(path: Path, index: int, duration: float, first: list, last: list) -> Iterator[np.ndarray]:
     if first[index] is None:
-        raise MediaError(f"{path}: no decodable frame in second {index} of the video")
+        raise MediaError(
+            f"{path}: no decodable frame in second {index} of the video, which declares {duration:.2f} s: "
+            "the file is truncated or corrupt"
+        )
     yield first[index]
     yield last[index].to_ndarray(format="rgb24")
     first[index] = last[index] = None
 
 
-def load_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
-    """The first audio channel resampled to `sample_rate`, float32 [samples] in [-1, 1]."""
+# --- audio -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecodedAudio:
+    waveform: np.ndarray  # float32 [samples] in [-1, 1]: the first channel at the asked rate
+    frames_decoded: int  # audio frames FFmpeg decoded (a few thousand samples each)
+    complete: bool  # True: the stream ended before max_seconds; False: decoding stopped there
+
+
+def decode_audio(
+    path: str | os.PathLike, sample_rate: int = 16000, max_seconds: float | None = MAX_AUDIO_SECONDS
+) -> DecodedAudio:
+    """The first audio channel resampled to `sample_rate`, up to `max_seconds` (None: all of it).
+
+    Stops decoding once the resampler has produced max_seconds of output. The resampler is not
+    flushed then, so the samples equal the first max_seconds of a whole-file decode, bit for bit.
+    """
     import av
 
-    path = _check_file(path)
+    path = Path(path)
+    limit = None if max_seconds is None else int(round(max_seconds * sample_rate))
+    chunks: list[np.ndarray] = []
+    kept = decoded = 0
     with _open(path) as container:
-        if not container.streams.audio:
-            raise MediaError(f"{path}: no audio stream")
-        stream = container.streams.audio[0]
+        stream = _audio_stream(path, container)
+        _demux_only(container, stream)
         resampler = None
-        chunks: list[np.ndarray] = []
         try:
             for frame in container.decode(stream):
+                decoded += 1
                 if resampler is None:
                     # Keep the channel layout so channel 0 stays the first channel (no downmix).
                     resampler = av.AudioResampler(format="fltp", layout=frame.layout, rate=sample_rate)
                 for out in resampler.resample(frame):
                     chunks.append(out.to_ndarray()[0])
+                    kept += chunks[-1].shape[0]
+                if limit is not None and kept >= limit:
+                    return DecodedAudio(_joined(chunks, limit), decoded, complete=False)
             if resampler is not None:
-                for out in resampler.resample(None):
-                    chunks.append(out.to_ndarray()[0])
+                chunks.extend(out.to_ndarray()[0] for out in resampler.resample(None))
         except av.error.FFmpegError as exc:
-            raise MediaError(f"{path}: the audio stream is corrupt or truncated ({exc})") from None
+            raise MediaError(f"{path}: the audio stream is corrupt or truncated ({_reason(exc)})") from None
     if not chunks:
         raise MediaError(f"{path}: the audio stream holds no decodable samples")
-    return np.ascontiguousarray(np.concatenate(chunks), dtype=np.float32)
+    return DecodedAudio(_joined(chunks, limit), decoded, complete=True)
+
+
+def _joined(chunks: list[np.ndarray], limit: int | None) -> np.ndarray:
+    return np.ascontiguousarray(np.concatenate(chunks)[:limit], dtype=np.float32)
+
+
+def load_audio(
+    path: str | os.PathLike, sample_rate: int = 16000, max_seconds: float | None = MAX_AUDIO_SECONDS
+) -> np.ndarray:
+    """float32 [samples] in [-1, 1]: the first channel at `sample_rate`, its first `max_seconds`."""
+    return decode_audio(path, sample_rate, max_seconds).waveform
+
+
+# --- facts without decoding --------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -178,17 +351,15 @@ class MediaInfo:
 
 
 def probe_media(path: str | os.PathLike, max_clips: int = 60) -> MediaInfo:
-    """Stream facts of a media file, without decoding it."""
-    path = _check_file(path)
+    """Stream facts of a media file, without decoding it; refuses what decoding would refuse up front."""
+    path = Path(path)
     with _open(path) as container:
-        video = container.streams.video[0] if container.streams.video else None
+        video = _video_stream(path, container) if container.streams.video else None
         audio = container.streams.audio[0] if container.streams.audio else None
         if video is None and audio is None:
             raise MediaError(f"{path}: no video or audio stream")
-        video_seconds = _stream_duration(container, video) if video is not None else None
-        audio_seconds = None
-        if audio is not None:
-            audio_seconds = _stream_duration(container, audio)
+        video_seconds = _stream_duration(path, container, video) if video is not None else None
+        audio_seconds = _stream_duration(path, container, audio) if audio is not None else None
         clips = len(clip_timepoints(video_seconds, max_clips)) if video_seconds is not None else 0
         return MediaInfo(
             video_codec=video.codec_context.name if video is not None else None,
