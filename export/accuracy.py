@@ -27,8 +27,11 @@ _ORT_TYPES = {
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
 
-def session(path: str | os.PathLike, threads: int = 0, optimization: str = "all"):
+def session(path: str | os.PathLike, threads: int = 0, optimization: str = "all", as_runtime: bool = False):
     """An ONNX Runtime CPU session, quiet; `threads` > 0 pins the intra-op thread count.
+
+    `as_runtime`: an int8 Q/DQ graph runs re-encoded for this CPU as the runtime runs it
+    (runtime.qdq_cpu: uint8 activations, and uint8 weights where the CPU has no VNNI).
 
     `optimization`: ORT's graph optimization level. "all" is what the runtime uses; "disable" runs
     the graph's ops as written (ORT's fusions, e.g. of an RMSNorm chain into one fp32 kernel, can
@@ -49,7 +52,13 @@ def session(path: str | os.PathLike, threads: int = 0, optimization: str = "all"
     options.graph_optimization_level = levels[optimization]
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    source = str(path)
+    if as_runtime:
+        from vsal.runtime.qdq_cpu import cpu_int8_graph
+
+        prepared = cpu_int8_graph(path)
+        source = prepared.model if prepared is not None else source
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 def _feeds_for(sess, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -89,9 +98,11 @@ def accuracy(
     variant's output had no NaN/inf in any feed, "shape_mismatch": shapes differed in some feed,
     "cases": feeds compared}}. A variant output with NaN/inf gets cosine 0 and an infinite error,
     so a threshold on cosine alone catches it. `outputs`: compare only these. `optimization`: ORT's
-    graph optimization level for both sessions (see `session`).
+    graph optimization level for both sessions (see `session`). The variant runs as the runtime
+    runs it on this CPU (`as_runtime`), so a build's accuracy gate measures what the machine uses.
     """
-    ref, test = session(ref_path, optimization=optimization), session(test_path, optimization=optimization)
+    ref = session(ref_path, optimization=optimization)
+    test = session(test_path, optimization=optimization, as_runtime=True)
     names = list(outputs) if outputs is not None else [o.name for o in ref.get_outputs()]
     test_names = {o.name for o in test.get_outputs()}
     missing = [n for n in names if n not in test_names]

@@ -10,8 +10,11 @@ recorded in the manifest, which is rewritten last, so a crashed build leaves the
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import secrets
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -19,7 +22,10 @@ from pathlib import Path
 
 import numpy as np
 from vsal.export.onnx_export import ExportError
-from vsal.runtime.manifest import VariantInfo, load_manifest, save_manifest, sha256_file, write_json_atomic
+from vsal.export.package_update import Update, clean_leftovers, commit, fault_point, variant_file
+from vsal.runtime.errors import BuildError, ConfigError
+from vsal.runtime.manifest import VariantInfo, load_manifest, sha256_file
+from vsal.runtime.package_lock import PackageLock, write_json_durable
 
 PRECISIONS = ("fp32", "fp16", "int8")
 HELD_OUT_FRACTION = 4  # one clip in four is held out from calibration
@@ -39,6 +45,8 @@ class BuildReport:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     engines: dict[str, dict] = field(default_factory=dict)  # graph -> TensorRT engine and its accuracy
+    build_id: str = ""  # in the new variants' file names
+    recorded: bool = False  # the variants are in the manifest (the gate passed, or --allow-below)
 
     def format(self) -> str:
         lines = [f"build {self.precision}:"]
@@ -59,6 +67,8 @@ class BuildReport:
             )
         lines += [f"  note: {n}" for n in self.notes]
         lines += [f"  BELOW THRESHOLD: {p}" for p in self.problems]
+        if self.precision != "fp32" or self.engines:
+            lines.append(f"  {'recorded in' if self.recorded else 'NOT recorded in'} the manifest")
         return "\n".join(lines)
 
 
@@ -79,33 +89,79 @@ def build(
     progress: bool = True,
     engines: bool = False,
     workspace_bytes: int | None = None,
+    allow_below: bool = False,
 ) -> BuildReport:
     """Add `precision` variants of the package's graphs; returns the report (also saved in the package).
+
+    The package is locked for the whole build (a second build waits), leftovers of interrupted
+    builds are removed first, and the variants are recorded only when every check passes (or
+    `allow_below`, which marks them below threshold in the manifest): in one rename of the manifest,
+    after which the files of the variants they replace are removed (vsal.export.package_update).
+    `report.recorded` says whether they were; a report not recorded goes to build_<p>.rejected.json.
 
     engines: also build a TensorRT engine per graph on this machine (vsal.runtime.tensorrt_engines),
     check each against the fp32 graph in ONNX Runtime on the held-out inputs, and measure token
     agreement through the engines; `workspace_bytes` caps TensorRT's scratch memory (small devices).
     """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision {precision!r}: choose {', '.join(PRECISIONS)}")
+    package = Path(package)
+    names = chosen_graphs(load_manifest(package), graphs)
+    with PackageLock(package, f"vsal-export build --precision {precision}", quiet=not progress):
+        manifest = load_manifest(package)  # re-read under the lock: another build may have added to it
+        report = BuildReport(precision, build_id=secrets.token_hex(4))
+        _clean(report, package, manifest, progress)
+        if precision == "fp32" and not engines:
+            report.notes.append("fp32: the exported graphs are used as they are (nothing to record)")
+            _tensorrt_note(report)
+            return report
+        update = Update(precision)
+        try:
+            _build_all(
+                report,
+                update,
+                package,
+                manifest,
+                names,
+                media,
+                thresholds or Thresholds(),
+                progress,
+                engines,
+                workspace_bytes,
+            )
+            fault_point("variants-written")
+            _record(report, update, package, allow_below, progress)
+        except BaseException:
+            update.discard()  # nothing was recorded: the files this build wrote are nobody's
+            raise
+    if report.recorded:
+        _static_check(report, package, tuple(update.variants) if precision != "fp32" else names, precision)
+    if not engines:
+        _tensorrt_note(report)
+    _save_report(report, package)
+    return report
+
+
+def chosen_graphs(manifest, graphs: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The graphs to build (all by default); ConfigError naming any the package does not have."""
+    if not graphs:
+        return tuple(manifest.graphs)
+    unknown = [g for g in graphs if g not in manifest.graphs]
+    if unknown:
+        raise ConfigError(
+            f"--graphs: {', '.join(unknown)} not in the package; it has {', '.join(manifest.graphs)}"
+        )
+    return tuple(dict.fromkeys(graphs))
+
+
+def _build_all(
+    report, update, package, manifest, names, media, thresholds, progress, engines, workspace_bytes
+):
+    """Every variant (and engine) of this build, written under new names and checked; none recorded."""
     from vsal.calib.collect import collect, synthetic_media
 
-    if precision not in PRECISIONS:
-        raise ExportError(f"unknown precision {precision!r}; choose {', '.join(PRECISIONS)}")
-    package = Path(package)
-    manifest = load_manifest(package)
-    thresholds = thresholds or Thresholds()
-    report = BuildReport(precision)
-    names = graphs or tuple(manifest.graphs)
-    if precision == "fp32" and not engines:
-        report.notes.append("fp32: the exported graphs are used as they are")
-        _tensorrt_note(report)
-        return report
-    stored = package / "calibration" / "clips.json"
-    if media is None and stored.is_file():  # from `vsal-export calibrate`
-        media = [Path(p) for p in json.loads(stored.read_text())["clips"]]
-        missing = [str(p) for p in media if not p.is_file()]
-        if missing:
-            raise ExportError(f"{stored}: its clips are gone ({', '.join(missing[:3])}); run calibrate again")
-        report.notes.append(f"media from {stored}")
+    precision = report.precision
+    media = _stored_media(report, package) if media is None else media
     with tempfile.TemporaryDirectory(prefix="vsal-build-") as tmp:
         if media is None:
             media = synthetic_media(Path(tmp) / "media")
@@ -117,36 +173,113 @@ def build(
         _say(progress, f"{len(calibration_clips)} calibration clips, {len(held_out)} held-out clips")
         calibration = collect(package, calibration_clips, progress) if precision == "int8" else {}
         checks = collect(package, held_out, progress, "held-out clips")
+        candidate = copy.deepcopy(manifest)  # what the manifest will say if this build is recorded
         if precision != "fp32":
             for name in names:
                 _say(progress, f"{name}: building {precision}")
-                report.graphs[name] = _build_graph(package, manifest, name, precision, calibration, checks)
-                _check(report, name, thresholds)
-            save_manifest(manifest, package)  # variants become visible only now
-        if engines:
-            for name in names:
-                report.engines[name] = _build_engine(
-                    package, manifest, name, precision, checks, workspace_bytes
+                _build_variant(report, update, package, candidate, name, calibration, checks, thresholds)
+            if not update.variants:
+                raise BuildError(
+                    f"--precision {precision}: none of the graphs {', '.join(names)} gets a "
+                    f"{precision} variant (the recipe changed nothing in them); nothing was recorded"
                 )
-                if report.engines[name]["cosine"] < thresholds.min_cosine:
-                    report.problems.append(
-                        f"{name}: TensorRT engine cosine {report.engines[name]['cosine']:.4f} "
-                        f"< {thresholds.min_cosine}"
-                    )
-            save_manifest(manifest, package)  # the engine records
+        if engines:
+            for name in update.variants or names:
+                _check_engine(report, update, package, candidate, name, checks, thresholds, workspace_bytes)
         report.end_to_end = token_agreement(
-            package, precision, held_out, "tensorrt" if engines else "onnxruntime"
+            package, precision, held_out, "tensorrt" if engines else "onnxruntime", manifest=candidate
         )
-        if report.end_to_end["token_agreement"] < thresholds.min_token_agreement:
-            report.problems.append(
-                f"end to end: greedy token agreement {report.end_to_end['token_agreement']:.1%} "
-                f"< {thresholds.min_token_agreement:.0%}"
-            )
-    _static_check(report, package, names, precision)
-    if not engines:
-        _tensorrt_note(report)
-    write_json_atomic(package / f"build_{precision}.json", report.__dict__)
-    return report
+    if report.end_to_end["token_agreement"] < thresholds.min_token_agreement:
+        report.problems.append(
+            f"end to end: greedy token agreement {report.end_to_end['token_agreement']:.1%} "
+            f"< {thresholds.min_token_agreement:.0%}"
+        )
+
+
+def _stored_media(report: BuildReport, package: Path) -> list[Path] | None:
+    """The clips `vsal-export calibrate` stored, if it ran."""
+    stored = package / "calibration" / "clips.json"
+    if not stored.is_file():
+        return None
+    media = [Path(p) for p in json.loads(stored.read_text())["clips"]]
+    missing = [str(p) for p in media if not p.is_file()]
+    if missing:
+        raise BuildError(f"{stored}: its clips are gone ({', '.join(missing[:3])}); run calibrate again")
+    report.notes.append(f"media from {stored}")
+    return media
+
+
+def _build_variant(report, update, package, candidate, name, calibration, checks, thresholds) -> None:
+    """One graph's variant, written under this build's name; recorded in `candidate` if it applies."""
+    result = _build_graph(package, candidate, name, report.precision, calibration, checks, report.build_id)
+    files = [package / result.variant.file, *(package / f for f in result.variant.external_data)]
+    update.written += files
+    if not result.applied:
+        for path in files:
+            path.unlink()
+        before = " (its earlier variant stays)" if report.precision in candidate.graphs[name].variants else ""
+        report.notes.append(
+            f"{name}: NO {report.precision} variant: the recipe changed nothing in this graph, "
+            f"it runs fp32{before}"
+        )
+        return
+    report.graphs[name] = result.summary
+    candidate.graphs[name].variants[report.precision] = result.variant
+    update.variants[name] = result.variant
+    _check(report, name, thresholds)
+
+
+def _check_engine(report, update, package, candidate, name, checks, thresholds, workspace_bytes) -> None:
+    record, acc = _build_engine(package, candidate, name, report.precision, checks, workspace_bytes)
+    info = candidate.graphs[name]
+    info.engines = [e for e in info.engines if e.get("file") != record["file"]] + [record]
+    update.engines[name] = [record]
+    report.engines[name] = {**record, **acc}
+    if acc["cosine"] < thresholds.min_cosine:
+        report.problems.append(
+            f"{name}: TensorRT engine cosine {acc['cosine']:.4f} < {thresholds.min_cosine}"
+        )
+
+
+def _record(report: BuildReport, update: Update, package: Path, allow_below: bool, progress: bool) -> None:
+    """The gate: record the build in the manifest, or leave the package as it was."""
+    if report.problems and not allow_below:
+        update.discard()
+        report.notes.append("below the thresholds: nothing was recorded, the package is as it was")
+        return
+    if report.problems:
+        print(
+            f"vsal-export: WARNING: recording {report.precision} variants BELOW the accuracy "
+            f"thresholds (--allow-below): {'; '.join(report.problems)}",
+            file=sys.stderr,
+            flush=True,
+        )
+        for variant in update.variants.values():
+            variant.accuracy["below_threshold"] = True
+            variant.accuracy["problems"] = list(report.problems)
+    removed = commit(package, update)
+    report.recorded = True
+    if removed:
+        _say(progress, f"replaced variants removed: {', '.join(removed)}")
+
+
+def _clean(report: BuildReport, package: Path, manifest, progress: bool) -> None:
+    removed, ignored = clean_leftovers(package, manifest)
+    if removed:
+        report.notes.append(f"removed {len(removed)} leftovers of an interrupted run: {', '.join(removed)}")
+    if ignored:
+        report.notes.append(f"files the manifest does not name, left alone: {', '.join(ignored)}")
+    for note in report.notes:
+        _say(progress, note)
+
+
+def _save_report(report: BuildReport, package: Path) -> None:
+    """build_<p>.json describes what the package holds; a build not recorded goes beside it."""
+    accepted = package / f"build_{report.precision}.json"
+    rejected = package / f"build_{report.precision}.rejected.json"
+    write_json_durable(accepted if report.recorded else rejected, report.__dict__)
+    if report.recorded:
+        rejected.unlink(missing_ok=True)
 
 
 def calibrate(package: str | os.PathLike, media: list[Path], progress: bool = True) -> dict[str, Path]:
@@ -157,63 +290,80 @@ def calibrate(package: str | os.PathLike, media: list[Path], progress: bool = Tr
     package = Path(package)
     load_manifest(package)
     calibration_clips, held_out = split_media(media)
-    paths = save_calibration(package / "calibration", collect(package, calibration_clips, progress))
-    write_json_atomic(
-        package / "calibration" / "clips.json",
-        {"clips": [str(p.resolve()) for p in media], "held_out": [str(p.resolve()) for p in held_out]},
-    )
+    with PackageLock(package, "vsal-export calibrate", quiet=not progress):
+        paths = save_calibration(package / "calibration", collect(package, calibration_clips, progress))
+        write_json_durable(
+            package / "calibration" / "clips.json",
+            {"clips": [str(p.resolve()) for p in media], "held_out": [str(p.resolve()) for p in held_out]},
+        )
     return paths
 
 
-def _build_graph(package: Path, manifest, name: str, precision: str, calibration, checks) -> dict:
+@dataclass
+class GraphBuild:
+    variant: VariantInfo
+    summary: dict  # the report's line for this graph
+    applied: bool  # the recipe changed the graph (else the "variant" is the fp32 graph again)
+
+
+def _build_graph(package: Path, manifest, name: str, precision: str, calibration, checks, build_id: str):
     from vsal.export.accuracy import accuracy
+    from vsal.export.onnx_files import external_files
 
     info = manifest.graphs[name]
     src = package / info.file
-    rel = f"graphs/{name}.{precision}.onnx"
+    rel = variant_file(name, precision, build_id)
     dst = package / rel
     start = time.perf_counter()
     if precision == "fp16":
         from vsal.export.fp16 import convert_fp16
 
         details = convert_fp16(src, dst)
+        applied = details.casts_added > 0 or details.bytes_after < details.bytes_before
     elif name == "llm_decoder":
         from vsal.calib.quantize import quantize_weights_int8
 
         details = quantize_weights_int8(src, dst)
+        applied = bool(details.quantized)
     else:
         from vsal.calib.quantize import quantize_int8
 
         if not calibration.get(name):
-            raise ExportError(
+            raise BuildError(
                 f"{name}: no calibration inputs were recorded (is the graph used by these clips?)"
             )
         details = quantize_int8(src, dst, calibration[name])
+        applied = bool(details.quantized)
     seconds = time.perf_counter() - start
+    external = {str(f.relative_to(package)): sha256_file(f) for f in external_files(dst)}
     feeds = checks.get(name) or _random_feeds(manifest, name)
-    acc = accuracy(src, dst, feeds)
-    cosine = min(v["cosine"] for v in acc.values())
-    max_err = max(v["max_abs_error"] for v in acc.values())
+    acc = accuracy(src, dst, feeds) if applied else {}
+    cosine = min((v["cosine"] for v in acc.values()), default=1.0)
+    max_err = max((v["max_abs_error"] for v in acc.values()), default=0.0)
     notes = _describe(details)
-    info.variants[precision] = VariantInfo(
+    variant = VariantInfo(
         precision=precision,
         file=rel,
         sha256=sha256_file(dst),
+        external_data=external,
         accuracy={"cosine": cosine, "max_abs_error": max_err, "per_output": acc, "inputs": len(feeds)},
         notes=notes,
     )
-    return {
+    summary = {
         "cosine": cosine,
         "max_abs_error": max_err,
-        "bytes": dst.stat().st_size,
-        "fp32_bytes": src.stat().st_size,
+        "bytes": dst.stat().st_size + sum((package / f).stat().st_size for f in external),
+        "fp32_bytes": src.stat().st_size + sum((package / f).stat().st_size for f in info.external_data),
         "seconds": round(seconds, 2),
         "notes": notes,
+        "file": rel,
     }
+    return GraphBuild(variant, summary, applied)
 
 
-def _build_engine(package: Path, manifest, name: str, precision: str, checks, workspace_bytes) -> dict:
-    """The graph's TensorRT engine on this machine (cached or built), checked against fp32 in ORT."""
+def _build_engine(package: Path, manifest, name: str, precision: str, checks, workspace_bytes):
+    """(engine record, accuracy): the graph's TensorRT engine on this machine (cached or built),
+    checked against fp32 in ONNX Runtime."""
     from vsal.export.accuracy import compare, session, worst_cosine
     from vsal.runtime.tensorrt_backend import TensorRTBackend
 
@@ -236,9 +386,7 @@ def _build_engine(package: Path, manifest, name: str, precision: str, checks, wo
         "precision": precision,
         "build_seconds": cached.build_seconds,
     }
-    info.engines = [e for e in info.engines if e.get("file") != record["file"]] + [record]
-    return {
-        **record,
+    return record, {
         "cosine": worst_cosine(acc),
         "max_abs_error": max(v["max_abs_error"] for v in acc.values()),
     }
@@ -269,17 +417,31 @@ def _check(report: BuildReport, name: str, thresholds: Thresholds) -> None:
 
 
 def token_agreement(
-    package: Path, precision: str, clips: list[Path], engine: str = "onnxruntime", tokens: int = 16
+    package: Path,
+    precision: str,
+    clips: list[Path],
+    engine: str = "onnxruntime",
+    tokens: int = 16,
+    manifest=None,
 ) -> dict[str, float]:
     """Greedy answers of the `precision` variants (run by `engine`) against fp32's in ONNX Runtime
-    on the held-out clips."""
+    on the held-out clips. `manifest`: the variants a build has not recorded yet (default: the
+    package's own)."""
     from vsal.calib.collect import AUDIO_SUFFIXES
+    from vsal.runtime.backends import choose_provider
     from vsal.runtime.pipeline import Pipeline
     from vsal.runtime.prompt import DecodingOptions
 
     options = DecodingOptions(num_beams=1, max_new_tokens=tokens, eos_token_id=None)
     reference = Pipeline.load(package, verbose=False, precision="fp32")
-    variant = Pipeline.load(package, verbose=False, precision=precision, exact_precision=True, engine=engine)
+    if manifest is None:
+        variant = Pipeline.load(
+            package, verbose=False, precision=precision, exact_precision=True, engine=engine
+        )
+    else:
+        provider = "cuda" if engine == "tensorrt" else choose_provider(None)
+        variant = Pipeline(package, manifest, provider, verbose=False, precision=precision, engine=engine)
+        variant.exact_precision = True
     equal = total = exact = 0
     for clip in clips:
         kind = "audio" if clip.suffix.lower() in AUDIO_SUFFIXES else "video"

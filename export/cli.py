@@ -64,6 +64,7 @@ def _load(preset: str | None, checkpoint: Path | None, checkpoint_dir: Path | No
     chosen = sum(x is not None for x in (preset, checkpoint, checkpoint_dir))
     if chosen > 1:
         raise click.UsageError("give only one of --preset, --checkpoint, --checkpoint-dir")
+    _check_weights(preset, checkpoint, checkpoint_dir)
     assets = ensure_tokenizer_assets()
     llama_dir, bert_dir = assets.llama_dir, assets.bert_vocab.parent
     if checkpoint is not None:
@@ -182,7 +183,9 @@ def demo(package: Path, prompt: str) -> None:
 def convert(checkpoint_dir: Path, output: Path) -> None:
     from vsal.export import presets
     from vsal.export.consolidated import convert_release_files
+    from vsal.export.package import check_checkpoint_dir
 
+    check_checkpoint_dir(checkpoint_dir)
     report = convert_release_files(checkpoint_dir, output, presets.get("13b"), progress=True)
     click.echo(report.summary(), err=True)
     click.echo(f"wrote {output}")
@@ -201,9 +204,16 @@ def convert(checkpoint_dir: Path, output: Path) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing package at --output.")
 def export(preset, checkpoint, checkpoint_dir, output, opset, graphs, no_slim, overwrite) -> None:
     from vsal.export.onnx_export import DEFAULT_OPSET
-    from vsal.export.package import ALL_GRAPHS, export_package
+    from vsal.export.package import ALL_GRAPHS, check_output, export_package
 
     chosen = tuple(g.strip() for g in graphs.split(",")) if graphs else ALL_GRAPHS
+    unknown = [g for g in chosen if g not in ALL_GRAPHS]
+    if unknown:
+        raise click.BadParameter(
+            f"{', '.join(unknown)}: graphs are {', '.join(ALL_GRAPHS)}", param_hint="--graphs"
+        )
+    check_output(output, overwrite)  # before any model is built: these fail in seconds, not hours
+    _check_weights(preset, checkpoint, checkpoint_dir)
     with tempfile.TemporaryDirectory(prefix="vsal-export-") as tmp:
         source, tokenizers = _export_source(preset, checkpoint, checkpoint_dir, Path(tmp))
         if source.random_weights:
@@ -218,6 +228,21 @@ def export(preset, checkpoint, checkpoint_dir, output, opset, graphs, no_slim, o
             overwrite=overwrite,
         )
     click.echo(f"exported {len(manifest.graphs)} graphs to {output}")
+
+
+def _check_weights(preset, checkpoint: Path | None, checkpoint_dir: Path | None) -> None:
+    """Every weights option checked (files there, readable, of the right kind) before a model is built."""
+    from vsal.export import presets
+    from vsal.export.package import check_checkpoint_dir, check_checkpoint_file
+
+    if checkpoint is not None and checkpoint_dir is not None:
+        raise click.UsageError("give only one of --checkpoint, --checkpoint-dir")
+    if preset is not None:
+        presets.get(preset)
+    if checkpoint is not None:
+        check_checkpoint_file(checkpoint)
+    if checkpoint_dir is not None:
+        check_checkpoint_dir(checkpoint_dir)
 
 
 def _export_source(preset, checkpoint, checkpoint_dir, tmp: Path):
@@ -365,7 +390,7 @@ def triton(
         orchestrator_instances=orchestrator_instances,
     )
     repo = write_repository(model_dir, output, options, overwrite=overwrite)
-    click.echo(f"wrote a Triton model repository ({flavor}) to {repo}; model 'vsal' takes the requests")
+    click.echo(f"wrote a Triton model repository ({flavor}, {precision}) to {repo}; model 'vsal' serves it")
 
 
 @cli.command(help="Record each graph's inputs on real media, for INT8 calibration (stored in the package).")
@@ -377,7 +402,7 @@ def triton(
     type=click.Path(path_type=Path, file_okay=False),
     help="Folder of video/audio files; one in four is held out to check accuracy.",
 )
-@click.option("--max-clips", type=int, default=None, help="Use at most this many files.")
+@click.option("--max-clips", type=click.IntRange(min=2), default=None, help="Use at most this many files.")
 def calibrate(model_dir: Path, media_dir: Path, max_clips: int | None) -> None:
     from vsal.calib.collect import media_files
     from vsal.export.build import calibrate as record
@@ -396,7 +421,7 @@ def calibrate(model_dir: Path, media_dir: Path, max_clips: int | None) -> None:
     type=click.Path(path_type=Path, file_okay=False),
     help="Folder of real media to calibrate (int8) and check accuracy on (one in four held out).",
 )
-@click.option("--max-clips", type=int, default=None)
+@click.option("--max-clips", type=click.IntRange(min=2), default=None)
 @click.option(
     "--backend",
     type=click.Choice(["auto", "tensorrt", "onnxruntime"]),
@@ -409,7 +434,11 @@ def calibrate(model_dir: Path, media_dir: Path, max_clips: int | None) -> None:
     "--min-cosine", default=0.99, show_default=True, help="Per graph, against fp32 on held-out inputs."
 )
 @click.option("--min-token-agreement", default=0.5, show_default=True, help="Greedy tokens equal to fp32's.")
-@click.option("--allow-below", is_flag=True, help="Keep a build below the thresholds and exit 0.")
+@click.option(
+    "--allow-below",
+    is_flag=True,
+    help="Record a build below the thresholds anyway (marked below threshold in the manifest), exit 0.",
+)
 @click.option(
     "--workspace-mib",
     type=click.IntRange(min=1),
@@ -449,11 +478,14 @@ def build(
         Thresholds(min_cosine, min_token_agreement),
         engines=engines,
         workspace_bytes=workspace_mib * 2**20 if workspace_mib else None,
+        allow_below=allow_below,
     )
     click.echo(report.format())
-    if report.problems and not allow_below:
+    if report.problems and not report.recorded:
         click.echo(
-            "vsal-export: error: the build is below its accuracy thresholds (--allow-below keeps it)",
+            "vsal-export: error: the build is below its accuracy thresholds: nothing was recorded, "
+            f"the package is as it was (report: {model_dir / f'build_{precision}.rejected.json'}; "
+            "--allow-below records it anyway)",
             err=True,
         )
         sys.exit(1)

@@ -41,13 +41,20 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> list[Path]:
     return [path, data]
 
 
+def external_files(path: str | os.PathLike) -> list[Path]:
+    """The external data files an ONNX graph's tensors name (beside it), without loading weights."""
+    path = Path(path)
+    model = onnx.load_model(path, load_external_data=False)
+    names = {
+        entry.value
+        for tensor in model.graph.initializer
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    return [path.parent / name for name in sorted(names)]
+
+
 def graph_bytes(path: str | os.PathLike) -> int:
     """Bytes of an ONNX graph with its external data files (those its tensors name beside it)."""
     path = Path(path)
-    model = onnx.load_model(path, load_external_data=False)
-    files = {path}
-    for tensor in model.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                files.add(path.parent / entry.value)
-    return sum(f.stat().st_size for f in files if f.is_file())
+    return sum(f.stat().st_size for f in [path, *external_files(path)] if f.is_file())

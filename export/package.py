@@ -25,7 +25,16 @@ from torch import nn
 from vsal.export.config import ModelConfig
 from vsal.export.onnx_export import DEFAULT_OPSET, ExportError, GraphValidation, export_graph, validate_graph
 from vsal.export.specs import MAX_FRAMES, MAX_NEW_TOKENS, MAX_PROMPT_TEXT, MAX_SLOTS, GraphSpec, encoder_specs
-from vsal.runtime.manifest import FileInfo, GraphInfo, Manifest, TensorInfo, save_manifest, sha256_file
+from vsal.runtime.manifest import (
+    MANIFEST_NAME,
+    FileInfo,
+    GraphInfo,
+    Manifest,
+    TensorInfo,
+    save_manifest,
+    sha256_file,
+)
+from vsal.runtime.package_lock import PackageLock, fsync_folder
 from vsal.runtime.prompt import ANSWER_CUT, PROMPT_AFTER, PROMPT_BEFORE, DecodingOptions
 
 import vsal
@@ -101,9 +110,13 @@ def _say(progress: bool, message: str) -> None:
         print(f"vsal-export: {message}", flush=True)
 
 
-def _prepare_output(output: Path, overwrite: bool) -> Path:
+def check_output(output: Path, overwrite: bool) -> None:
+    """Refuse an --output that the export could not replace, before any model is built."""
+    output = Path(output)
+    if output.is_symlink() or (output.exists() and not output.is_dir()):
+        raise ExportError(f"{output}: exists and is not a folder; choose another --output")
     if output.exists():
-        is_package = (output / "manifest.json").is_file()
+        is_package = (output / MANIFEST_NAME).is_file()
         if not (overwrite and is_package):
             why = (
                 "use --overwrite to replace it"
@@ -111,11 +124,33 @@ def _prepare_output(output: Path, overwrite: bool) -> Path:
                 else "it is not a vsal package; choose another path"
             )
             raise ExportError(f"{output}: already exists ({why})")
+    parent = next(p for p in (output.absolute(), *output.absolute().parents) if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(f"{output}: cannot create it ({parent} is not a writable folder)")
+
+
+def _prepare_output(output: Path, overwrite: bool) -> Path:
+    check_output(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
     work = output.with_name(f"{output.name}.partial-{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     return work
+
+
+def _publish(work: Path, output: Path) -> None:
+    """Move the finished package to `output`; an existing package is swapped out under its lock (a
+    build of it finishes first) and removed after: the path holds a whole package at all times but
+    for the instant between two renames."""
+    if not output.exists():
+        os.replace(work, output)
+        return
+    with PackageLock(output, "vsal-export export --overwrite"):
+        old = output.with_name(f"{output.name}.replaced-{os.getpid()}")
+        os.replace(output, old)
+        os.replace(work, output)
+        fsync_folder(output.parent)
+    shutil.rmtree(old)
 
 
 def export_package(
@@ -187,9 +222,7 @@ def export_package(
             shutil.copyfile(config_src, work / "tokenizer" / "llm" / "tokenizer_config.json")
         (work / "validation.json").write_text(json.dumps(validations, indent=2) + "\n")
         save_manifest(manifest, work)  # last: a folder without it is never trusted
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(work, output)
+        _publish(work, output)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -269,6 +302,69 @@ def _copy(src: Path, work: Path, subdir: str) -> FileInfo:
     dest = work / subdir / src.name
     shutil.copyfile(src, dest)
     return FileInfo(file=f"{subdir}/{src.name}", sha256=sha256_file(dest))
+
+
+def check_checkpoint_file(path: Path) -> None:
+    """--checkpoint: a readable safetensors file (header read) or torch.save file, checked before
+    any model is built."""
+    from vsal.export.checkpoints import CheckpointError
+
+    path = Path(path)
+    _check_readable_file(path, "--checkpoint", CheckpointError)
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.metadata()
+        except Exception as exc:  # safetensors raises its own error types for a bad header
+            raise CheckpointError(
+                f"{path}: --checkpoint is not a readable safetensors file ({exc})"
+            ) from None
+    elif not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+        raise CheckpointError(
+            f"{path}: --checkpoint is neither a .safetensors file nor a torch.save file "
+            f"(it starts with {head[:4]!r})"
+        )
+
+
+def check_checkpoint_dir(folder: Path) -> None:
+    """--checkpoint-dir: the six released files and folders all there and readable (one message
+    listing every one that is not), checked before any model is built."""
+    from vsal.export.checkpoints import CheckpointError
+    from vsal.export.release_files import RELEASE_SOURCES
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: --checkpoint-dir is not a folder")
+    problems = []
+    for source in RELEASE_SOURCES:
+        path = folder / source.name
+        want_dir = Path(source.name).suffix not in (".pt", ".pth")  # the HF folders ("vicuna-13b-v1.5")
+        if not path.exists():
+            problems.append(f"{source.name} ({source.what}) missing")
+        elif want_dir != path.is_dir():
+            problems.append(f"{source.name}: expected a {'folder' if want_dir else 'file'}")
+        elif not os.access(path, os.R_OK | (os.X_OK if want_dir else 0)):
+            problems.append(f"{source.name}: not readable")
+    if problems:
+        raise CheckpointError(
+            f"{folder}: --checkpoint-dir needs the six released files: {'; '.join(problems)} "
+            "(see docs/checkpoints.md)"
+        )
+
+
+def _check_readable_file(path: Path, option: str, error: type[Exception]) -> None:
+    if not path.exists():
+        raise error(f"{path}: no such file ({option})")
+    if not path.is_file():
+        raise error(f"{path}: {option} is not a regular file")
+    if not os.access(path, os.R_OK):
+        raise error(f"{path}: {option} is not readable (permissions)")
+    if path.stat().st_size == 0:
+        raise error(f"{path}: {option} is empty (0 bytes)")
 
 
 def consolidated_filler(path: Path) -> Callable[[str, nn.Module], None]:

@@ -16,14 +16,14 @@ CUDA are imported only here and in `tensorrt_backend`, lazily, so nothing else n
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vsal.runtime.errors import VsalError
-from vsal.runtime.manifest import GraphInfo, write_json_atomic
+from vsal.runtime.manifest import GraphInfo
+from vsal.runtime.package_lock import write_durable, write_json_durable
 from vsal.runtime.shapes import evaluate
 
 ENGINE_DIR = "engines"
@@ -232,10 +232,12 @@ def build_engine(
         raise EngineError(f"{onnx_path}: TensorRT could not build an engine (see its log above)")
     seconds = time.perf_counter() - start
     engine_path = cache_dir / f"{key.stem}.engine"
-    _write_atomic(engine_path, memoryview(serialized))
-    _write_atomic(timing_path, memoryview(config.get_timing_cache().serialize()))
+    # Unique temporary names (two processes may build the same engine), fsynced; the sidecar is
+    # written last: the engine counts only once it is there.
+    write_durable(engine_path, memoryview(serialized))
+    write_durable(timing_path, memoryview(config.get_timing_cache().serialize()))
     record = {"key": asdict(key), "onnx": str(onnx_path.name), "build_seconds": round(seconds, 1)}
-    write_json_atomic(engine_path.with_suffix(".json"), record)  # last: the engine counts only now
+    write_json_durable(engine_path.with_suffix(".json"), record)
     if progress:
         size = engine_path.stat().st_size / 2**20
         print(f"vsal: {key.graph}: engine ready in {seconds:.0f} s ({size:.1f} MiB)", file=sys.stderr)
@@ -270,13 +272,3 @@ def engine_for(
             hint = f"{onnx_file} is not in the package to rebuild it from; {hint}"
         raise EngineError(f"{name}: no {precision} engine for this machine ({why}); {hint}")
     return build_engine(onnx_path, info, key, Path(folder), workspace_bytes, progress)
-
-
-def _write_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -1,0 +1,142 @@
+"""Changing a built package in one step: new files under new names, one manifest rename, then cleanup.
+
+A build writes each variant to a name no manifest has used (`graphs/<graph>.<precision>.<build id>.onnx`
+and its `.data`), so nothing the current manifest names is ever touched. `commit` then re-reads the
+manifest (under the package lock), merges the new variants and engine records in, and replaces
+`manifest.json` durably; only after that are the files of the replaced variants removed. A kill at
+any point leaves the old manifest with its old files (intact), or the new manifest with its new
+files: at worst some unnamed files, which `clean_leftovers` removes at the next build. Torch-free.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vsal.runtime.manifest import MANIFEST_NAME, Manifest, VariantInfo, load_manifest
+from vsal.runtime.package_lock import LOCK_NAME, fsync_folder, stale_partial, write_json_durable
+
+GRAPH_DIR = "graphs"
+VARIANT_PRECISIONS = ("fp16", "int8")
+# Temporary names of the package's writers: write_json_atomic's `.<name>.partial`, save_onnx's and
+# convert_fp16's `.<name>.partial` / `.<name>.data.partial`, quantize_int8's `.<name>.<random>/` folder,
+# save_calibration's `.<name>.partial.npz`.
+_OLD_PARTIAL = re.compile(r"^\..+\.partial(\.npz)?$")
+
+
+def variant_file(name: str, precision: str, build_id: str) -> str:
+    """The package-relative file of a new variant: a name no earlier build used."""
+    return f"{GRAPH_DIR}/{name}.{precision}.{build_id}.onnx"
+
+
+@dataclass
+class Update:
+    """What one build adds: per graph its new variant and engine records, and the files it wrote."""
+
+    precision: str
+    variants: dict[str, VariantInfo] = field(default_factory=dict)
+    engines: dict[str, list[dict]] = field(default_factory=dict)  # graph -> records to add or replace
+    written: list[Path] = field(default_factory=list)  # new files, removed again if not recorded
+    committed: bool = False  # the manifest names them now: never discard
+
+    def discard(self) -> None:
+        if self.committed:
+            return
+        for path in self.written:
+            path.unlink(missing_ok=True)
+
+
+def commit(package: Path, update: Update) -> list[str]:
+    """Record `update` in the package's manifest (re-read now: the caller holds the lock), in one
+    durable rename; then remove the files of the variants it replaced. Returns those files."""
+    manifest = load_manifest(package)
+    replaced = []
+    for name, variant in update.variants.items():
+        old = manifest.graphs[name].variants.get(update.precision)
+        if old is not None:
+            replaced += [old.file, *old.external_data]
+        manifest.graphs[name].variants[update.precision] = variant
+    for name, records in update.engines.items():
+        files = {r["file"] for r in records}
+        info = manifest.graphs[name]
+        info.engines = [e for e in info.engines if e.get("file") not in files] + records
+    save_manifest_durable(manifest, package)
+    update.committed = True
+    fault_point("manifest-written")
+    named = set(manifest.files())
+    removed = [rel for rel in replaced if rel not in named and _remove_variant_file(package, rel)]
+    if removed:
+        fsync_folder(package / GRAPH_DIR)
+    return removed
+
+
+def save_manifest_durable(manifest: Manifest, folder: Path) -> None:
+    write_json_durable(Path(folder) / MANIFEST_NAME, manifest.to_dict())
+
+
+def clean_leftovers(package: Path, manifest: Manifest) -> tuple[list[str], list[str]]:
+    """(removed, ignored): files that interrupted runs left in the package. Call under the lock.
+
+    Removed: temporary files of our writers, and variant files (our naming) that the manifest does
+    not name. Ignored: anything else in graphs/ that the manifest does not name (not ours to delete).
+    """
+    named = set(manifest.files())
+    removed, ignored = [], []
+    for folder in (package, package / "calibration", package / "engines"):
+        for path in sorted(folder.glob(".*")) if folder.is_dir() else []:
+            if path.name == LOCK_NAME:
+                continue
+            if stale_partial(path) or (folder != package / "engines" and _OLD_PARTIAL.match(path.name)):
+                _remove(path)
+                removed.append(str(path.relative_to(package)))
+    graphs = package / GRAPH_DIR
+    ours = _variant_pattern(manifest)
+    for path in sorted(graphs.iterdir()) if graphs.is_dir() else []:
+        rel = f"{GRAPH_DIR}/{path.name}"
+        if rel in named:
+            continue
+        if ours.match(path.name) or (path.name.startswith(".") and ours.match(path.name[1:])):
+            _remove(path)
+            removed.append(rel)
+        else:
+            ignored.append(rel)
+    return removed, ignored
+
+
+def _variant_pattern(manifest: Manifest) -> re.Pattern:
+    """Names our builds give variant files and their temporaries (`<graph>.<precision>[.<id>].onnx`,
+    `.data`, `.partial`, quantize_int8's work folder)."""
+    graphs = "|".join(re.escape(g) for g in manifest.graphs)
+    precisions = "|".join(VARIANT_PRECISIONS)
+    return re.compile(rf"^({graphs})\.({precisions})(\.[0-9a-f]+)?\.onnx(\.data)?(\.partial|\..+)?$")
+
+
+def _remove_variant_file(package: Path, rel: str) -> bool:
+    """Remove a file a replaced variant named, only if it lies directly in the package's graphs/
+    (a manifest from elsewhere must not make a build delete files outside the package)."""
+    path = Path(os.path.abspath(package / rel))
+    if path.parent != Path(os.path.abspath(package / GRAPH_DIR)) or not path.is_file():
+        return False
+    path.unlink()
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+FAULT_ENV = "VSAL_BUILD_FAULT"
+
+
+def fault_point(step: str) -> None:
+    """Tests kill a build at a known step: VSAL_BUILD_FAULT=<step> makes the process SIGKILL itself."""
+    if os.environ.get(FAULT_ENV) == step:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
