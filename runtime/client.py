@@ -9,6 +9,9 @@
 The media files' bytes are sent (the server needs no access to the client's files); text streams
 back as the decoupled `vsal` model produces it. A user mistake comes back as the same one-line
 VsalError as in-process (naming the client's file); a server that cannot be reached is a ServeError.
+Files over the server's upload limit (`vsal serve --max-upload-mib`, read from the model's
+config) are refused before they are read. Leaving a stream early (Ctrl-C, an exception, a
+generator closed) cancels the request: the server stops its generation at the next token.
 Needs the `serve` extra (tritonclient[grpc]).
 """
 
@@ -17,16 +20,17 @@ from __future__ import annotations
 import json
 import queue
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import asdict
 
 import numpy as np
-from vsal.runtime.errors import VsalError
+from vsal.runtime.errors import LimitError, VsalError
 from vsal.runtime.media import _check_file
-from vsal.runtime.prompt import DecodingOptions
+from vsal.runtime.prompt import DecodingOptions, check_prompt
 from vsal.runtime.triton_repo import ORCHESTRATOR
 
 ERROR_PREFIX = "vsal-error: "  # the orchestrator's mark of a user mistake
-_DONE = object()
+MIB = 1024 * 1024
 
 
 class ServerError(VsalError, ValueError):
@@ -54,15 +58,34 @@ class Client:
         self.url = url
         self.model = model
         self.timeout_s = timeout_s  # per request; None: no limit
+        self._upload_limit_mib: int | None = None
+
+    def upload_limit_mib(self) -> int | None:
+        """The server's limit on each media file (its model config), None when it sets none."""
+        if self._upload_limit_mib is None:
+            client = _grpc().InferenceServerClient(self.url)
+            try:
+                config = client.get_model_config(self.model, as_json=True)["config"]
+            except Exception as exc:  # tritonclient's InferenceServerException and grpc's errors
+                raise _error(self.url, exc) from None
+            finally:
+                client.close()
+            value = config.get("parameters", {}).get("max_upload_mib", {}).get("string_value")
+            self._upload_limit_mib = int(value) if value else 0
+        return self._upload_limit_mib or None
 
     def _inputs(self, prompt: str, video, audio, options: DecodingOptions | None) -> list:
         grpcclient = _grpc()
         if video is None and audio is None:
             raise ServerError("give a video file, an audio file or both")
-        values: dict[str, bytes] = {"PROMPT": prompt.encode("utf-8")}
+        values: dict[str, bytes] = {"PROMPT": check_prompt(prompt).encode("utf-8")}  # as in-process
         for kind, path in (("VIDEO", video), ("AUDIO", audio)):
             if path is not None:
                 path = _check_file(path)  # missing, a directory, empty: the same error as in-process
+                limit = self.upload_limit_mib()
+                size = path.stat().st_size
+                if limit is not None and size > limit * MIB:
+                    raise LimitError(upload_limit_message(path, size, limit))
                 values[kind] = path.read_bytes()
                 values[f"{kind}_NAME"] = str(path).encode("utf-8")
         if options is not None:
@@ -122,12 +145,13 @@ class Client:
     ) -> Iterator[str]:
         """Text pieces as they come (one beam); with beam search, the answer in one piece at the end."""
         streamed = False
-        for kind, value in self._responses(prompt, video, audio, options):
-            if kind == "text":
-                streamed = True
-                yield value
-            elif not streamed and value["answer"]:
-                yield value["answer"]
+        with closing(self._responses(prompt, video, audio, options)) as responses:  # left early: cancelled
+            for kind, value in responses:
+                if kind == "text":
+                    streamed = True
+                    yield value
+                elif not streamed and value["answer"]:
+                    yield value["answer"]
 
     def ask(self, prompt: str, video=None, audio=None, options: DecodingOptions | None = None, on_text=None):
         """The whole answer (a pipeline.Answer); `on_text(piece)` is called as text arrives."""
@@ -154,11 +178,21 @@ class Client:
             client.close()
 
 
+def upload_limit_message(name, size: int, limit_mib: int) -> str:
+    """The one line for a media file over the upload limit (the server says the same)."""
+    return (
+        f"{name}: {size / MIB:.1f} MiB is over the server's upload limit of {limit_mib} MiB "
+        "(vsal serve --max-upload-mib): send a shorter or smaller file, or raise the limit"
+    )
+
+
 def _error(url: str, error) -> VsalError:
     message = error.message() if hasattr(error, "message") and callable(error.message) else str(error)
     message = message or str(error)
     if ERROR_PREFIX in message:
         return ServerError(message.split(ERROR_PREFIX, 1)[1])
+    if "the request was stopped" in message:  # the server is stopping (the orchestrator's words)
+        return ConnectionFailed(f"{url}: {message.splitlines()[0]}")
     if "unavailable" in message.lower() or "connect" in message.lower():
         return ConnectionFailed(f"{url}: cannot reach the server ({message.splitlines()[0]})")
     return ConnectionFailed(f"{url}: the server failed ({message.splitlines()[0]})")

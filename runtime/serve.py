@@ -12,12 +12,21 @@ site-packages (VSAL_SITE_DIRS) so that the models import vsal, numpy and ONNX Ru
 
 A package folder is served from a temporary repository (python flavor, package files symlinked),
 removed when the server stops; a folder written by `vsal-export triton` is served as it is.
+
+Supervision: Triton runs in its own process group with a parent-death signal (SIGKILL when the
+`vsal serve` thread that started it dies, SIGKILL of `vsal serve` included: start it from a thread
+that lives as long as the server, the main thread in `vsal serve`); its Python backend
+stubs leave when Triton does (their own parent check, and a watchdog in vsal's model files). Their
+shared-memory regions carry `vsal serve`'s pid in their name: regions of a `vsal serve` that no
+longer runs are removed at start. A stop tells the orchestrator (VSAL_STOP_FILE) to end the
+generations in flight, gives Triton a few seconds, then kills its process group.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import site
@@ -36,7 +45,23 @@ from vsal.runtime.triton_repo import RepoOptions, is_repository, write_repositor
 
 PYTRITON = "nvidia-pytriton==0.7.0"  # bundles Triton 2.51
 START_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 30.0
+EXIT_TIMEOUT_S = 5  # Triton's wait for requests in flight (the orchestrator ends them at the next token)
+KILL_AFTER_S = EXIT_TIMEOUT_S + 5.0  # then the process group is killed
+STUB_EXIT_S = 3.0  # stubs that outlive Triton notice within a second (their parent check)
+SHM_PREFIX = "vsal_serve_"  # + pid of `vsal serve` + "_": its Python backend's shared-memory regions
+SHM_DIR = Path("/dev/shm")
+# Runs Triton with a parent-death signal: prctl(PR_SET_PDEATHSIG, SIGKILL), which execve keeps, then
+# exec (a launcher instead of preexec_fn, which is unsafe in a process with threads). argv: the
+# expected parent's pid (gone already: exit), then Triton's command line.
+_LAUNCH = """
+import ctypes, os, signal, sys
+PR_SET_PDEATHSIG = 1
+if ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+    sys.exit("vsal: prctl(PR_SET_PDEATHSIG) failed")
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(1)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
 
 
 class ServeError(VsalError):
@@ -202,6 +227,9 @@ class Server:
                 ) from None
         install = self.install or find_triton(quiet=self.quiet)
         self.install = install
+        removed = remove_stale_shm()
+        if removed:
+            self._say(f"removed {len(removed)} shared-memory regions of servers that no longer run")
         env = dict(os.environ)
         lib_dirs = list(install.lib_dirs)
         if install.python_only:
@@ -213,12 +241,19 @@ class Server:
         self.workdir = Path(tempfile.mkdtemp(prefix="vsal-serve-"))
         (self.workdir / "tmp").mkdir()
         env["TMPDIR"] = str(self.workdir / "tmp")  # the models' temporary files go with the server's
+        env["VSAL_STOP_FILE"] = str(self.stop_file)
         try:
             self._launch(install, env, timeout)
         except BaseException:
             self.stop()
             raise
         return self
+
+    @property
+    def stop_file(self) -> Path:
+        """Created when the server stops: the orchestrator then ends its generations in flight."""
+        assert self.workdir is not None
+        return self.workdir / "stopping"
 
     def _launch(self, install: TritonInstall, env: dict[str, str], timeout: float) -> None:
         assert self.workdir is not None
@@ -240,19 +275,20 @@ class Server:
             "--allow-http=false",
             "--allow-metrics=false",
             "--disable-auto-complete-config",
-            f"--exit-timeout-secs={int(STOP_TIMEOUT_S)}",
+            f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
+            f"--backend-config=python,shm-region-prefix-name={shm_prefix()}",
         ]
         if install.python_only:
             cmd.append(f"--backend-directory={python_backend(install, self.workdir)}")
         self.log = self.workdir / "tritonserver.log"
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(
-                cmd,
+                [sys.executable, "-I", "-S", "-c", _LAUNCH, str(os.getpid()), *cmd],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                start_new_session=True,
+                start_new_session=True,  # its own process group (its stubs too): killed as one
             )
         self._say(f"starting {install.description}")
         self._wait_ready(timeout)
@@ -292,23 +328,31 @@ class Server:
         return " | ".join((errors or lines)[-2:]) or "no log"
 
     def stop(self) -> None:
-        """Stop the server (SIGINT, then SIGKILL after the exit timeout) and remove the temporary files.
-
-        Waits for the Python backend's stub processes too: they outlive the server by a moment and
-        release the backend's shared memory regions as they exit."""
-        if self.process is not None and self.process.poll() is None:
-            stubs = _descendants(self.process.pid)
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(STOP_TIMEOUT_S + 5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-            _wait_gone(stubs, STOP_TIMEOUT_S)
+        """Stop the server and remove the temporary files: the orchestrator ends its generations in
+        flight, Triton gets SIGINT and EXIT_TIMEOUT_S to finish; after KILL_AFTER_S its process group
+        (the Python backend's stubs with it) is killed. Returns once no process of it runs."""
+        if self.process is not None:
+            group = self.process.pid  # start_new_session: the group's id is Triton's pid
+            if self.process.poll() is None:
+                self._stop_triton(group)
+            _end_group(group)  # stubs that outlive Triton (they release their shared memory as they exit)
         self.process = None
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
+
+    def _stop_triton(self, group: int) -> None:
+        try:
+            self.stop_file.touch()
+        except OSError:  # a workdir removed under us: Triton still gets its signal
+            pass
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(KILL_AFTER_S)
+        except subprocess.TimeoutExpired:
+            self._say(f"the Triton server did not stop within {KILL_AFTER_S:.0f} s: killing it")
+            _kill_group(group)
+            self.process.wait()
 
     def wait(self) -> int:
         assert self.process is not None
@@ -321,35 +365,69 @@ class Server:
         self.stop()
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below `pid` (Linux /proc), children first."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue  # a process that ended meanwhile
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
+def _kill_group(group: int) -> None:
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except ProcessLookupError:  # empty already
+        pass
+
+
+def _end_group(group: int, grace: float = STUB_EXIT_S) -> None:
+    """Until no process of the group runs: `grace` seconds for its members to exit, then SIGKILL."""
+    deadline = time.monotonic() + grace
+    while _group_members(group):
+        if time.monotonic() > deadline:
+            _kill_group(group)
+        time.sleep(0.05)
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state, ppid, pgrp, ...), None when gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _group_members(group: int) -> list[int]:
+    """Processes of a process group that run (zombies count as gone), from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            stat = _proc_stat(int(entry.name))
+            if stat and stat[0] != "Z" and int(stat[2]) == group:
+                found.append(int(entry.name))
     return found
 
 
-def _wait_gone(pids: list[int], timeout: float) -> None:
-    """Until none of `pids` runs any more (zombies count as gone), at most `timeout` seconds."""
-    deadline = time.monotonic() + timeout
+def shm_prefix(pid: int | None = None) -> str:
+    """The name prefix of the Python backend's shared-memory regions of the `vsal serve` of pid."""
+    return f"{SHM_PREFIX}{os.getpid() if pid is None else pid}_"
 
-    def running(pid: int) -> bool:
+
+def remove_stale_shm(folder: Path = SHM_DIR) -> list[str]:
+    """Remove this user's regions of `vsal serve` processes that no longer run; their names.
+
+    Only names with our prefix, owned by this user, whose server's pid runs no process (a pid
+    reused since keeps its regions: safe, not exhaustive). Regions of any other program are left."""
+    pattern = re.compile(rf"^{re.escape(SHM_PREFIX)}(\d+)_")
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:  # no /dev/shm: nothing to clean
+        return removed
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if not match or _proc_stat(int(match.group(1))) is not None:
+            continue
         try:
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-        except (OSError, IndexError):
-            return False
-
-    while any(running(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
+            if entry.lstat().st_uid != os.getuid():
+                continue
+            entry.unlink()
+        except OSError:  # gone meanwhile, or not ours to remove
+            continue
+        removed.append(entry.name)
+    return removed
 
 
 def serve_forever(server: Server) -> int:

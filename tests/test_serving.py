@@ -133,8 +133,10 @@ def test_client_without_a_server_is_one_clear_error(clip_10s):
 
 
 def shm_regions() -> set[str]:
+    from vsal.runtime.serve import SHM_PREFIX
+
     shm = Path("/dev/shm")
-    return {p.name for p in shm.glob("triton_python_backend_shm_region_*")} if shm.is_dir() else set()
+    return {p.name for p in shm.glob(f"{SHM_PREFIX}*")} if shm.is_dir() else set()
 
 
 @pytest.fixture(scope="module")
@@ -210,6 +212,7 @@ def test_concurrent_clients_get_the_in_process_answers_with_batched_encoders(ser
 
 def test_bad_media_is_one_clear_line_naming_the_clients_file(server, tmp_path):
     from vsal.runtime.client import ServerError
+    from vsal.runtime.errors import PromptError
 
     bad = tmp_path / "broken.mp4"
     bad.write_bytes(b"this is not a video" * 100)
@@ -227,7 +230,7 @@ def test_bad_media_is_one_clear_line_naming_the_clients_file(server, tmp_path):
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.startswith(f"vsal: error: {bad}: not a media file FFmpeg can read")
     assert done.stderr.strip().count("\n") == 0
-    with pytest.raises(ServerError, match="the prompt is empty"):
+    with pytest.raises(PromptError, match="the prompt is empty"):  # the client checks it as in-process
         server["client"].ask("", video=bad, options=GREEDY)
 
 

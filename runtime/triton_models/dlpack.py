@@ -5,8 +5,19 @@ and Tensor(name, array) under numpy 2. Imported only inside the backend (`triton
 exists nowhere else).
 """
 
+import ctypes
+
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
+# A consumer of a DLPack capsule renames it "used_dltensor" (the DLPack protocol), so that the
+# producer's destructor leaves the data to the consumer. The Python backend's Tensor.from_dlpack
+# (2.51 and later) renames it "used_dlpack": numpy's destructor then finds neither name and reports
+# an unraisable ValueError with a traceback, once per tensor. The name is set right after the call.
+_USED = b"used_dltensor"  # module-level: the capsule keeps a pointer to these bytes
+_set_capsule_name = ctypes.pythonapi.PyCapsule_SetName
+_set_capsule_name.argtypes = [ctypes.py_object, ctypes.c_char_p]
+_set_capsule_name.restype = ctypes.c_int
 
 
 def to_numpy(tensor):
@@ -22,4 +33,7 @@ def from_numpy(name, array):
         array = array.copy()
     if array.size == 0:  # nothing to misread, and DLPack's strides of an empty array fail Triton's check
         return pb_utils.Tensor(name, array)
-    return pb_utils.Tensor.from_dlpack(name, array)
+    capsule = array.__dlpack__()
+    tensor = pb_utils.Tensor.from_dlpack(name, capsule)  # the tensor now owns the array's data
+    _set_capsule_name(capsule, _USED)
+    return tensor

@@ -19,12 +19,14 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 from vsal.runtime.triton_models.dlpack import from_numpy, to_numpy  # noqa: E402
+from vsal.runtime.triton_models.supervision import exit_with_parent  # noqa: E402
 
 
 class TritonPythonModel:
     def initialize(self, args):
         import onnxruntime as ort
 
+        exit_with_parent()
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         info = json.loads(params["graph_info"])

@@ -1,24 +1,32 @@
 """The `vsal` orchestrator model: Triton's Python backend, decoupled (one request, many responses).
 
-It is the runtime's own Pipeline (media decoding, preprocessing, alignment, prompt assembly,
-generation), whose graphs run as calls to the repository's graph models (BLS) instead of ONNX
-Runtime sessions: Triton batches the encoders' calls across concurrent requests. Each request is
-served on its own thread; text pieces stream back as they come (TEXT), then the whole answer as
-JSON (RESULT, the last response). A user mistake (bad media, empty prompt, bad options) comes back
-as an error "vsal-error: <file>: <problem>", naming the client's file, not the server's copy.
+It is the runtime's own Pipeline (request checks, media decoding, preprocessing, alignment, prompt
+assembly, generation), whose graphs run as calls to the repository's graph models (BLS) instead of
+ONNX Runtime sessions: Triton batches the encoders' calls across concurrent requests. Each request
+is served on its own thread; text pieces stream back as they come (TEXT), then the whole answer as
+JSON (RESULT, the last response).
+
+A user mistake (the VsalError tree: bad media, an invalid prompt, options or a limit) comes back as
+an error "vsal-error: <file>: <problem>", one line naming the client's file, not the server's copy.
+Anything else is a bug: its traceback goes to the server log once, the client gets one line.
+Before each decoder step the request is checked: a client that went away (Triton cancels its
+request) or a server that is stopping (`vsal serve` creates VSAL_STOP_FILE) ends its generation.
 
 Inputs: PROMPT, VIDEO / AUDIO (the files' bytes), VIDEO_NAME / AUDIO_NAME (the client's names for
 them), OPTIONS (JSON of DecodingOptions fields; absent: the release's defaults from the manifest).
+Parameters (config.pbtxt): max_upload_mib (each media file), max_new_tokens_limit.
 """
 
 import json
 import os
+import re
 import shutil
 import site
 import tempfile
 import threading
 import traceback
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 for _folder in os.environ.get("VSAL_SITE_DIRS", "").split(os.pathsep):  # set by `vsal serve`
@@ -27,14 +35,63 @@ for _folder in os.environ.get("VSAL_SITE_DIRS", "").split(os.pathsep):  # set by
 
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
-from vsal.runtime.backends import BackendError, FeedChecker  # noqa: E402
-from vsal.runtime.errors import ConfigError, VsalError  # noqa: E402
+from vsal.runtime.backends import FeedChecker  # noqa: E402
+from vsal.runtime.client import ERROR_PREFIX, MIB, upload_limit_message  # noqa: E402
+from vsal.runtime.errors import ConfigError, LimitError, VsalError  # noqa: E402
 from vsal.runtime.generation import GraphDecoderStep  # noqa: E402
 from vsal.runtime.pipeline import Pipeline  # noqa: E402
 from vsal.runtime.prompt import DecodingOptions  # noqa: E402
 from vsal.runtime.triton_models.dlpack import from_numpy, to_numpy  # noqa: E402
+from vsal.runtime.triton_models.supervision import exit_with_parent  # noqa: E402
 
-ERROR_PREFIX = "vsal-error: "  # what the client shows as a one-line error
+DEFAULT_MAX_UPLOAD_MIB = 256  # a repository written before the limits were parameters
+DEFAULT_MAX_NEW_TOKENS = 512  # the release's max_tgt_len
+TEXT_LIMIT = 1 * MIB  # PROMPT, OPTIONS and the file names: far past any prompt the decoder takes
+
+
+class Stopped(Exception):
+    """A request that ends before its answer: the client went away, or the server is stopping."""
+
+
+class GraphModelError(Exception):
+    """A graph model of this server that failed a call (not the request's fault)."""
+
+
+class Request(threading.local):
+    """What the serving thread knows of its request: checked before each call to a graph."""
+
+    sender = None
+    steps = 0  # decoder steps run
+
+    def check(self):
+        if self.sender is None:
+            return
+        if self.sender.is_cancelled():
+            raise Stopped(f"cancelled by its client after {self.steps} decoder steps")
+        stop_file = os.environ.get("VSAL_STOP_FILE")
+        if stop_file and os.path.exists(stop_file):
+            raise Stopped(f"stopped after {self.steps} decoder steps: the server is stopping")
+
+
+CURRENT = Request()
+
+
+class CheckedStep:
+    """A decoder step (one per token, per beam search step) that counts itself and, run here (no
+    BLS call to check first), checks its request before it runs."""
+
+    def __init__(self, step, local):
+        self.step = step
+        self.local = local
+
+    def __call__(self, *args, **kwargs):
+        if self.local:
+            CURRENT.check()
+        CURRENT.steps += 1
+        return self.step(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.step, name)
 
 
 class BlsBackend:
@@ -63,16 +120,18 @@ class BlsBackend:
             requested_output_names=names,
             inputs=[from_numpy(k, v) for k, v in feeds.items()],
         )
+        CURRENT.check()  # no new call for a request that has ended
         response = request.exec()
         if response.has_error():
-            raise BackendError(
-                f"{self.name}: Triton model {self.model} failed ({response.error().message()})"
-            )
+            CURRENT.check()  # a server that began to stop meanwhile refuses calls: not a bug
+            message = response.error().message()
+            raise GraphModelError(f"{self.name}: Triton model {self.model} failed ({message})")
         return {n: to_numpy(pb_utils.get_output_tensor_by_name(response, n)) for n in names}
 
 
 class TritonPipeline(Pipeline):
-    """The runtime pipeline with every graph behind a BLS call."""
+    """The runtime pipeline with every graph behind a BLS call, and a decoder step that stops when
+    its request does."""
 
     graph_models = {}
     local_graphs = ()  # graphs run here (ONNX Runtime), not by another model
@@ -84,16 +143,27 @@ class TritonPipeline(Pipeline):
             self._backends[name] = BlsBackend(name, self.graph_models[name], self.manifest.graphs[name])
         return self._backends[name]
 
+    def release_options(self):
+        return self._options(None)
+
     def _step(self):
         if "llm_decoder" in self.local_graphs:
-            return Pipeline._step(self)  # IO binding: the KV cache stays in ONNX Runtime
+            # IO binding: the KV cache stays in ONNX Runtime
+            return CheckedStep(Pipeline._step(self), local=True)
         llm = self.llm
         head_dim = llm["hidden_size"] // llm["num_attention_heads"]
         run = self.backend("llm_decoder").run
-        return GraphDecoderStep(run, llm["num_hidden_layers"], llm["num_key_value_heads"], head_dim)
+        step = GraphDecoderStep(run, llm["num_hidden_layers"], llm["num_key_value_heads"], head_dim)
+        return CheckedStep(step, local=False)
 
 
-def _string(request, name):
+def _size(request, name):
+    """Bytes of an optional UINT8 [-1] input (its shape: nothing is copied), None when absent."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else int(np.prod(tensor.shape()))
+
+
+def _bytes(request, name):
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:
         return None
@@ -104,8 +174,41 @@ def _tensor(name, data: bytes):
     return from_numpy(name, np.frombuffer(data, dtype=np.uint8))
 
 
+def _client_name(request, kind):
+    """The client's name for its upload, as shown in messages: any text, control characters as "?"
+    (a message stays one printable line)."""
+    name = (_bytes(request, f"{kind}_NAME") or kind.lower().encode()).decode("utf-8", "replace")
+    return re.sub("[\x00-\x1f\x7f-\x9f]", "?", name)
+
+
+def _local_name(kind, name):
+    """The server's name for an upload: the kind and the client's extension, if a plain one (the
+    client's name is any text: a path, `..`, NUL; it is only ever shown, never used as a path)."""
+    suffix = Path(name).suffix
+    return kind.lower() + (suffix if suffix[1:].isalnum() and len(suffix) <= 10 else "")
+
+
+def _options(data):
+    """DecodingOptions from the request's JSON (checked by DecodingOptions itself), None when absent."""
+    if not data:
+        return None
+    try:
+        fields = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ConfigError(f"OPTIONS is not JSON ({str(exc).splitlines()[0][:200]})") from None
+    if not isinstance(fields, dict):
+        raise ConfigError(f"OPTIONS must be a JSON object of decoding options, got {type(fields).__name__}")
+    unknown = sorted(set(fields) - set(DecodingOptions.__dataclass_fields__))
+    if unknown:
+        raise ConfigError(f"unknown decoding options {unknown}")
+    if "eos_token_id" in fields:
+        raise ConfigError("OPTIONS: eos_token_id comes from the package's manifest: leave it out")
+    return DecodingOptions(**fields)
+
+
 class TritonPythonModel:
     def initialize(self, args):
+        exit_with_parent()
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         folder = Path(args["model_repository"]) / args["model_version"] / params["package"]
@@ -118,6 +221,8 @@ class TritonPythonModel:
         self.pipeline = TritonPipeline.load(
             folder, provider=provider, verbose=False, verify=False, precision=precision, exact_precision=True
         )
+        self.max_upload_mib = int(params.get("max_upload_mib", DEFAULT_MAX_UPLOAD_MIB))
+        self.max_new_tokens = int(params.get("max_new_tokens_limit", DEFAULT_MAX_NEW_TOKENS))
         self.pool = ThreadPoolExecutor(int(params.get("threads", "16")), thread_name_prefix="vsal")
         self.workdir = tempfile.mkdtemp(prefix="vsal-triton-")
         self.counter = 0
@@ -131,30 +236,23 @@ class TritonPythonModel:
     def _serve(self, request, sender):
         with self.lock:
             self.counter += 1
-            folder = Path(self.workdir) / str(self.counter)
+            number = self.counter
+        folder = Path(self.workdir) / str(number)
         names = {}
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        CURRENT.sender, CURRENT.steps = sender, 0
         try:
+            self._check_sizes(request)
+            prompt = _bytes(request, "PROMPT") or b""  # UTF-8 checked by the pipeline
+            options = self._limit(_options(_bytes(request, "OPTIONS")))
             folder.mkdir()
-            prompt = (_string(request, "PROMPT") or b"").decode("utf-8")
-            options_json = _string(request, "OPTIONS")
-            options = None
-            if options_json:
-                fields = json.loads(options_json)
-                if not isinstance(fields, dict):
-                    raise ConfigError("OPTIONS must be a JSON object of decoding options")
-                unknown = sorted(set(fields) - set(DecodingOptions.__dataclass_fields__))
-                if unknown:
-                    raise ConfigError(f"unknown decoding options {unknown}")
-                options = DecodingOptions(**fields)
             media = {}
             for kind in ("VIDEO", "AUDIO"):
-                data = _string(request, kind)
+                data = _bytes(request, kind)
                 if data is None:
                     continue
-                name = (_string(request, f"{kind}_NAME") or kind.lower().encode()).decode("utf-8")
-                path = folder / kind.lower() / (Path(name).name or kind.lower())
-                path.parent.mkdir()
+                name = _client_name(request, kind)
+                path = folder / _local_name(kind, name)
                 path.write_bytes(data)
                 names[str(path)] = name
                 media[kind.lower()] = path
@@ -176,18 +274,54 @@ class TritonPythonModel:
                 output_tensors=[_tensor("RESULT", json.dumps(result).encode())]
             )
             sender.send(response, flags=final)
-        except (VsalError, ValueError, OSError) as exc:  # the user's mistake, in one line
+        except VsalError as exc:  # the user's mistake, in one line
             message = str(exc)
             for path, name in names.items():
                 message = message.replace(path, name)
-            error = pb_utils.TritonError(ERROR_PREFIX + message.splitlines()[0] if message else ERROR_PREFIX)
+            line = message.splitlines()[0] if message else type(exc).__name__
+            error = pb_utils.TritonError(ERROR_PREFIX + line)
             sender.send(pb_utils.InferenceResponse(error=error), flags=final)
-        except Exception as exc:
-            pb_utils.Logger.log_error("vsal: " + traceback.format_exc())
-            error = pb_utils.TritonError(f"internal error in the vsal model: {type(exc).__name__}: {exc}")
+        except Stopped as exc:
+            pb_utils.Logger.log_info(f"vsal: request {number} {exc}")
+            error = pb_utils.TritonError(f"the request was {exc}", pb_utils.TritonError.CANCELLED)
+            sender.send(pb_utils.InferenceResponse(error=error), flags=final)
+        except Exception as exc:  # a bug (or the server's machine failing): its traceback, once
+            pb_utils.Logger.log_error(f"vsal: request {number} failed: " + traceback.format_exc())
+            error = pb_utils.TritonError(
+                f"internal error in the vsal model (see the server log): {type(exc).__name__}"
+            )
             sender.send(pb_utils.InferenceResponse(error=error), flags=final)
         finally:
+            CURRENT.sender = None
             shutil.rmtree(folder, ignore_errors=True)
+
+    def _check_sizes(self, request):
+        """Each input against its bound, from its shape, before any bytes are copied."""
+        for name in ("PROMPT", "OPTIONS", "VIDEO_NAME", "AUDIO_NAME"):
+            size = _size(request, name)
+            if size is not None and size > TEXT_LIMIT:
+                raise LimitError(
+                    f"{name} is {size / MIB:.1f} MiB; the server takes at most {TEXT_LIMIT // MIB} MiB of it"
+                )
+        for kind in ("VIDEO", "AUDIO"):
+            size = _size(request, kind)
+            if size is not None and size > self.max_upload_mib * MIB:
+                name = _client_name(request, kind)
+                raise LimitError(upload_limit_message(name, size, self.max_upload_mib))
+
+    def _limit(self, options):
+        """The request's options within the server's max_new_tokens limit; the release's defaults,
+        capped to it, when the request gives none."""
+        if options is None:
+            defaults = self.pipeline.release_options()
+            return replace(defaults, max_new_tokens=min(defaults.max_new_tokens, self.max_new_tokens))
+        if options.max_new_tokens > self.max_new_tokens:
+            raise LimitError(
+                f"max_new_tokens {options.max_new_tokens} is over this server's limit of "
+                f"{self.max_new_tokens} (vsal serve --max-new-tokens-limit): ask for at most "
+                f"{self.max_new_tokens} (--max-new-tokens)"
+            )
+        return options
 
     def finalize(self):
         shutil.rmtree(self.workdir, ignore_errors=True)

@@ -1,0 +1,419 @@
+"""A supervised `vsal serve`: its Triton and stubs die with it (also on SIGKILL), stale shared memory
+of its own is removed at start, uploads and max_new_tokens are bounded, a client that leaves
+cancels its generation, SIGTERM stops it with a request in flight, and the log holds no traceback.
+
+Two servers are started (each costs seconds): one shared by the request tests and stopped with
+SIGTERM at the end, one killed with SIGKILL. Processes are found through /proc. The orchestrator's
+error path (user mistake, bug, cancelled) is also tested without a server."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("tritonclient.grpc")
+from vsal.runtime.prompt import DecodingOptions  # noqa: E402
+from vsal.runtime.serve import SHM_PREFIX, remove_stale_shm  # noqa: E402
+
+UPLOAD_MIB = 1
+NEW_TOKENS_LIMIT = 512
+CLI = [sys.executable, "-c", "from vsal.runtime.cli import main; main()"]
+SHM = Path("/dev/shm")
+# Generation that runs to the limit (eos blocked by min_length): minutes of work left to cancel.
+LONG = DecodingOptions(num_beams=1, max_new_tokens=NEW_TOKENS_LIMIT, min_length=4096)
+BEAMS = DecodingOptions(num_beams=5, max_new_tokens=NEW_TOKENS_LIMIT, min_length=4096)
+
+
+def proc_stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat fields after the command name (state, ppid, pgrp, ...); None when gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def running(pids) -> list[int]:
+    return [p for p in pids if (stat := proc_stat(p)) is not None and stat[0] != "Z"]
+
+
+def group_of_children(pid: int) -> int:
+    """The process group of pid's child (Triton, in a group of its own with its stubs)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := proc_stat(int(entry.name))) and int(stat[1]) == pid:
+            return int(stat[2])
+    raise AssertionError(f"process {pid} has no child")
+
+
+def members(group: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := proc_stat(int(entry.name))):
+            if stat[0] != "Z" and int(stat[2]) == group:
+                found.append(int(entry.name))
+    return found
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def wait_until(condition, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def dead_pid() -> int:
+    """A pid that ran and has ended (not reused this soon)."""
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    return child.pid
+
+
+def start_serve(package: Path, tmp: Path, *args: str) -> dict:
+    """`vsal serve` in a child process on a free port (temporary files under tmp), once ready."""
+    from vsal.runtime.client import Client
+    from vsal.runtime.serve import ServeError, find_triton, free_port, libpython_dir
+
+    try:
+        find_triton()
+        libpython_dir()
+    except ServeError as exc:
+        pytest.skip(f"no Triton server can run here: {exc}")
+    port = free_port()
+    log = tmp / "serve.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [*CLI, "serve", str(package), "--port", str(port), *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=os.environ | {"TMPDIR": str(tmp)},
+        )
+    client = Client(f"127.0.0.1:{port}", timeout_s=120)
+    if (
+        not wait_until(lambda: client.ready() or process.poll() is not None, 120)
+        or process.poll() is not None
+    ):
+        process.kill()
+        pytest.fail(f"vsal serve did not start: {log.read_text()[-2000:]}")
+    return {"process": process, "client": client, "port": port, "log": log, "tmp": tmp}
+
+
+def triton_log(server) -> str:
+    (log,) = server["tmp"].glob("vsal-serve-*/tritonserver.log")
+    return log.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def stale(tmp_path_factory):
+    """Shared-memory regions planted before the server starts: ours of a server that ended, ours of
+    a live process, and one of another program."""
+    if not SHM.is_dir():
+        pytest.skip("no /dev/shm here")
+    names = {
+        "dead": f"{SHM_PREFIX}{dead_pid()}_test-region",
+        "live": f"{SHM_PREFIX}{os.getpid()}_test-region",
+        "other": f"triton_python_backend_shm_region_vsal-test-{os.getpid()}",
+    }
+    for name in names.values():
+        (SHM / name).write_bytes(b"\0" * 4096)
+    yield names
+    for name in names.values():
+        (SHM / name).unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def server(stale, tiny_package, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("supervised")
+    limits = ["--max-upload-mib", str(UPLOAD_MIB), "--max-new-tokens-limit", str(NEW_TOKENS_LIMIT)]
+    served = start_serve(tiny_package, tmp, *limits)
+    yield served
+    if served["process"].poll() is None:
+        served["process"].kill()
+        served["process"].wait()
+
+
+def test_remove_stale_shm_takes_only_our_regions_of_ended_servers(tmp_path):
+    ended, alive = dead_pid(), os.getpid()
+    names = [f"{SHM_PREFIX}{ended}_a", f"{SHM_PREFIX}{alive}_b", "triton_python_backend_shm_region_c"]
+    names += [f"{SHM_PREFIX}x_d", f"other_{SHM_PREFIX}{ended}_e"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    assert remove_stale_shm(tmp_path) == [names[0]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
+    assert remove_stale_shm(tmp_path / "missing") == []
+
+
+def test_stale_shm_of_ours_is_removed_at_start(server, stale):
+    assert not (SHM / stale["dead"]).exists()
+    assert (SHM / stale["live"]).exists() and (SHM / stale["other"]).exists()
+    assert re.search(
+        r"removed \d+ shared-memory regions of servers that no longer run", server["log"].read_text()
+    )
+    regions = [p.name for p in SHM.glob(f"{SHM_PREFIX}{server['process'].pid}_*")]
+    assert regions, "the server's own regions carry its pid"
+
+
+def test_streamed_answer_leaves_no_traceback_in_the_log(server, clip_10s):
+    pieces = list(
+        server["client"].stream("What happens?", video=clip_10s, options=DecodingOptions(num_beams=1))
+    )
+    assert "".join(pieces)
+    log = triton_log(server)
+    assert "Traceback" not in log and "PyCapsule" not in log
+
+
+def test_upload_over_the_limit_is_refused_in_one_line(server, tmp_path):
+    from vsal.runtime.client import Client, ServerError
+
+    big = tmp_path / "big.mp4"
+    big.write_bytes(os.urandom(UPLOAD_MIB * 1024 * 1024 + 1))
+    done = subprocess.run(
+        [*CLI, "run", "--server", f"127.0.0.1:{server['port']}", "--video", str(big), "--prompt", "What?"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1 and done.stderr.strip().count("\n") == 0, done.stderr
+    assert done.stderr.startswith(f"vsal: error: {big}: 1.0 MiB is over the server's upload limit of 1 MiB")
+    assert "--max-upload-mib" in done.stderr
+    careless = Client(f"127.0.0.1:{server['port']}", timeout_s=60)
+    careless.upload_limit_mib = lambda: None  # a client that does not look: the server refuses too
+    with pytest.raises(ServerError, match=f"^{big}: 1.0 MiB is over the server's upload limit of 1 MiB"):
+        careless.ask("What?", video=big)
+
+
+def test_max_new_tokens_over_the_limit_is_refused_in_one_line(server, clip_10s):
+    ask = [*CLI, "run", "--server", f"127.0.0.1:{server['port']}", "--video", str(clip_10s)]
+    done = subprocess.run(
+        [*ask, "--prompt", "What?", "--max-new-tokens", str(NEW_TOKENS_LIMIT + 1)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1 and done.stderr.strip().count("\n") == 0, done.stderr
+    over = NEW_TOKENS_LIMIT + 1
+    assert done.stderr.startswith(f"vsal: error: max_new_tokens {over} is over this server's limit of 512")
+
+
+def raw_ask(server, values: dict[str, bytes]):
+    """Ask with the request's tensors as given: a client that checks nothing."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from vsal.runtime.client import Client
+
+    inputs = []
+    for name, data in values.items():
+        tensor = grpcclient.InferInput(name, [len(data)], "UINT8")
+        tensor.set_data_from_numpy(np.frombuffer(data, dtype=np.uint8))
+        inputs.append(tensor)
+    client = Client(f"127.0.0.1:{server['port']}", timeout_s=60)
+    client._inputs = lambda *args: inputs
+    return client.ask("unused", video="unused")
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"PROMPT": b"\xffWhat?"}, "^the prompt is not valid UTF-8 text \\(byte 0xff at byte 0\\)"),
+        ({"PROMPT": b"a" * (2 << 20)}, "^PROMPT is 2.0 MiB; the server takes at most 1 MiB of it$"),
+        ({"OPTIONS": b"[" * 100_000 + b"]" * 100_000}, "^OPTIONS is not JSON \\(maximum recursion depth"),
+        ({"OPTIONS": b'{"eos_token_id": 5}'}, "^OPTIONS: eos_token_id comes from the package's manifest"),
+        ({"OPTIONS": b'{"num_beams": 64}'}, "^num_beams 64 is more than the decoder takes"),
+        ({"VIDEO": b"junk" * 100, "VIDEO_NAME": b"../x/\0my clip.mp4"}, "^../x/\\?my clip.mp4: not a media"),
+    ],
+    ids=["utf8", "prompt-size", "nested-json", "eos", "beams", "name"],
+)
+def test_the_server_checks_what_a_client_does_not(server, clip_10s, values, message):
+    from vsal.runtime.client import ServerError
+
+    request = {"PROMPT": b"What?", "VIDEO": clip_10s.read_bytes(), "OPTIONS": b'{"num_beams": 1}'} | values
+    with pytest.raises(ServerError, match=message) as caught:
+        raw_ask(server, request)
+    assert "\n" not in str(caught.value)
+
+
+def cancelled_steps(server, count: int) -> list[int]:
+    """Decoder steps of the requests cancelled so far, from the log, once there are `count`."""
+
+    def steps():
+        lines = [ln for ln in triton_log(server).splitlines() if "cancelled by its client after" in ln]
+        return [int(ln.split("after ")[1].split()[0]) for ln in lines]
+
+    assert wait_until(lambda: len(steps()) >= count), triton_log(server)[-3000:]
+    return steps()
+
+
+def test_a_client_that_leaves_cancels_its_generation(server, clip_10s):
+    stream = server["client"].stream("What happens?", video=clip_10s, options=LONG)
+    next(stream)
+    stream.close()  # leaving the stream (Ctrl-C does the same): the request is cancelled
+    (steps,) = cancelled_steps(server, 1)
+    assert steps < NEW_TOKENS_LIMIT
+    script = (
+        "import sys\nfrom vsal.runtime.client import Client\n"
+        "from vsal.runtime.prompt import DecodingOptions\n"
+        f"s = Client('127.0.0.1:{server['port']}').stream('What?', video={str(clip_10s)!r}, "
+        f"options=DecodingOptions(num_beams=1, max_new_tokens={NEW_TOKENS_LIMIT}, min_length=4096))\n"
+        "next(s); print('streaming', flush=True); sys.stdin.read()\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout.readline().strip() == "streaming"
+    child.kill()  # a client killed with SIGKILL: its connection closes
+    child.wait()
+    assert cancelled_steps(server, 2)[1] < NEW_TOKENS_LIMIT
+
+
+def test_sigterm_stops_the_server_with_a_request_in_flight(server, clip_10s):
+    import tritonclient.grpc as grpcclient
+    from vsal.runtime.client import ConnectionFailed
+
+    process = server["process"]
+    group = group_of_children(process.pid)
+    outcome = {}
+
+    def ask():
+        try:
+            outcome["answer"] = server["client"].ask("What happens?", video=clip_10s, options=BEAMS)
+        except ConnectionFailed as exc:
+            outcome["error"] = str(exc)
+
+    asking = threading.Thread(target=ask)
+    asking.start()
+    stats = grpcclient.InferenceServerClient(f"127.0.0.1:{server['port']}")
+
+    def decoding():
+        model = stats.get_inference_statistics("llm_decoder", as_json=True)["model_stats"][0]
+        return int(model.get("execution_count", 0)) > 0
+
+    assert wait_until(decoding, 60)
+    stats.close()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=15) == 0
+    asking.join(30)
+    assert "answer" not in outcome and "the server is stopping" in outcome["error"]
+    assert members(group) == [] and port_free(server["port"])
+    assert "stopping the server" in server["log"].read_text()
+    assert not list(server["tmp"].glob("vsal-serve-*"))  # its temporary repository is removed
+
+
+def test_sigkill_of_vsal_serve_leaves_no_triton_or_stub_and_frees_the_port(tiny_package, tmp_path):
+    served = start_serve(tiny_package, tmp_path)
+    process = served["process"]
+    group = group_of_children(process.pid)
+    triton = members(group)
+    assert len(triton) > 2  # Triton and its Python backend stubs, in one group
+    process.kill()
+    process.wait()
+    assert wait_until(lambda: not running(triton)), [proc_stat(p) for p in running(triton)]
+    assert members(group) == []
+    assert wait_until(lambda: port_free(served["port"]))
+
+
+# --- the orchestrator's error path, without a server ---------------------------------------------
+
+
+class FakeTensor:
+    def __init__(self, data: bytes):
+        import numpy as np
+
+        self.array = np.frombuffer(data, dtype=np.uint8).copy()
+
+    def shape(self):
+        return list(self.array.shape)
+
+    def as_numpy(self):
+        return self.array
+
+    def __dlpack__(self, **kwargs):
+        return self.array.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self.array.__dlpack_device__()
+
+
+@pytest.fixture
+def orchestrator(monkeypatch, tmp_path):
+    """The orchestrator model with a stand-in for the Python backend's module (what the backend's
+    stub provides: requests, responses, errors, its logger) and a pipeline that fails on demand."""
+    import threading
+    import types
+
+    logged = []
+    pb = types.ModuleType("triton_python_backend_utils")
+    pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+    pb.get_input_tensor_by_name = lambda request, name: request.get(name)
+    pb.get_output_tensor_by_name = lambda response, name: None
+    pb.InferenceResponse = lambda output_tensors=(), error=None: {"error": error}
+    pb.Tensor = types.SimpleNamespace(from_dlpack=lambda name, capsule: name)
+
+    class TritonError:
+        CANCELLED = "CANCELLED"
+
+        def __init__(self, message, code=None):
+            self.message, self.code = message, code
+
+    pb.TritonError = TritonError
+    pb.Logger = types.SimpleNamespace(
+        log_info=lambda m: logged.append(("info", m)), log_error=lambda m: logged.append(("error", m))
+    )
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    monkeypatch.delitem(sys.modules, "vsal.runtime.triton_models.orchestrator", raising=False)
+    monkeypatch.delitem(sys.modules, "vsal.runtime.triton_models.dlpack", raising=False)
+    from vsal.runtime.triton_models import orchestrator
+
+    model = orchestrator.TritonPythonModel()
+    model.max_upload_mib, model.max_new_tokens = UPLOAD_MIB, NEW_TOKENS_LIMIT
+    model.workdir, model.counter, model.lock = str(tmp_path), 0, threading.Lock()
+
+    def serve(failure, **inputs):
+        class Pipeline:
+            def ask(self, *args, **kwargs):
+                raise failure
+
+        model.pipeline = Pipeline()
+        sent = []
+        sender = types.SimpleNamespace(send=lambda response, flags=0: sent.append((response, flags)))
+        request = {"PROMPT": FakeTensor(b"What?"), "OPTIONS": FakeTensor(b'{"num_beams": 1}')}
+        model._serve(request | {k: FakeTensor(v) for k, v in inputs.items()}, sender)
+        ((response, flags),) = sent  # one response, the final one
+        assert flags == 1
+        return response["error"]
+
+    yield types.SimpleNamespace(serve=serve, logged=logged, module=orchestrator)
+    for name in ("orchestrator", "dlpack"):  # bound to the stand-in: not for later imports
+        sys.modules.pop(f"vsal.runtime.triton_models.{name}", None)
+
+
+def test_orchestrator_user_mistakes_are_one_line_and_bugs_are_logged_once(orchestrator, tmp_path):
+    from vsal.runtime.errors import MediaError
+
+    error = orchestrator.serve(MediaError("VIDEO: not a media file\nsecond line"), VIDEO=b"x")
+    assert error.message == "vsal-error: VIDEO: not a media file" and orchestrator.logged == []
+    error = orchestrator.serve(ValueError("a bug, not the user's"), VIDEO=b"x")
+    assert error.message == "internal error in the vsal model (see the server log): ValueError"
+    ((level, text),) = orchestrator.logged
+    assert level == "error" and text.count("Traceback") == 1 and "a bug, not the user's" in text
+    orchestrator.logged.clear()
+    error = orchestrator.serve(orchestrator.module.Stopped("cancelled by its client after 3 decoder steps"))
+    assert error.code == "CANCELLED"
+    assert orchestrator.logged == [("info", "vsal: request 3 cancelled by its client after 3 decoder steps")]
+    assert list(tmp_path.iterdir()) == []  # each request's uploads are removed
