@@ -8,6 +8,8 @@ preset and real-weight measurements behind the defaults are in calib/quantize.py
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import pytest
@@ -54,9 +56,10 @@ def feeds(spec, sizes, count, seed):
 
 
 def session(path):
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    """The graph as the runtime runs it on this CPU (an int8 one re-encoded by runtime.qdq_cpu)."""
+    from vsal.export.accuracy import session as cpu_session
+
+    return cpu_session(path, as_runtime=True)
 
 
 def cosine(a, b):
@@ -148,6 +151,43 @@ def test_encoder_int8(name, tiny_package, specs, tmp_path):
         got = int8.run(None, feed)[0]
         assert got.shape == ref.shape and got.dtype == np.float32
         assert cosine(ref, got) > MIN_COSINE
+
+
+@pytest.fixture(scope="module")
+def beats_int8(tiny_package, specs, tmp_path_factory):
+    """The tiny BEATs int8 graph (the one whose u8s8 pairs saturate without VNNI) and held-out feeds."""
+    src = tiny_package / "graphs" / "beats_encoder.onnx"
+    dst = tmp_path_factory.mktemp("beats") / "beats_encoder.int8.onnx"
+    calib_sizes, held_sizes = SIZES["beats_encoder"]
+    quantize_int8(src, dst, feeds(specs["beats_encoder"], calib_sizes, 4, seed=1))
+    return src, dst, feeds(specs["beats_encoder"], held_sizes, 2, seed=2)
+
+
+@pytest.mark.parametrize("vnni", ["1", "0"], ids=["vnni", "no-vnni"])
+def test_int8_on_cpus_with_and_without_vnni(beats_int8, monkeypatch, tmp_path, vnni):
+    """Forced detection: the graph the runtime (and a build's accuracy gate) runs on each kind of x86
+    CPU, its fused kernels' weights, and its accuracy."""
+    from vsal.export.accuracy import accuracy
+    from vsal.runtime.qdq_cpu import cpu_int8_graph, is_x86
+
+    if not is_x86():
+        pytest.skip("the re-encoding is for x86 CPUs only")
+    monkeypatch.setenv("VSAL_CPU_VNNI", vnni)
+    src, dst, held_out = beats_int8
+    prepared = cpu_int8_graph(dst)
+    assert prepared.vnni.source == f"VSAL_CPU_VNNI={vnni}"
+    assert ("x int8 weights (VNNI" if vnni == "1" else "x uint8 weights (no VNNI") in prepared.note
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(prepared.model, options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
+    inits = {t.name: t for t in optimized.graph.initializer}
+    fused = [n for n in optimized.graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert fused and (prepared.weights == 0 if vnni == "1" else prepared.weights >= len(fused))
+    kernel_b = {numpy_helper.to_array(inits[n.input[1]]).dtype for n in fused}
+    assert kernel_b == {np.dtype(np.int8) if vnni == "1" else np.dtype(np.uint8)}
+    assert accuracy(src, dst, held_out)["audio_tokens"]["cosine"] > MIN_COSINE
 
 
 def test_calibration_from_media(tiny_package, clip_10s, tmp_path):
@@ -298,3 +338,38 @@ def test_llm_weight_only(tiny_package, tmp_path):
         tie = next((i for i, m in enumerate(margins) if m <= MAX_LOGIT_DIFF), len(ref))
         assert got[:tie] == ref[:tie]
     assert np.mean(agreement) >= MIN_TOP1_AGREEMENT
+
+
+EMULATED = """
+import sys, numpy as np, onnxruntime as ort
+from vsal.runtime.qdq_cpu import cpu_int8_graph
+src, dst, feeds = sys.argv[1], sys.argv[2], np.load(sys.argv[3])
+run = lambda m: ort.InferenceSession(m, providers=["CPUExecutionProvider"]).run(None, dict(feeds))[0]
+cos = lambda a, b: float(a.ravel() @ b.ravel() / np.linalg.norm(a) / np.linalg.norm(b))
+ref = run(src).astype(np.float64)
+print(cos(ref, run(dst)), cos(ref, run(cpu_int8_graph(dst).model)))
+"""
+
+
+def test_int8_on_an_emulated_cpu_without_vnni(beats_int8, tmp_path):
+    """ONNX Runtime's real non-VNNI kernels, under QEMU emulating a Haswell CPU (AVX2, no VNNI):
+    the int8 graph as it is saturates; as the runtime re-encodes it without VNNI, it does not."""
+    import shutil
+    import subprocess
+    import sys
+
+    qemu = shutil.which("qemu-x86_64")
+    if qemu is None:
+        pytest.skip("qemu-x86_64 (apt: qemu-user) is not installed")
+    src, dst, held_out = beats_int8
+    np.savez(tmp_path / "feed.npz", **held_out[0])
+    done = subprocess.run(
+        [qemu, "-cpu", "Haswell", sys.executable, "-c", EMULATED, src, dst, tmp_path / "feed.npz"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "VSAL_CPU_VNNI": "0"},  # QEMU shows the host's /proc/cpuinfo
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    as_is, re_encoded = (float(x) for x in done.stdout.split())
+    assert as_is < 0.995  # measured 0.9899: u8s8 pairs clipped to int16
+    assert re_encoded > MIN_COSINE  # measured 0.99995, as on a VNNI CPU
