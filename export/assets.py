@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from vsal.runtime.errors import VsalError
+from vsal.runtime.package_lock import write_durable
 
 # --- pinned sources ---------------------------------------------------------------------------
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
@@ -166,18 +167,7 @@ def _record_matches(root: Path, assets: TokenizerAssets) -> bool:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are ordinary shared cache files
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_durable(path, data)  # a shared cache file: whole or absent, also after a crash
 
 
 @contextlib.contextmanager

@@ -22,13 +22,31 @@ from pathlib import Path
 
 import numpy as np
 from vsal.export.onnx_export import ExportError
-from vsal.export.package_update import Update, clean_leftovers, commit, fault_point, variant_file
-from vsal.runtime.errors import BuildError, ConfigError
-from vsal.runtime.manifest import VariantInfo, load_manifest, sha256_file
+from vsal.export.package_update import (
+    Update,
+    clean_leftovers,
+    commit,
+    kill_point,
+    variant_file,
+    written_folder,
+)
+from vsal.runtime.errors import BuildError, ConfigError, PackageError
+from vsal.runtime.manifest import (
+    CALIBRATION_DIR,
+    ENGINE_DIR,
+    GRAPH_DIR,
+    WRITTEN_FOLDERS,
+    VariantInfo,
+    load_manifest,
+    sha256_file,
+)
 from vsal.runtime.package_lock import PackageLock, write_json_durable
+from vsal.runtime.package_paths import confined, package_folder, read_json
 
 PRECISIONS = ("fp32", "fp16", "int8")
 HELD_OUT_FRACTION = 4  # one clip in four is held out from calibration
+CLIPS_NAME = f"{CALIBRATION_DIR}/clips.json"  # the clips `vsal-export calibrate` used
+MAX_CLIPS_BYTES = 1 << 20  # 1 MiB: some thousand paths
 
 
 @dataclass
@@ -129,7 +147,7 @@ def build(
                 engines,
                 workspace_bytes,
             )
-            fault_point("variants-written")
+            kill_point("variants-written")
             _record(report, update, package, allow_below, progress)
         except BaseException:
             update.discard()  # nothing was recorded: the files this build wrote are nobody's
@@ -197,11 +215,21 @@ def _build_all(
 
 
 def _stored_media(report: BuildReport, package: Path) -> list[Path] | None:
-    """The clips `vsal-export calibrate` stored, if it ran."""
-    stored = package / "calibration" / "clips.json"
-    if not stored.is_file():
+    """The clips `vsal-export calibrate` stored, if it ran: a small JSON file inside the package
+    ({"clips": [path, ...], "held_out": [...]}), checked before it is read and after."""
+    stored = package / CLIPS_NAME
+    if package_folder(package, CALIBRATION_DIR, WRITTEN_FOLDERS[CALIBRATION_DIR]) is None:
         return None
-    media = [Path(p) for p in json.loads(stored.read_text())["clips"]]
+    real = confined(package, CLIPS_NAME, "the calibration clip list", named_in=stored)
+    if not real.is_file():
+        return None
+    clips = read_json(real, MAX_CLIPS_BYTES, 'it holds {"clips": [...]}').get("clips")
+    if not isinstance(clips, list) or len(clips) < 2 or not all(isinstance(c, str) and c for c in clips):
+        raise PackageError(
+            f'{stored}: "clips" must be a list of at least 2 file names, got {json.dumps(clips)[:60]}; '
+            "run `vsal-export calibrate` again"
+        )
+    media = [Path(p) for p in clips]
     missing = [str(p) for p in media if not p.is_file()]
     if missing:
         raise BuildError(f"{stored}: its clips are gone ({', '.join(missing[:3])}); run calibrate again")
@@ -291,9 +319,11 @@ def calibrate(package: str | os.PathLike, media: list[Path], progress: bool = Tr
     load_manifest(package)
     calibration_clips, held_out = split_media(media)
     with PackageLock(package, "vsal-export calibrate", quiet=not progress):
-        paths = save_calibration(package / "calibration", collect(package, calibration_clips, progress))
+        inputs = collect(package, calibration_clips, progress)
+        folder = written_folder(package, CALIBRATION_DIR)  # checked right before writing
+        paths = save_calibration(folder, inputs)
         write_json_durable(
-            package / "calibration" / "clips.json",
+            package / CLIPS_NAME,
             {"clips": [str(p.resolve()) for p in media], "held_out": [str(p.resolve()) for p in held_out]},
         )
     return paths
@@ -313,6 +343,7 @@ def _build_graph(package: Path, manifest, name: str, precision: str, calibration
     info = manifest.graphs[name]
     src = package / info.file
     rel = variant_file(name, precision, build_id)
+    written_folder(package, GRAPH_DIR)  # checked right before writing: never through a symlink
     dst = package / rel
     start = time.perf_counter()
     if precision == "fp16":
@@ -368,6 +399,7 @@ def _build_engine(package: Path, manifest, name: str, precision: str, checks, wo
     from vsal.runtime.tensorrt_backend import TensorRTBackend
 
     info = manifest.graphs[name]
+    written_folder(package, ENGINE_DIR)  # checked right before TensorRT writes the engine there
     backend = TensorRTBackend.for_graph(package, name, info, precision, workspace_bytes)
     cached = backend.cached
     reference = session(package / info.file)

@@ -35,6 +35,7 @@ from vsal.runtime.manifest import (
     sha256_file,
 )
 from vsal.runtime.package_lock import PackageLock, fsync_folder
+from vsal.runtime.package_paths import file_problem
 from vsal.runtime.prompt import ANSWER_CUT, PROMPT_AFTER, PROMPT_BEFORE, DecodingOptions
 
 import vsal
@@ -314,12 +315,12 @@ def check_checkpoint_file(path: Path) -> None:
     with open(path, "rb") as f:
         head = f.read(8)
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         try:
             with safe_open(str(path), framework="pt") as f:
                 f.metadata()
-        except Exception as exc:  # safetensors raises its own error types for a bad header
+        except (SafetensorError, OSError) as exc:  # a bad header; a file gone since the check
             raise CheckpointError(
                 f"{path}: --checkpoint is not a readable safetensors file ({exc})"
             ) from None
@@ -344,7 +345,7 @@ def check_checkpoint_dir(folder: Path) -> None:
         path = folder / source.name
         want_dir = Path(source.name).suffix not in (".pt", ".pth")  # the HF folders ("vicuna-13b-v1.5")
         if not path.exists():
-            problems.append(f"{source.name} ({source.what}) missing")
+            problems.append(f"missing {source.name} ({source.what})")
         elif want_dir != path.is_dir():
             problems.append(f"{source.name}: expected a {'folder' if want_dir else 'file'}")
         elif not os.access(path, os.R_OK | (os.X_OK if want_dir else 0)):
@@ -357,12 +358,9 @@ def check_checkpoint_dir(folder: Path) -> None:
 
 
 def _check_readable_file(path: Path, option: str, error: type[Exception]) -> None:
-    if not path.exists():
-        raise error(f"{path}: no such file ({option})")
-    if not path.is_file():
-        raise error(f"{path}: {option} is not a regular file")
-    if not os.access(path, os.R_OK):
-        raise error(f"{path}: {option} is not readable (permissions)")
+    problem = file_problem(path, what="a checkpoint file")
+    if problem is not None:
+        raise error(f"{path}: {problem} ({option})")
     if path.stat().st_size == 0:
         raise error(f"{path}: {option} is empty (0 bytes)")
 

@@ -16,14 +16,23 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vsal.runtime.manifest import MANIFEST_NAME, Manifest, VariantInfo, load_manifest
-from vsal.runtime.package_lock import LOCK_NAME, fsync_folder, stale_partial, write_json_durable
+from vsal.runtime.manifest import (
+    CALIBRATION_DIR,
+    ENGINE_DIR,
+    GRAPH_DIR,
+    WRITTEN_FOLDERS,
+    Manifest,
+    VariantInfo,
+    load_manifest,
+    save_manifest,
+)
+from vsal.runtime.package_lock import LOCK_NAME, fsync_folder, stale_partial
+from vsal.runtime.package_paths import package_folder
 
-GRAPH_DIR = "graphs"
 VARIANT_PRECISIONS = ("fp16", "int8")
-# Temporary names of the package's writers: write_json_atomic's `.<name>.partial`, save_onnx's and
-# convert_fp16's `.<name>.partial` / `.<name>.data.partial`, quantize_int8's `.<name>.<random>/` folder,
-# save_calibration's `.<name>.partial.npz`.
+# Temporary names of the package's writers: save_onnx's and convert_fp16's `.<name>.partial` /
+# `.<name>.data.partial`, quantize_int8's `.<name>.<random>/` folder, save_calibration's
+# `.<name>.partial.npz`, and the manifest's `.manifest.json.partial` of earlier vsal versions.
 _OLD_PARTIAL = re.compile(r"^\..+\.partial(\.npz)?$")
 
 
@@ -63,9 +72,9 @@ def commit(package: Path, update: Update) -> list[str]:
         files = {r["file"] for r in records}
         info = manifest.graphs[name]
         info.engines = [e for e in info.engines if e.get("file") not in files] + records
-    save_manifest_durable(manifest, package)
+    save_manifest(manifest, package)
     update.committed = True
-    fault_point("manifest-written")
+    kill_point("manifest-written")
     named = set(manifest.files())
     removed = [rel for rel in replaced if rel not in named and _remove_variant_file(package, rel)]
     if removed:
@@ -73,28 +82,27 @@ def commit(package: Path, update: Update) -> list[str]:
     return removed
 
 
-def save_manifest_durable(manifest: Manifest, folder: Path) -> None:
-    write_json_durable(Path(folder) / MANIFEST_NAME, manifest.to_dict())
-
-
 def clean_leftovers(package: Path, manifest: Manifest) -> tuple[list[str], list[str]]:
     """(removed, ignored): files that interrupted runs left in the package. Call under the lock.
 
     Removed: temporary files of our writers, and variant files (our naming) that the manifest does
     not name. Ignored: anything else in graphs/ that the manifest does not name (not ours to delete).
+    Folders that are symlinks are refused (PackageError), never globbed or cleaned through.
     """
     named = set(manifest.files())
     removed, ignored = [], []
-    for folder in (package, package / "calibration", package / "engines"):
-        for path in sorted(folder.glob(".*")) if folder.is_dir() else []:
+    folders = {name: package_folder(package, name, role) for name, role in WRITTEN_FOLDERS.items()}
+    for name in (None, CALIBRATION_DIR, ENGINE_DIR):
+        folder = package if name is None else folders[name]
+        for path in sorted(folder.glob(".*")) if folder is not None else []:
             if path.name == LOCK_NAME:
                 continue
-            if stale_partial(path) or (folder != package / "engines" and _OLD_PARTIAL.match(path.name)):
+            if stale_partial(path) or (name != ENGINE_DIR and _OLD_PARTIAL.match(path.name)):
                 _remove(path)
                 removed.append(str(path.relative_to(package)))
-    graphs = package / GRAPH_DIR
+    graphs = folders[GRAPH_DIR]
     ours = _variant_pattern(manifest)
-    for path in sorted(graphs.iterdir()) if graphs.is_dir() else []:
+    for path in sorted(graphs.iterdir()) if graphs is not None else []:
         rel = f"{GRAPH_DIR}/{path.name}"
         if rel in named:
             continue
@@ -104,6 +112,16 @@ def clean_leftovers(package: Path, manifest: Manifest) -> tuple[list[str], list[
         else:
             ignored.append(rel)
     return removed, ignored
+
+
+def written_folder(package: Path, name: str) -> Path:
+    """One of the package's WRITTEN_FOLDERS, made if absent, checked (lstat) to be a real folder
+    right before a writer puts files in it: a symlink planted there is refused, never written through."""
+    path = package_folder(package, name, WRITTEN_FOLDERS[name])
+    if path is None:
+        path = package / name
+        path.mkdir()  # never follows a link: one planted meanwhile makes it fail
+    return path
 
 
 def _variant_pattern(manifest: Manifest) -> re.Pattern:
@@ -116,9 +134,13 @@ def _variant_pattern(manifest: Manifest) -> re.Pattern:
 
 def _remove_variant_file(package: Path, rel: str) -> bool:
     """Remove a file a replaced variant named, only if it lies directly in the package's graphs/
-    (a manifest from elsewhere must not make a build delete files outside the package)."""
+    (a real folder, never a symlink: a manifest from elsewhere must not make a build delete files
+    outside the package)."""
+    graphs = package_folder(package, GRAPH_DIR, WRITTEN_FOLDERS[GRAPH_DIR])
     path = Path(os.path.abspath(package / rel))
-    if path.parent != Path(os.path.abspath(package / GRAPH_DIR)) or not path.is_file():
+    if graphs is None or path.parent != Path(os.path.abspath(graphs)) or not os.path.lexists(path):
+        return False
+    if os.path.isdir(path) and not os.path.islink(path):
         return False
     path.unlink()
     return True
@@ -131,12 +153,14 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-FAULT_ENV = "VSAL_BUILD_FAULT"
+# For the killed-build tests only (tests/test_build_safety.py): they kill a build at a known step to
+# show that a kill anywhere leaves a package a later run accepts. Nothing else sets it.
+KILL_AT_ENV = "VSAL_TEST_KILL_BUILD_AT"
 
 
-def fault_point(step: str) -> None:
-    """Tests kill a build at a known step: VSAL_BUILD_FAULT=<step> makes the process SIGKILL itself."""
-    if os.environ.get(FAULT_ENV) == step:
+def kill_point(step: str) -> None:
+    """VSAL_TEST_KILL_BUILD_AT=<step> makes the build SIGKILL itself here (the kill tests)."""
+    if os.environ.get(KILL_AT_ENV) == step:
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import posixpath
 from collections import Counter
 from collections.abc import Iterator
@@ -572,20 +573,22 @@ def _check_opset(model: onnx.ModelProto, manifest: Manifest, report: GraphReport
 
 def _check_external_data(model: onnx.ModelProto, info: GraphInfo, folder: Path, report: GraphReport) -> None:
     """Weights in side files must exist and be covered by the manifest's sha256 list."""
-    listed = {Path(f).as_posix() for f in info.external_data}
+    listed = {os.path.realpath(folder / f) for f in info.external_data}
     seen = set()
     for tensor in _initializers(model.graph):
         if tensor.data_location != TensorProto.EXTERNAL:
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        # load_manifest refused locations that leave the package; what remains is relative and inside.
-        name = posixpath.normpath(posixpath.join(posixpath.dirname(info.file), location))
-        if name in seen:
+        # Resolved as the kernel does (symlinks before what follows them); load_manifest refused
+        # locations that resolve outside the package.
+        real = os.path.realpath(os.path.join(os.path.dirname(folder / info.file), location))
+        if real in seen:
             continue
-        seen.add(name)
-        if not (folder / name).is_file():
+        seen.add(real)
+        name = posixpath.normpath(posixpath.join(posixpath.dirname(info.file), location))  # as shown
+        if not os.path.isfile(real):
             report.add("error", "both", f"external weight file {name} is missing")
-        if name not in listed:
+        if real not in listed:
             report.add("error", "both", f"external weight file {name} is not in the manifest's external_data")
 
 

@@ -10,18 +10,35 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import posixpath
 import re
+import string
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from vsal.runtime.errors import PackageError
-from vsal.runtime.package_paths import confined, inside, load_embeddings, read_manifest_json
+from vsal.runtime.errors import ConfigError, PackageError
+from vsal.runtime.package_lock import write_json_durable
+from vsal.runtime.package_paths import (
+    confined,
+    confined_beside,
+    load_embeddings,
+    package_folder,
+    read_manifest_json,
+)
+from vsal.runtime.prompt import DecodingOptions
+from vsal.runtime.shapes import axis_names, evaluate
 
 MANIFEST_NAME = "manifest.json"
-ENGINE_DIR = "engines"  # the TensorRT engine cache (vsal.runtime.tensorrt_engines, which imports this module)
+GRAPH_DIR = "graphs"  # the exported graphs and the variants builds add
+CALIBRATION_DIR = "calibration"  # `vsal-export calibrate`'s recorded inputs and clip list
+ENGINE_DIR = "engines"  # the TensorRT engine cache (vsal.runtime.tensorrt_engines)
+# Folders the package's writers create files in, glob and clean: real folders, never symlinks.
+WRITTEN_FOLDERS = {
+    GRAPH_DIR: "graph folder",
+    CALIBRATION_DIR: "calibration folder",
+    ENGINE_DIR: "engine cache",
+}
 FORMAT_VERSION = 1
 
 
@@ -161,25 +178,22 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def save_manifest(manifest: Manifest, folder: str | os.PathLike) -> Path:
+    """Replace the package's manifest in one durable rename (package_lock.write_durable)."""
     path = Path(folder) / MANIFEST_NAME
-    write_json_atomic(path, manifest.to_dict())
+    write_json_durable(path, manifest.to_dict())
     return path
 
 
 def load_manifest(folder: str | os.PathLike) -> Manifest:
     """Read and check a package's manifest; PackageError says what is wrong and with which file.
 
-    Checked here, so every reader gets it: manifest.json's size, nesting and field types; every file
-    it names confined to the folder (package_paths); each graph's inputs and outputs against the
-    ONNX file itself; the embedding table's shape and dtype. Missing files and sha256 are left to
-    verify_files (they cost a read)."""
+    Checked here, so every reader gets it: manifest.json's size, nesting and field types (with the
+    keys every reader needs), the prompt template and decoding defaults; graphs/, calibration/ and
+    engines/ real folders; every file it names confined to the folder (package_paths); each graph's
+    inputs and outputs against the ONNX file itself; the embedding table's shape and dtype. Missing
+    files and sha256 are left to verify_files (they cost a read); what only the runtime reads, to
+    check_runnable."""
     folder = Path(folder)
     path = folder / MANIFEST_NAME
     if not folder.is_dir():
@@ -187,14 +201,16 @@ def load_manifest(folder: str | os.PathLike) -> Manifest:
     if not os.path.lexists(path):
         raise PackageError(f"{folder}: no {MANIFEST_NAME}; an export that did not finish leaves none")
     data = read_manifest_json(confined(folder, MANIFEST_NAME, MANIFEST_NAME, must_exist=True))
-    version = data.get("format_version") if isinstance(data, dict) else None
+    version = data.get("format_version")
     if version != FORMAT_VERSION:
         raise PackageError(f"{path}: format_version {version!r}, this vsal reads {FORMAT_VERSION}")
     _check_types(data, _MANIFEST, path)
+    _check_prompt(data["prompt"], path)
+    _check_decoding(data["decoding"], path)
     manifest = Manifest.from_dict(data)
+    _check_written_folders(folder)
     for field_name, name in manifest.paths().items():
         confined(folder, name, field_name)
-    _confine_engine_cache(folder)
     _check_interfaces(manifest, folder)
     if (folder / manifest.embeddings.file).is_file():  # missing: verify_files says so
         manifest.load_embeddings(folder)  # its .npy header: shape and dtype, never unpickled
@@ -242,8 +258,7 @@ def _check_interface(folder: Path, where: str, file: str, digest: str, info: Gra
     else:
         problem = _interface_problem(header, info)
         for location in sorted(header.external_locations):
-            rel = posixpath.normpath(posixpath.join(posixpath.dirname(file), location))
-            confined(folder, rel, f"its weights location (for {where})", named_in=path)
+            confined_beside(folder, file, location, f"its weights location (for {where})", path)
     if problem:
         if sha256_file(path) != digest:
             raise PackageError(f"{path}: sha256 differs from the manifest (corrupt or replaced)")
@@ -269,38 +284,143 @@ def _interface_problem(header, info: GraphInfo) -> str:
     return ""
 
 
-def _confine_engine_cache(folder: Path) -> None:
-    """The TensorRT engine cache (`engines/`, not named file by file in the manifest) holds only
+def _check_written_folders(folder: Path) -> None:
+    """graphs/, calibration/ and engines/ are real folders or absent (a build writes, globs and
+    removes files in them); the engine cache, not named file by file in the manifest, holds only
     regular files inside the package."""
+    for name, role in WRITTEN_FOLDERS.items():
+        package_folder(folder, name, role)
     cache = folder / ENGINE_DIR
-    if not os.path.lexists(cache):
-        return
-    real = os.path.realpath(cache)
-    root = os.path.realpath(folder)
-    if not inside(real, root) or real == root or not os.path.isdir(real):
-        raise PackageError(f"{cache}: the engine cache must be a folder inside the package")
-    for entry in sorted(os.listdir(real)):
+    for entry in sorted(os.listdir(cache)) if cache.is_dir() else []:
         confined(folder, f"{ENGINE_DIR}/{entry}", "engine cache")
+
+
+# --- what the runtime reads -------------------------------------------------------------------------
+
+# Profile axes the runtime reads by name: DecoderLimits.of (B, T, P) and Pipeline._chunks (N).
+_RUNTIME_AXES = {"llm_decoder": ("B", "T", "P"), "vision_encoder": ("N",), "frame_qformer": ("N",)}
+_MAX_SHAPE_EXPR = 64  # characters; the manifest's longest is "P+T"
+
+
+def check_runnable(manifest: Manifest, folder: str | os.PathLike) -> None:
+    """PackageError naming manifest.json and the field when the runtime could not run the package:
+    the config values the pipeline and bench read, bos and eos inside the vocabulary, every shape
+    expression understood, every axis a tensor names profiled with 0 <= min <= opt <= max, steps
+    positive. Pipeline.load checks this; load_manifest does not, as `vsal-export check` reads
+    packages of any graphs and reports their bad profiles itself."""
+    path = Path(folder) / MANIFEST_NAME
+    _check_types(manifest.config, _RUNTIME_CONFIG, path, "config")
+    vocab = manifest.config["llm"]["vocab_size"]
+    for key in ("bos", "eos"):
+        token = manifest.special_tokens[key]
+        if not 0 <= token < vocab:
+            raise PackageError(
+                f"{path}: special_tokens.{key} is {token}, outside the vocabulary of "
+                f"config.llm.vocab_size {vocab} (ids 0 to {vocab - 1})"
+            )
+    for name, info in manifest.graphs.items():
+        _check_profile(info, path, f"graphs.{name}", _RUNTIME_AXES.get(name, ()))
+
+
+def _check_profile(info: GraphInfo, path: Path, where: str, read: tuple[str, ...]) -> None:
+    for axis, bounds in info.profile.items():
+        lo, opt, hi = bounds["min"], bounds["opt"], bounds["max"]
+        if not 0 <= lo <= opt <= hi:
+            raise PackageError(
+                f"{path}: {where}.profile.{axis} needs 0 <= min <= opt <= max, got {lo}, {opt}, {hi}"
+            )
+    for axis, step in info.axis_multiples.items():
+        if step <= 0:
+            raise PackageError(f"{path}: {where}.axis_multiples.{axis} must be {COUNT}, got {step}")
+    named = set(read)
+    for kind, tensors in (("inputs", info.inputs), ("outputs", info.outputs)):
+        for i, tensor in enumerate(tensors):
+            for dim in tensor.shape:
+                if isinstance(dim, str):
+                    named |= _shape_axes(dim, path, f"{where}.{kind}[{i}].shape")
+    missing = sorted(named - info.profile.keys())
+    if missing:
+        raise PackageError(
+            f"{path}: {where}.profile lacks {', '.join(missing)} (axes the graph's tensors or the "
+            "runtime use): re-export the package"
+        )
+
+
+def _shape_axes(expr: str, path: Path, where: str) -> set[str]:
+    """The axis names of a shape expression the runtime can evaluate (names, ints, + and *)."""
+    try:
+        if len(expr) > _MAX_SHAPE_EXPR:
+            raise ValueError(f"longer than {_MAX_SHAPE_EXPR} characters")
+        names = axis_names(expr)
+        evaluate(expr, dict.fromkeys(names, 1))
+    except (SyntaxError, ValueError) as exc:
+        raise PackageError(
+            f"{path}: {where} has {expr[:40]!r}, not a shape expression (axis names, integers, + and *: "
+            f"{exc})"
+        ) from None
+    return names
+
+
+def _check_prompt(prompt: dict[str, str], path: Path) -> None:
+    """prompt.after is formatted with the question: it must hold `{prompt}` once and no other
+    replacement field ("{x}" raises KeyError, "{prompt.__class__}" reads attributes)."""
+    try:
+        parsed = list(string.Formatter().parse(prompt["after"]))
+    except ValueError as exc:
+        raise PackageError(
+            f"{path}: prompt.after is not a template ({exc}); literal braces are written {{{{ and }}}}"
+        ) from None
+    fields = [(name, conv, spec) for _, name, spec, conv in parsed if name is not None]
+    if fields != [("prompt", None, "")]:
+        shown = ", ".join(
+            "{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+            for name, conv, spec in fields
+        )
+        raise PackageError(
+            f"{path}: prompt.after must hold {{prompt}} (where the question goes) once and no other "
+            f"field, it has {shown or 'none'}"
+        )
+
+
+def _check_decoding(decoding: dict[str, Any], path: Path) -> None:
+    """The decoding defaults, checked as the pipeline will use them (fields it knows, the rest ignored)."""
+    known = {k: v for k, v in decoding.items() if k in DecodingOptions.__dataclass_fields__}
+    try:
+        DecodingOptions(**known)
+    except ConfigError as exc:
+        raise PackageError(f"{path}: decoding: {exc}") from None
 
 
 # --- field types ------------------------------------------------------------------------------------
 # Checked before the dataclasses are built, so a wrong type is a PackageError naming the field, never a
-# TypeError deep in the runtime. A spec is a type (or tuple of types), a list or dict of one spec (the
-# items, the values), or a record: (required {key: spec}, optional {key: spec}).
+# TypeError deep in the runtime. A spec is a type (or tuple of types), COUNT (an integer > 0), ANY, a
+# list or dict of one spec (the items, the values), or a _Record.
+
+
+@dataclass(frozen=True)
+class _Record:
+    required: dict[str, Any]
+    optional: dict[str, Any] = field(default_factory=dict)
+    rest: Any = None  # the spec of any other key; None: other keys are refused (another format)
+
+
+COUNT = "a positive integer"  # a size or a divisor: 0 would divide by zero, < 0 index backwards
+ANY = "anything"  # not read by vsal
 
 _GRAPH_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")  # graph names become folder names (Triton models)
 _PRECISION_KEY = re.compile(r"[a-z0-9]+\Z")
-_TENSOR = ({"name": str, "dtype": str, "shape": [(int, str)]}, {})
-_VARIANT = (
+_TENSOR = _Record({"name": str, "dtype": str, "shape": [(int, str)]})
+_VARIANT = _Record(
     {"precision": str, "file": str, "sha256": str},
     {"external_data": {"": str}, "accuracy": dict, "notes": str},
 )
-_ENGINE = (
+_ENGINE = _Record(
     {"file": str},
     {"tensorrt": str, "compute_capability": str, "precision": str, "build_seconds": (int, float)},
 )
-_GRAPH = (
-    {"file": str, "sha256": str, "inputs": [_TENSOR], "outputs": [_TENSOR], "profile": {"": {"": int}}},
+_PROFILE = {"": _Record({"min": int, "opt": int, "max": int})}
+_GRAPH = _Record(
+    {"file": str, "sha256": str, "inputs": [_TENSOR], "outputs": [_TENSOR], "profile": _PROFILE},
     {
         "axis_multiples": {"": int},
         "precision": str,
@@ -309,8 +429,8 @@ _GRAPH = (
         "variants": {"precision": _VARIANT},
     },
 )
-_FILE = ({"file": str, "sha256": str}, {})
-_MANIFEST = (
+_FILE = _Record({"file": str, "sha256": str})
+_MANIFEST = _Record(
     {
         "preset": str,
         "random_weights": bool,
@@ -319,8 +439,8 @@ _MANIFEST = (
         "embeddings": _FILE,
         "llm_tokenizer": _FILE,
         "instruction_tokenizer": _FILE,
-        "special_tokens": {"": int},
-        "prompt": {"": str},
+        "special_tokens": _Record({"bos": int, "eos": int}, rest=int),  # the pipeline reads bos and eos
+        "prompt": _Record({"before": str, "after": str}, rest=str),
         "decoding": dict,
         "limits": {"": int},
     },
@@ -329,9 +449,61 @@ _MANIFEST = (
 _KEYS = {"": None, "graph": _GRAPH_KEY, "precision": _PRECISION_KEY}
 
 
+def _counts(*keys: str) -> _Record:
+    return _Record(dict.fromkeys(keys, COUNT), rest=ANY)
+
+
+# What the runtime (pipeline, bench) reads of config: ModelConfig.to_dict() holds more.
+_RUNTIME_CONFIG = _Record(
+    {
+        "alignment": _counts(
+            "fps",
+            "max_clips",
+            "tokens_per_frame",
+            "audio_frames_per_slot",
+            "audio_slots",
+            "high_window",
+            "sample_rate",
+        ),
+        "frame_qformer": _counts("hidden_size"),
+        "mrc_qformer": _counts("num_query_tokens"),
+        "llm": _counts(
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+        ),
+        "vision": _Record(
+            {
+                **dict.fromkeys(("img_size", "patch_size", "embed_dim", "depth"), COUNT),
+                "mlp_ratio": (int, float),
+            },
+            rest=ANY,
+        ),
+        "whisper": _counts(
+            "max_source_positions", "d_model", "num_mel_bins", "encoder_layers", "encoder_ffn_dim"
+        ),
+        "beats": _counts(
+            "input_patch_size",
+            "embed_dim",
+            "encoder_embed_dim",
+            "encoder_layers",
+            "encoder_ffn_embed_dim",
+            "conv_pos",
+            "conv_pos_groups",
+        ),
+    },
+    rest=ANY,
+)
+
+
 def _check_types(value: Any, spec: Any, path: Path, where: str = "") -> None:
     """PackageError naming manifest.json and the field when `value` does not follow `spec`."""
-    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], dict):
+    if spec is ANY:
+        return
+    if isinstance(spec, _Record):
         _check_record(value, spec, path, where)
     elif isinstance(spec, list):
         if not isinstance(value, list):
@@ -349,26 +521,30 @@ def _check_types(value: Any, spec: Any, path: Path, where: str = "") -> None:
                     f"{path}: {where} has a key {key!r}; {key_kind} names are {pattern.pattern[:-2]}"
                 )
             _check_types(item, item_spec, path, f"{where}.{key}")
+    elif spec is COUNT:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            _wrong(path, where, COUNT, value)
     else:
         types = spec if isinstance(spec, tuple) else (spec,)
         if isinstance(value, bool) and bool not in types or not isinstance(value, types):
             _wrong(path, where, " or ".join(_TYPE_NAMES[t] for t in types), value)
 
 
-def _check_record(value: Any, spec: tuple, path: Path, where: str) -> None:
-    required, optional = spec
+def _check_record(value: Any, spec: _Record, path: Path, where: str) -> None:
     if not isinstance(value, dict):
         _wrong(path, where or "the top level", "an object", value)
-    missing = [k for k in required if k not in value]
+    missing = [k for k in spec.required if k not in value]
     if missing:
         raise PackageError(f"{path}: {where or 'the manifest'} lacks {', '.join(missing)}")
-    unknown = sorted(set(value) - set(required) - set(optional))
-    if unknown:
-        raise PackageError(
-            f"{path}: {where or 'the manifest'} has unknown fields {unknown} (another vsal's format?)"
-        )
+    if spec.rest is None:
+        unknown = sorted(set(value) - set(spec.required) - set(spec.optional))
+        if unknown:
+            raise PackageError(
+                f"{path}: {where or 'the manifest'} has unknown fields {unknown} (another vsal's format?)"
+            )
     for key, item in value.items():
-        _check_types(item, required.get(key, optional.get(key)), path, f"{where}.{key}" if where else key)
+        item_spec = spec.required.get(key, spec.optional.get(key, spec.rest))
+        _check_types(item, item_spec, path, f"{where}.{key}" if where else key)
 
 
 _TYPE_NAMES = {

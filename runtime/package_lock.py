@@ -62,14 +62,14 @@ class PackageLock:
             return
         except BlockingIOError:
             pass
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        holder = _holder(fd)
         if not self.wait:
             raise BuildError(
-                f"{self.folder}: the package is being changed by pid {holder}; wait for it to finish"
+                f"{self.folder}: the package is being changed by {holder}; wait for it to finish"
             )
         if not self.quiet:
             print(
-                f"vsal: {self.folder}: waiting for pid {holder} to finish with the package",
+                f"vsal: {self.folder}: waiting for {holder} to finish with the package",
                 file=sys.stderr,
                 flush=True,
             )
@@ -80,6 +80,15 @@ class PackageLock:
             os.ftruncate(self._fd, 0)
             os.close(self._fd)  # closing releases the flock
             self._fd = None
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock, as its holder wrote it ("<pid> <purpose>"): "pid 123 (vsal-export build
+    ...)", or "another process" while the holder has not written itself yet."""
+    pid, _, purpose = os.pread(fd, 200, 0).decode(errors="replace").strip().partition(" ")
+    if not pid.isdigit():
+        return "another process"
+    return f"pid {pid} ({purpose})" if purpose else f"pid {pid}"
 
 
 def _open_lock(path: Path) -> int:

@@ -2,9 +2,12 @@
 
 A name must be a relative POSIX path without `..`; every symlink on its way must resolve inside the
 folder; what it names must be a regular file (a FIFO blocks a reader forever, /dev/zero never ends).
-manifest.json itself is bounded in size and nesting before it is parsed. Writers that place package
-files elsewhere (the Triton repository) go through `place_file`: inside their output folder only,
-never through a symlink found there, and only bytes whose sha256 the manifest gives. Torch-free.
+A name an ONNX graph gives its weights is resolved as the kernel does, symlinks before what follows.
+The folders the package's writers glob and clean (graphs/, calibration/, engines/) are real folders,
+never symlinks. manifest.json and other JSON files are bounded in size and nesting before parsing.
+Writers that place package files elsewhere (the Triton repository) go through `place_file`: inside
+their output folder only, never through a symlink found there, and only bytes whose sha256 the
+manifest gives. Torch-free.
 """
 
 from __future__ import annotations
@@ -85,23 +88,43 @@ def confined(
     return Path(real)
 
 
-def read_manifest_json(path: Path) -> Any:
+def read_manifest_json(path: Path) -> dict[str, Any]:
     """manifest.json, parsed, once it is known to be small and shallow enough to parse safely."""
+    return read_json(path, MAX_MANIFEST_BYTES, "a manifest nests 6")
+
+
+_TOO_DEEP = object()  # json.loads hit its own recursion limit (None is a valid document: `null`)
+
+
+def read_json(path: Path, max_bytes: int, usual: str) -> dict[str, Any]:
+    """A small JSON object from a package file that `confined` checked; PackageError when it is
+    larger than max_bytes, nested deeper than MAX_JSON_DEPTH, not JSON or not an object. `usual`
+    ends the depth message (what such a file usually holds)."""
     with open(path, "rb") as f:
-        raw = f.read(MAX_MANIFEST_BYTES + 1)
-    if len(raw) > MAX_MANIFEST_BYTES:
-        raise PackageError(
-            f"{path}: larger than {MAX_MANIFEST_BYTES >> 20} MiB; a manifest is a few KB (not a package?)"
-        )
+        raw = f.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        size = f"{max_bytes >> 20} MiB" if max_bytes >= 1 << 20 else f"{max_bytes >> 10} KiB"
+        raise PackageError(f"{path}: larger than {size}; such a file is a few KB (not a package?)")
     try:
         data = json.loads(raw.decode("utf-8"))
     except RecursionError:
-        data = None  # the decoder's own recursion limit: certainly deeper than ours
+        data = _TOO_DEEP  # certainly deeper than ours
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PackageError(f"{path}: not valid JSON ({exc})") from None
-    if data is None or _depth(data) > MAX_JSON_DEPTH:
-        raise PackageError(f"{path}: JSON nested deeper than {MAX_JSON_DEPTH} levels; a manifest nests 6")
+    if data is _TOO_DEEP or _depth(data) > MAX_JSON_DEPTH:
+        raise PackageError(f"{path}: JSON nested deeper than {MAX_JSON_DEPTH} levels; {usual}")
+    if not isinstance(data, dict):
+        raise PackageError(f"{path}: holds JSON {_json_kind(data)}, expected an object {{...}}")
     return data
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true or false"
+    kind = {list: "an array", str: "a string", int: "a number", float: "a number"}
+    return kind.get(type(value), type(value).__name__)
 
 
 def _depth(data: Any) -> int:
@@ -114,6 +137,41 @@ def _depth(data: Any) -> int:
             children = value.values() if isinstance(value, dict) else value
             stack.extend((child, depth + 1) for child in children)
     return deepest
+
+
+def confined_beside(folder: Path, file: str, location: str, field: str, named_in: Path) -> Path:
+    """The real path of `location`, a name the package file `file` gives relative to its own folder
+    (an ONNX graph's external weights), checked like `confined`. Resolved as the kernel resolves it:
+    each symlink on the way before anything after it, so `sub/root -> ../..` cannot hide an exit."""
+    checked_name(location, field, named_in)
+    real = os.path.realpath(os.path.join(os.path.dirname(Path(folder) / file), location))
+    root = os.path.realpath(folder)
+    if not inside(real, root):
+        raise PackageError(
+            f"{named_in}: {field} {location!r} resolves to {real}, outside the package folder {root} "
+            "(through a symlink); a package's files must lie inside its folder"
+        )
+    return confined(folder, os.path.relpath(real, root), field, named_in=named_in)
+
+
+def package_folder(folder: Path, name: str, role: str) -> Path | None:
+    """`folder/name`, a folder the package's writers write and clean (graphs/, calibration/,
+    engines/): None when absent, else it must be a real folder, never a symlink (lstat), so no
+    glob, unlink or new file can reach outside the package through it."""
+    path = Path(folder) / name
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(mode):
+        raise PackageError(
+            f"{path}: the {role} must be a folder inside the package, not a symlink (to "
+            f"{os.readlink(path)}); replace the link with the folder it points to"
+        )
+    if not stat.S_ISDIR(mode):
+        kind = _KINDS.get(stat.S_IFMT(mode), "a regular file")
+        raise PackageError(f"{path}: the {role} must be a folder inside the package, not {kind}")
+    return path
 
 
 def load_embeddings(folder: Path, name: str, vocab: int, hidden: int) -> np.ndarray:
@@ -200,3 +258,44 @@ def write_text_file(dst: Path, text: str, root: Path) -> None:
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     with os.fdopen(os.open(dst, flags, 0o644), "w") as f:
         f.write(text)
+
+
+# --- what a path names ------------------------------------------------------------------------------
+
+
+def file_problem(
+    path: str | os.PathLike, *, what: str = "a readable file", error: OSError | None = None
+) -> str | None:
+    """Why `path` cannot be read as `what`, in words to follow "PATH: "; None when it is a readable
+    regular file. Nothing is opened: stat names a FIFO or a device without reading it, lstat tells
+    a dangling symlink from a missing file. `error`: an OSError that stat'ing or opening `path`
+    raised, put in words instead of looking again (an open refused after the check passed)."""
+    denied = "permission denied: this user cannot read the file (check its mode and its folders')"
+    if error is None:
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as exc:
+            error = exc
+    if error is not None:
+        if error.errno == errno.ENOENT and os.path.islink(path):
+            return f"a dangling symlink (its target {os.readlink(path)} does not exist)"
+        return {
+            errno.ENOENT: "no such file",
+            errno.ENOTDIR: "no such file (a part of the path is not a folder)",
+            errno.ELOOP: "a symlink loop (following its links leads back to them): give the file itself",
+            errno.EACCES: denied,
+            errno.EPERM: denied,
+        }.get(error.errno, f"cannot be read ({error.strerror})")
+    if stat.S_ISDIR(mode):
+        return f"is a directory, expected {what}"
+    if not stat.S_ISREG(mode):
+        kind = {
+            stat.S_IFIFO: "a FIFO (named pipe)",
+            stat.S_IFCHR: "a character device",
+            stat.S_IFBLK: "a block device",
+            stat.S_IFSOCK: "a socket",
+        }.get(stat.S_IFMT(mode))
+        if kind is None:  # a kind this table does not name (a door, a whiteout)
+            return f"is not a regular file: give {what}"
+        return f"is {kind}, not {what}: give a regular file"
+    return None if os.access(path, os.R_OK) else denied

@@ -31,7 +31,7 @@ from vsal.runtime.backends import Backend, OnnxRuntimeBackend, choose_provider
 from vsal.runtime.errors import ConfigError, MediaError
 from vsal.runtime.generation import GraphDecoderStep, beam_search, generate_tokens, stream_text
 from vsal.runtime.limits import DecoderLimits
-from vsal.runtime.manifest import Manifest, PackageError, load_manifest, verify_files
+from vsal.runtime.manifest import Manifest, PackageError, check_runnable, load_manifest, verify_files
 from vsal.runtime.ort_decoder import BoundDecoderStep
 from vsal.runtime.preprocess import audio_inputs, preprocess_frame
 from vsal.runtime.prompt import DecodingOptions, check_prompt, cut_answer
@@ -133,6 +133,7 @@ class Pipeline:
         missing = [g for g in REQUIRED_GRAPHS if g not in manifest.graphs]
         if missing:
             raise PackageError(f"{folder}: the package lacks graphs {missing} (export them all to run it)")
+        check_runnable(manifest, folder)
         if verify:
             problems = verify_files(manifest, folder)
             if problems:

@@ -22,11 +22,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vsal.runtime.errors import VsalError
-from vsal.runtime.manifest import GraphInfo
+from vsal.runtime.manifest import ENGINE_DIR, GraphInfo
 from vsal.runtime.package_lock import write_durable, write_json_durable
 from vsal.runtime.shapes import evaluate
 
-ENGINE_DIR = "engines"
 TIMING_CACHE = "timing.cache"
 LEVELS = ("min", "opt", "max")
 

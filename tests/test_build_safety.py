@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from vsal.export.build import Thresholds, build
-from vsal.export.package_update import FAULT_ENV, clean_leftovers
-from vsal.runtime.errors import BuildError, ConfigError
-from vsal.runtime.manifest import load_manifest, verify_files
+from vsal.export.build import MAX_CLIPS_BYTES, Thresholds, build
+from vsal.export.package_update import KILL_AT_ENV, clean_leftovers, written_folder
+from vsal.runtime.errors import BuildError, ConfigError, PackageError
+from vsal.runtime.manifest import load_manifest, save_manifest, verify_files
 from vsal.runtime.package_lock import PackageLock
 from vsal.runtime.pipeline import Pipeline
 
@@ -66,7 +66,7 @@ def package(with_fp16, tmp_path):
 def test_kill_before_the_manifest_leaves_the_old_package(package):
     before = _state(package)
     old = load_manifest(package).graphs[GRAPH].variants["fp16"]
-    proc = _build_cli(package, "fp16", env={FAULT_ENV: "variants-written"})
+    proc = _build_cli(package, "fp16", env={KILL_AT_ENV: "variants-written"})
     proc.communicate(timeout=600)
     assert proc.returncode == -9  # SIGKILL, after the new variant was written
     manifest_text, files = _state(package)
@@ -82,7 +82,7 @@ def test_kill_before_the_manifest_leaves_the_old_package(package):
 
 def test_kill_after_the_manifest_leaves_the_new_package(package):
     before = load_manifest(package)
-    proc = _build_cli(package, "fp16", env={FAULT_ENV: "manifest-written"})
+    proc = _build_cli(package, "fp16", env={KILL_AT_ENV: "manifest-written"})
     proc.communicate(timeout=600)
     assert proc.returncode == -9  # SIGKILL, after the manifest, before the old files were removed
     after = load_manifest(package)
@@ -236,7 +236,7 @@ def test_an_incomplete_checkpoint_dir_is_refused_before_the_model(no_model, tmp_
         (folder / name).write_bytes(b"PK\x03\x04")
     result = _export("--checkpoint-dir", str(folder), "--output", str(tmp_path / "out"))
     message = str(result.exception)
-    assert "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt (BEATs iter3+ AS2M) missing" in message
+    assert "missing BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt (BEATs iter3+ AS2M)" in message
     assert "vicuna-13b-v1.5: expected a folder" in message and "eva_vit_g" not in message
 
 
@@ -248,3 +248,112 @@ def test_an_existing_output_is_refused_before_the_model(no_model, tiny_package, 
     result = _export("--output", str(tmp_path / "other"), "--overwrite")
     assert "it is not a vsal package" in str(result.exception)
     assert (tmp_path / "other" / "x").read_text() == "mine"
+
+
+# --- the build writes and removes only inside the package ---------------------------------------------
+
+
+@pytest.mark.parametrize("folder", ["graphs", "calibration", "engines"])
+def test_a_build_never_cleans_or_writes_through_a_symlinked_folder(package, tmp_path, folder):
+    """The reproduced attack: graph files moved to g/, `graphs -> ../victim`; the build's cleanup
+    would delete victim/beats_encoder.int8.onnx and write its variants there."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    planted = ["beats_encoder.int8.onnx", ".x.onnx.partial", ".y.partial-999999999-00ff"]
+    for name in planted:
+        (victim / name).write_text("precious")
+    manifest = load_manifest(package)  # read before the link is planted (a race, or another caller)
+    if folder == "graphs":
+        shutil.move(package / "graphs", package / "g")
+        data = json.loads((package / "manifest.json").read_text())
+        for info in data["graphs"].values():
+            info["file"] = "g/" + info["file"].removeprefix("graphs/")
+            for variant in info.get("variants", {}).values():
+                variant["file"] = "g/" + variant["file"].removeprefix("graphs/")
+        (package / "manifest.json").write_text(json.dumps(data))
+    else:
+        shutil.rmtree(package / folder, ignore_errors=True)
+    (package / folder).symlink_to(victim)
+    match = f"{folder}: the .* must be a folder inside the package, not a symlink"
+    with pytest.raises(PackageError, match=match):
+        clean_leftovers(package, manifest)
+    with pytest.raises(PackageError, match=match):
+        written_folder(package, folder)
+    with pytest.raises(PackageError, match=match):
+        build(package, "fp16", graphs=(GRAPH,), progress=False)
+    proc = _build_cli(package, "fp16")
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("vsal-export: error: ") and "not a symlink" in err
+    assert sorted(p.name for p in victim.iterdir()) == sorted(planted)
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ("fifo", "the calibration clip list is a FIFO"),
+        ("/dev/zero", "the calibration clip list resolves to /dev/zero, outside the package"),
+        ("huge", "larger than 1 MiB"),
+        ('{"held_out": []}', r'"clips" must be a list of at least 2 file names, got null'),
+        ('{"clips": [1, 2]}', r'"clips" must be a list of at least 2 file names, got \[1, 2\]'),
+        ('["a.wav", "b.wav"]', "holds JSON an array, expected an object"),
+        ("[" * 100_000, "JSON nested deeper than 32 levels"),
+        ("{not json", "not valid JSON"),
+    ],
+)
+def test_stored_clip_list_is_checked_before_and_after_reading(package, content, match):
+    clips = package / "calibration" / "clips.json"
+    clips.parent.mkdir(exist_ok=True)
+    if content == "fifo":
+        os.mkfifo(clips)  # reading it would block the build forever
+    elif content == "/dev/zero":
+        clips.symlink_to(content)  # reading it would never end
+    elif content == "huge":
+        clips.write_text('{"clips": [' + " " * MAX_CLIPS_BYTES + "]}")
+    else:
+        clips.write_text(content)
+    before = _state(package)
+    with pytest.raises(PackageError, match=f"calibration/clips.json: .*{match}") as caught:
+        build(package, "int8", graphs=(GRAPH,), progress=False)
+    assert "\n" not in str(caught.value)
+    assert _state(package) == before
+
+
+# --- the manifest's one writer, the lock's messages --------------------------------------------------
+
+
+def test_save_manifest_is_durable_and_leaves_no_temporary(package, monkeypatch):
+    before = (package / "manifest.json").read_text()
+    manifest = load_manifest(package)
+    manifest.preset = "changed"
+
+    def crash(*args):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        save_manifest(manifest, package)
+    assert (package / "manifest.json").read_text() == before
+    assert not [p for p in package.iterdir() if p.name.startswith(".manifest.json")]
+    monkeypatch.undo()
+    save_manifest(manifest, package)
+    assert load_manifest(package).preset == "changed"
+    assert not [p for p in package.iterdir() if p.name.startswith(".manifest.json")]
+
+
+def test_lock_holder_is_named_or_called_another_process(package):
+    import fcntl
+
+    with PackageLock(package, "vsal-export build --precision fp16"):
+        with pytest.raises(
+            BuildError, match=r"being changed by pid \d+ \(vsal-export build --precision fp16\);"
+        ):
+            PackageLock(package, "second", wait=False).__enter__()
+    fd = os.open(package / ".vsal.lock", os.O_RDWR)  # a holder that has not written itself yet
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        with pytest.raises(BuildError, match="being changed by another process; wait"):
+            PackageLock(package, "second", wait=False).__enter__()
+    finally:
+        os.close(fd)

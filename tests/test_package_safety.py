@@ -248,9 +248,12 @@ def test_graph_names_cannot_be_paths(pkg):
     _refused(pkg, r"graphs has a key '../../escape'; graph names are")
 
 
-def test_manifest_that_is_not_an_object(pkg):
-    (pkg / "manifest.json").write_text("[1, 2]")
-    _refused(pkg, "format_version None")
+@pytest.mark.parametrize(
+    ("text", "kind"), [("[1, 2]", "an array"), ("null", "null"), ('"x"', "a string"), ("7", "a number")]
+)
+def test_manifest_that_is_not_an_object(pkg, text, kind):
+    (pkg / "manifest.json").write_text(text)
+    _refused(pkg, rf"manifest.json: holds JSON {kind}, expected an object \{{\.\.\.\}}$")
 
 
 # --- graphs and embeddings are what the manifest says -----------------------------------------------
@@ -518,3 +521,198 @@ def test_header_reader_finds_weights_in_subgraphs_and_matches_onnx(tmp_path):
     assert [(t.name, t.dtype, t.rank) for t in header.inputs] == [("cond", "bool", 0)]
     assert [(t.name, t.dtype, t.rank) for t in header.outputs] == [("out", "float32", 1)]
     assert header.external_locations == {"../../deep.bin"}
+
+
+# --- folders the writers use, external data through symlinks ------------------------------------------
+
+
+def _move_graphs(pkg: Path, to: str) -> None:
+    """Put the graph files in another folder of the package and say so in the manifest."""
+    shutil.move(pkg / "graphs", pkg / to)
+    data = _data(pkg)
+    for info in data["graphs"].values():
+        info["file"] = info["file"].replace("graphs/", f"{to}/", 1)
+    _save(pkg, data)
+
+
+@pytest.mark.parametrize(
+    ("folder", "role"), [("graphs", "graph folder"), ("calibration", "calibration folder")]
+)
+def test_written_folders_must_not_be_symlinks(pkg, tmp_path, folder, role):
+    """A build globs, writes and removes files in graphs/ and calibration/: a link there would let it
+    delete the victim's files, so the package is refused at load (the build's first step)."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "beats_encoder.int8.onnx").write_text("precious")  # named like a leftover variant
+    if folder == "graphs":
+        _move_graphs(pkg, "g")
+    (pkg / folder).symlink_to(victim)
+    _refused(pkg, f"{folder}: the {role} must be a folder inside the package, not a symlink")
+    (pkg / folder).unlink()
+    (pkg / folder).write_text("a file")
+    _refused(pkg, f"{folder}: the {role} must be a folder inside the package, not a regular file")
+    assert [p.name for p in victim.iterdir()] == ["beats_encoder.int8.onnx"]
+
+
+def _external_beats(pkg: Path, file: str, location: str) -> None:
+    """Make the beats graph (at package path `file`) keep one weight in `location`; update its sha256."""
+    path = pkg / file
+    model = onnx.load(str(pkg / "graphs" / "beats_encoder.onnx"))
+    tensor = model.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", location
+    onnx.save_model(model, path)
+    _set(pkg, "graphs.beats_encoder.file", file)
+    _set(pkg, "graphs.beats_encoder.sha256", sha256_file(path))
+
+
+def test_weights_location_through_a_symlink_then_dotdot_is_refused(pkg, tmp_path):
+    """`graphs/sub/root -> ../..`: textually graphs/sub/root/graphs/../../../w.data is graphs/w.data,
+    but the kernel resolves the link first and lands two folders above the package."""
+    (pkg / "graphs" / "sub").mkdir()
+    (pkg / "graphs" / "sub" / "root").symlink_to("../..")
+    (tmp_path / "w.data").write_bytes(b"\0" * 64)
+    _external_beats(pkg, "graphs/sub/root/graphs/beats_encoder.onnx", "../../../w.data")
+    _refused(pkg, r"its weights location \(for graphs.beats_encoder\) '../../../w.data' leaves the package")
+
+
+def test_weights_location_resolving_outside_is_refused(pkg, tmp_path):
+    (tmp_path / "out").mkdir()
+    (pkg / "graphs" / "out").symlink_to(tmp_path / "out")
+    _external_beats(pkg, "graphs/beats_encoder.onnx", "out/w.data")
+    _refused(
+        pkg, r"its weights location \(for graphs.beats_encoder\) 'out/w.data' resolves to .*out/w.data, outs"
+    )
+
+
+def test_weights_location_through_an_inner_symlink_is_fine(pkg):
+    (pkg / "weights").mkdir()
+    (pkg / "graphs" / "w").symlink_to("../weights")
+    _external_beats(pkg, "graphs/beats_encoder.onnx", "w/beats.data")
+    load_manifest(pkg)  # the file is missing (verify_files says so), but it would lie inside
+
+
+# --- fields the runtime reads -----------------------------------------------------------------------
+
+
+def _drop(pkg: Path, keys: str) -> None:
+    data = _data(pkg)
+    *parents, last = keys.split(".")
+    node = data
+    for key in parents:
+        node = node[key]
+    del node[last]
+    _save(pkg, data)
+
+
+@pytest.mark.parametrize(
+    ("keys", "match"),
+    [
+        ("special_tokens.bos", "manifest.json: special_tokens lacks bos"),
+        ("prompt.after", "manifest.json: prompt lacks after"),
+        ("graphs.llm_decoder.profile.T.opt", "manifest.json: graphs.llm_decoder.profile.T lacks opt"),
+    ],
+)
+def test_missing_fields_every_reader_needs(pkg, keys, match):
+    _drop(pkg, keys)
+    _refused(pkg, match)
+
+
+@pytest.mark.parametrize(
+    ("after", "shown"),
+    [
+        ("{x}", "{x}"),
+        ("{prompt.__class__}", "{prompt.__class__}"),
+        ("{prompt!r} and {prompt:>9}", "{prompt!r}, {prompt:>9}"),
+        ("{prompt} {prompt}", "{prompt}, {prompt}"),
+        ("no question here", "none"),
+    ],
+)
+def test_prompt_template_holds_only_the_question(pkg, after, shown):
+    _set(pkg, "prompt.after", after)
+    message = _refused(
+        pkg, r"manifest.json: prompt.after must hold \{prompt\} \(where the question goes\) once"
+    )
+    assert message.endswith(f"it has {shown}")
+
+
+def test_prompt_template_that_does_not_parse(pkg):
+    _set(pkg, "prompt.after", "</Img> {prompt")
+    _refused(pkg, r"manifest.json: prompt.after is not a template \(.*\); literal braces are written \{\{")
+    _set(pkg, "prompt.after", "{{literal}} {prompt}\nASSISTANT:")
+    load_manifest(pkg)
+
+
+def test_decoding_defaults_are_checked_at_load(pkg):
+    _set(pkg, "decoding.num_beams", 0)
+    _refused(pkg, "manifest.json: decoding: .*num_beams must be >= 1, got 0")
+
+
+def _not_runnable(pkg: Path, match: str) -> str:
+    """load_manifest reads it (`vsal-export check` reports such things itself), Pipeline.load refuses."""
+    load_manifest(pkg)
+    with pytest.raises(PackageError, match=match) as caught:
+        Pipeline.load(pkg, verbose=False, verify=False)
+    message = str(caught.value)
+    assert "\n" not in message and "manifest.json" in message
+    return message
+
+
+@pytest.mark.parametrize(
+    ("keys", "match"),
+    [
+        ("graphs.llm_decoder.profile.P", "graphs.llm_decoder.profile lacks P"),
+        ("graphs.vision_encoder.profile.N", "graphs.vision_encoder.profile lacks N"),
+        ("config.mrc_qformer", "config lacks mrc_qformer"),
+        ("config.alignment.high_window", "config.alignment lacks high_window"),
+        ("config.beats.conv_pos", "config.beats lacks conv_pos"),  # `vsal bench` reads it
+    ],
+)
+def test_missing_fields_the_runtime_reads(pkg, keys, match):
+    _drop(pkg, keys)
+    _not_runnable(pkg, match)
+
+
+@pytest.mark.parametrize(
+    ("keys", "value", "match"),
+    [
+        (
+            "graphs.llm_decoder.profile.T",
+            {"min": 1, "opt": 2048, "max": 1024},
+            r"profile.T needs 0 <= min <= opt",
+        ),
+        ("graphs.llm_decoder.profile.P", {"min": -1, "opt": 0, "max": 8}, r"got -1, 0, 8"),
+        ("graphs.mrc_qformer.axis_multiples.S", 0, "axis_multiples.S must be a positive integer, got 0"),
+        ("config.alignment.high_window", 0, "config.alignment.high_window must be a positive integer, got 0"),
+        ("config.frame_qformer.hidden_size", "32", r"hidden_size must be a positive integer, got \"32\""),
+        ("special_tokens.bos", 32000, r"special_tokens.bos is 32000, outside the vocabulary .* 32000"),
+        ("special_tokens.eos", -1, "special_tokens.eos is -1, outside the vocabulary"),
+    ],
+)
+def test_values_the_runtime_cannot_use(pkg, keys, value, match):
+    _set(pkg, keys, value)
+    _not_runnable(pkg, match)
+
+
+@pytest.mark.parametrize("expr", ["T-1", "T**2", "f(T)", "(T", "T+" * 40 + "T"])
+def test_shape_expressions_the_runtime_cannot_evaluate(pkg, expr):
+    data = _data(pkg)
+    data["graphs"]["llm_decoder"]["inputs"][0]["shape"][1] = expr
+    _save(pkg, data)
+    _not_runnable(pkg, r"graphs.llm_decoder.inputs\[0\].shape has .*, not a shape expression")
+
+
+def test_a_package_the_runtime_cannot_run_is_one_line_from_vsal_run(pkg, clip_10s):
+    _drop(pkg, "graphs.llm_decoder.profile.B")
+    done = _cli("vsal", "run", str(pkg), "--prompt", "hi", "--video", str(clip_10s))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            "graphs.llm_decoder.profile lacks B (axes the "
+            "graph's tensors or the runtime use): re-export the package"
+        )
+    )
