@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
+from google.protobuf.message import DecodeError
+from vsal.runtime.protobuf_wire import WireError, read_varint
 
 # Wire types of the protobuf encoding.
 VARINT, FIXED64, LENGTH, FIXED32 = 0, 1, 2, 5
@@ -37,7 +39,7 @@ EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
 MAX_NESTING = 64  # subgraphs in subgraphs: real models nest a few levels; this bounds the recursion
 
 
-class HeaderError(ValueError):
+class HeaderError(WireError):
     """The bytes are not a well-formed ONNX protobuf."""
 
 
@@ -63,7 +65,7 @@ def read_graph_header(path: Path) -> GraphHeader:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
         header, problem = _header(memoryview(mapped)), ""
-    except HeaderError as exc:
+    except WireError as exc:  # HeaderError, or a varint that runs off its message
         header, problem = None, str(exc)  # raised again below: its frames hold slices of the map
     mapped.close()  # every slice is gone by now (a live one would make this raise BufferError)
     if header is None:
@@ -95,8 +97,10 @@ def _header(model: memoryview) -> GraphHeader:
 def _value_info(data: memoryview) -> Tensor:
     try:
         value = onnx.ValueInfoProto.FromString(bytes(data))
-    except Exception as exc:  # protobuf's DecodeError has no stable import path
+    except (DecodeError, UnicodeDecodeError) as exc:  # the pure-Python protobuf checks UTF-8 itself
         raise HeaderError(f"unreadable graph input/output ({exc})") from None
+    if isinstance(value.name, bytes):  # upb hands a proto2 string that is not UTF-8 back as bytes
+        raise HeaderError("a graph input/output name is not valid UTF-8")
     tensor_type = value.type.tensor_type
     try:
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name
@@ -154,32 +158,19 @@ def _text(data: memoryview) -> str:
         raise HeaderError("a name is not valid UTF-8") from None
 
 
-def _varint(data: memoryview, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(data) or shift > 63:
-            raise HeaderError("truncated or malformed varint")
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, pos
-        shift += 7
-
-
 def _fields(data: memoryview) -> Iterator[tuple[int, int, int | memoryview]]:
     """(field number, wire type, value) of one message: an int, or a slice of `data` (not copied)."""
     pos, end = 0, len(data)
     while pos < end:
-        key, pos = _varint(data, pos)
+        key, pos = read_varint(data, pos)
         number, wire = key >> 3, key & 7
         if wire == VARINT:
-            value, pos = _varint(data, pos)
+            value, pos = read_varint(data, pos)
         elif wire in (FIXED64, FIXED32):
             size = 8 if wire == FIXED64 else 4
             value, pos = 0, pos + size
         elif wire == LENGTH:
-            size, pos = _varint(data, pos)
+            size, pos = read_varint(data, pos)
             value, pos = data[pos : pos + size], pos + size
         else:
             raise HeaderError(f"wire type {wire} (not produced by ONNX)")

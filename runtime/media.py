@@ -19,7 +19,6 @@ it forever).
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 from collections.abc import Generator, Iterator
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 from vsal.runtime.errors import MediaError
+from vsal.runtime.package_paths import file_problem
 from vsal.runtime.preprocess import MAX_AUDIO_SECONDS  # what the encoders read: nothing after it is decoded
 
 CLIP_SECONDS = 1  # the release's clip_duration
@@ -66,45 +66,17 @@ def clip_timepoints(duration: float, max_clips: int, clip_seconds: int = CLIP_SE
 
 # --- the file itself ---------------------------------------------------------------------------
 
-_NOT_REGULAR = (
-    (stat.S_ISDIR, "is a directory, expected a media file"),
-    (stat.S_ISFIFO, "is a FIFO (named pipe), not a media file: give a regular file"),
-    (stat.S_ISCHR, "is a character device, not a media file: give a regular file"),
-    (stat.S_ISBLK, "is a block device, not a media file: give a regular file"),
-    (stat.S_ISSOCK, "is a socket, not a media file: give a regular file"),
-)
-
-
-def _path_problem(path: Path, exc: OSError) -> str:
-    """What a failed stat or open of `path` means, in words."""
-    if exc.errno == errno.ENOENT:
-        if os.path.islink(path):
-            return f"a dangling symlink (its target {os.readlink(path)} does not exist)"
-        return "no such file"
-    if exc.errno == errno.ELOOP:
-        return "a symlink loop (following its links leads back to them): give the file itself"
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return "permission denied: this user cannot read the file (check its mode and its folders')"
-    if exc.errno == errno.ENOTDIR:
-        return "no such file (a part of the path is not a folder)"
-    return f"cannot be read ({exc.strerror})"
-
-
-def _file_kind_problem(mode: int) -> str | None:
-    for test, problem in _NOT_REGULAR:
-        if test(mode):
-            return problem
-    return None if stat.S_ISREG(mode) else "is not a regular file: give a media file"
+_EXPECTED = "a media file"  # what file_problem's messages say was expected
 
 
 def _checked_stat(path: Path) -> os.stat_result:
-    try:
-        info = os.stat(path)
-    except OSError as exc:
-        raise MediaError(f"{path}: {_path_problem(path, exc)}") from None
-    problem = _file_kind_problem(info.st_mode)
+    problem = file_problem(path, what=_EXPECTED)
     if problem is not None:
         raise MediaError(f"{path}: {problem}")
+    try:
+        info = os.stat(path)  # the identity _open_regular checks the opened file against
+    except OSError as exc:  # removed or replaced since the check
+        raise MediaError(f"{path}: {file_problem(path, what=_EXPECTED, error=exc)}") from None
     if info.st_size == 0:
         raise MediaError(f"{path}: the file is empty (0 bytes)")
     return info
@@ -119,8 +91,8 @@ def _open_regular(path: Path) -> int:
     before = _checked_stat(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise MediaError(f"{path}: {_path_problem(path, exc)}") from None
+    except OSError as exc:  # refused although the mode allows it (ACLs, an LSM), or swapped
+        raise MediaError(f"{path}: {file_problem(path, what=_EXPECTED, error=exc)}") from None
     after = os.fstat(fd)
     if (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino) or not stat.S_ISREG(after.st_mode):
         os.close(fd)
@@ -129,13 +101,15 @@ def _open_regular(path: Path) -> int:
 
 
 def stat_media_file(path: str | os.PathLike) -> os.stat_result:
-    """The stat of `path` when it names a non-empty regular file (not opened); else a MediaError
-    saying what it is: missing, a dangling symlink, a symlink loop, a FIFO, a device, a directory."""
+    """The stat of `path` when it names a readable, non-empty regular file (not opened); else a
+    MediaError saying what it is: missing, a dangling symlink, a symlink loop, a FIFO, a device, a
+    directory, unreadable."""
     return _checked_stat(Path(path))
 
 
-def _check_file(path: str | os.PathLike) -> Path:
-    """`path` when it names a readable, non-empty regular file; else a MediaError saying what it is."""
+def check_media_file(path: str | os.PathLike) -> Path:
+    """`path` when it names a readable, non-empty regular file, proven by opening it (never a FIFO
+    or a device); else a MediaError saying what it is. For callers that read the bytes themselves."""
     path = Path(path)
     os.close(_open_regular(path))
     return path

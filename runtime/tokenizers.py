@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 from vsal.runtime.errors import PackageError
+from vsal.runtime.protobuf_wire import read_varint
 
 SPIECE_UNDERLINE = "\u2581"
 LLAMA_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
@@ -57,19 +58,6 @@ def _resolve(path: Path | str, default_name: str) -> Path:
 # --- minimal protobuf wire-format editing (to switch off add_dummy_prefix without protobuf) -----
 
 
-def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(buf) or shift > 63:
-            raise ValueError("truncated varint")
-        b = buf[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return value, pos
-        shift += 7
-
-
 def _varint(value: int) -> bytes:
     out = bytearray()
     while True:
@@ -88,16 +76,16 @@ def _split_fields(buf: bytes) -> list[tuple[int, int, bytes, bytes]]:
     pos = 0
     while pos < len(buf):
         start = pos
-        key, pos = _read_varint(buf, pos)
+        key, pos = read_varint(buf, pos)
         number, wtype = key >> 3, key & 7
         if wtype == 0:
-            _, pos = _read_varint(buf, pos)
+            _, pos = read_varint(buf, pos)
             payload = b""
         elif wtype == 1:
             pos += 8
             payload = b""
         elif wtype == 2:
-            n, pos = _read_varint(buf, pos)
+            n, pos = read_varint(buf, pos)
             payload = buf[pos : pos + n]
             pos += n
         elif wtype == 5:

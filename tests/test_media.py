@@ -13,7 +13,7 @@ import pytest
 from vsal.runtime import media
 from vsal.runtime.errors import MediaError
 from vsal.runtime.media import (
-    _check_file,
+    check_media_file,
     clip_timepoints,
     decode_audio,
     load_audio,
@@ -181,7 +181,7 @@ READERS = {
     "video": lambda p: list(sample_video_frames(p)),
     "audio": load_audio,
     "probe": probe_media,
-    "check": _check_file,
+    "check": check_media_file,
 }
 
 
@@ -274,6 +274,37 @@ def test_an_unreadable_file_is_permission_denied(clip_10s, tmp_path, read):
     path.chmod(0)
     with pytest.raises(MediaError, match=rf"^{re.escape(str(path))}: permission denied"):
         read(path)
+
+
+def test_a_mode_that_denies_reading_is_named_before_opening(clip_10s, monkeypatch, read):
+    # What a user other than root sees for mode 000: stat works, access(R_OK) says no.
+    real_access, real_open = os.access, os.open
+
+    def denied(path, mode, *args, **kwargs):
+        return os.fspath(path) != str(clip_10s) and real_access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(media.os, "access", denied)
+
+    def no_open(path, flags, *args, **kwargs):
+        assert os.fspath(path) != str(clip_10s), "opened a file already known to be unreadable"
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(media.os, "open", no_open)
+    message = rf"^{re.escape(str(clip_10s))}: permission denied: this user cannot read the file"
+    with pytest.raises(MediaError, match=message):
+        read(clip_10s)
+
+
+def test_a_socket_is_named(tmp_path, read):
+    import socket
+
+    path = tmp_path / "s.mp4"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+        with pytest.raises(
+            MediaError, match=rf"^{re.escape(str(path))}: is a socket, not a media file: give a regular file$"
+        ):
+            read(path)
 
 
 def test_a_refused_open_is_permission_denied(clip_10s, monkeypatch, read):
