@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 from vsal.runtime.errors import VsalError
+from vsal.runtime.limits import MAX_NEW_TOKENS_LIMIT, MAX_UPLOAD_MIB
 
 
 def run_cli(group: click.Group, prog: str) -> None:
@@ -69,6 +70,7 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON.")
 def probe(path: Path, as_json: bool) -> None:
     from vsal.runtime.media import probe_media
+    from vsal.runtime.preprocess import MAX_AUDIO_SECONDS
 
     info = probe_media(path)
     if as_json:
@@ -87,6 +89,11 @@ def probe(path: Path, as_json: bool) -> None:
         click.echo(
             f"  audio: {info.audio_codec} {info.sample_rate} Hz, {info.channels} channel(s), "
             f"{info.audio_seconds:.2f} s"
+            + (
+                f" (the encoders read its first {MAX_AUDIO_SECONDS:.0f} s; nothing after is decoded)"
+                if info.audio_seconds > MAX_AUDIO_SECONDS
+                else ""
+            )
         )
     else:
         click.echo("  audio: none")
@@ -256,13 +263,13 @@ def run(
     "--max-upload-mib",
     type=click.IntRange(min=1),
     default=None,
-    help="Largest media file a request may send, each of video and audio, in MiB [default: 256].",
+    help=f"Largest media file a request may send, video and audio each, in MiB [default: {MAX_UPLOAD_MIB}].",
 )
 @click.option(
     "--max-new-tokens-limit",
     type=click.IntRange(min=1),
     default=None,
-    help="Most new tokens a request may ask for [default: 512, the release's].",
+    help=f"Most new tokens a request may ask for [default: {MAX_NEW_TOKENS_LIMIT}, the release's].",
 )
 def serve(
     model_dir, port, flavor, max_queue_delay_us, decoder, precision, max_upload_mib, max_new_tokens_limit

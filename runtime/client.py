@@ -25,11 +25,13 @@ from dataclasses import asdict
 
 import numpy as np
 from vsal.runtime.errors import LimitError, VsalError
-from vsal.runtime.media import _check_file
+from vsal.runtime.media import check_media_file
 from vsal.runtime.prompt import DecodingOptions, check_prompt
 from vsal.runtime.triton_repo import ORCHESTRATOR
 
-ERROR_PREFIX = "vsal-error: "  # the orchestrator's mark of a user mistake
+# The orchestrator's marks at the start of an error's message (it imports them from here)
+ERROR_PREFIX = "vsal-error: "  # a user mistake: one line naming the client's file
+STOPPED_PREFIX = "vsal-stopped: "  # a request that ended early: cancelled, or the server is stopping
 MIB = 1024 * 1024
 
 
@@ -49,6 +51,14 @@ def _grpc():
     return grpcclient
 
 
+def _server_exception() -> type[Exception]:
+    """What tritonclient raises for a server that fails or cannot be reached (gRPC errors included)."""
+    _grpc()
+    from tritonclient.utils import InferenceServerException
+
+    return InferenceServerException
+
+
 class Client:
     """Talks to the `vsal` model of a Triton server at host:port (gRPC)."""
 
@@ -66,7 +76,7 @@ class Client:
             client = _grpc().InferenceServerClient(self.url)
             try:
                 config = client.get_model_config(self.model, as_json=True)["config"]
-            except Exception as exc:  # tritonclient's InferenceServerException and grpc's errors
+            except _server_exception() as exc:
                 raise _error(self.url, exc) from None
             finally:
                 client.close()
@@ -81,7 +91,7 @@ class Client:
         values: dict[str, bytes] = {"PROMPT": check_prompt(prompt).encode("utf-8")}  # as in-process
         for kind, path in (("VIDEO", video), ("AUDIO", audio)):
             if path is not None:
-                path = _check_file(path)  # missing, a directory, empty: the same error as in-process
+                path = check_media_file(path)  # missing, a directory, empty: the same error as in-process
                 limit = self.upload_limit_mib()
                 size = path.stat().st_size
                 if limit is not None and size > limit * MIB:
@@ -111,7 +121,7 @@ class Client:
                 client.async_stream_infer(
                     self.model, inputs, outputs=outputs, enable_empty_final_response=True
                 )
-            except Exception as exc:  # the stream failed before the request went out
+            except _server_exception() as exc:  # the stream failed before the request went out
                 try:
                     _, error = events.get(timeout=5)  # its reason, when the callback has it
                 except queue.Empty:
@@ -135,10 +145,9 @@ class Client:
                     return
         finally:
             try:
-                client.stop_stream(cancel_requests=True)
+                client.stop_stream(cancel_requests=True)  # left early: the server stops the request
+            finally:
                 client.close()
-            except Exception:  # a stream that already failed: its error was raised above
-                pass
 
     def stream(
         self, prompt: str, video=None, audio=None, options: DecodingOptions | None = None
@@ -172,7 +181,7 @@ class Client:
         client = _grpc().InferenceServerClient(self.url)
         try:
             return bool(client.is_server_ready() and client.is_model_ready(self.model))
-        except Exception:
+        except _server_exception():  # not listening (yet), or not serving the model
             return False
         finally:
             client.close()
@@ -191,8 +200,8 @@ def _error(url: str, error) -> VsalError:
     message = message or str(error)
     if ERROR_PREFIX in message:
         return ServerError(message.split(ERROR_PREFIX, 1)[1])
-    if "the request was stopped" in message:  # the server is stopping (the orchestrator's words)
-        return ConnectionFailed(f"{url}: {message.splitlines()[0]}")
+    if STOPPED_PREFIX in message:  # the server is stopping (a client that left hears nothing)
+        return ConnectionFailed(f"{url}: {message.split(STOPPED_PREFIX, 1)[1].splitlines()[0]}")
     if "unavailable" in message.lower() or "connect" in message.lower():
         return ConnectionFailed(f"{url}: cannot reach the server ({message.splitlines()[0]})")
     return ConnectionFailed(f"{url}: the server failed ({message.splitlines()[0]})")

@@ -17,6 +17,11 @@ from vsal.runtime.errors import LimitError
 from vsal.runtime.manifest import GraphInfo
 from vsal.runtime.prompt import DecodingOptions
 
+# What `vsal serve` takes of one request by default (`--max-upload-mib`, `--max-new-tokens-limit`;
+# parameters of the orchestrator's config.pbtxt), beside the decoder's own limits below.
+MAX_UPLOAD_MIB = 256  # MiB, each media file (video, audio)
+MAX_NEW_TOKENS_LIMIT = 512  # new tokens a request may ask for: the release's max_tgt_len
+
 
 @dataclass(frozen=True)
 class DecoderLimits:
@@ -42,7 +47,11 @@ class DecoderLimits:
             raise LimitError(
                 f"the LLM input is {total} tokens (question and template {text_tokens}, clip {av_tokens}); "
                 f"the decoder reads at most {self.max_input} at once (llm_decoder profile T max): "
-                f"shorten the question by at least {total - self.max_input} tokens"
+                + (
+                    f"shorten the question by at least {total - self.max_input} tokens"
+                    if av_tokens < self.max_input
+                    else "the clip alone is over it: use a shorter clip"
+                )
             )
         room = self.context - total
         if options.max_new_tokens > room:

@@ -19,7 +19,8 @@ that lives as long as the server, the main thread in `vsal serve`); its Python b
 stubs leave when Triton does (their own parent check, and a watchdog in vsal's model files). Their
 shared-memory regions carry `vsal serve`'s pid in their name: regions of a `vsal serve` that no
 longer runs are removed at start. A stop tells the orchestrator (VSAL_STOP_FILE) to end the
-generations in flight, gives Triton a few seconds, then kills its process group.
+generations in flight, gives Triton a few seconds, then kills its process group; a member that
+SIGKILL does not end within seconds (uninterruptible sleep in the kernel) is named and left.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ START_TIMEOUT_S = 120.0
 EXIT_TIMEOUT_S = 5  # Triton's wait for requests in flight (the orchestrator ends them at the next token)
 KILL_AFTER_S = EXIT_TIMEOUT_S + 5.0  # then the process group is killed
 STUB_EXIT_S = 3.0  # stubs that outlive Triton notice within a second (their parent check)
+KILLED_EXIT_S = 5.0  # a process still there this long after SIGKILL is stuck in the kernel: left
 SHM_PREFIX = "vsal_serve_"  # + pid of `vsal serve` + "_": its Python backend's shared-memory regions
 SHM_DIR = Path("/dev/shm")
 # Runs Triton with a parent-death signal: prctl(PR_SET_PDEATHSIG, SIGKILL), which execve keeps, then
@@ -296,6 +298,7 @@ class Server:
 
     def _wait_ready(self, timeout: float) -> None:
         import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
 
         deadline = time.monotonic() + timeout
         client = grpcclient.InferenceServerClient(self.url)
@@ -306,7 +309,7 @@ class Server:
                 try:
                     if client.is_server_ready() and client.is_model_ready("vsal"):
                         return
-                except Exception:  # not listening yet
+                except InferenceServerException:  # not listening yet
                     pass
                 time.sleep(0.25)
         finally:
@@ -330,12 +333,21 @@ class Server:
     def stop(self) -> None:
         """Stop the server and remove the temporary files: the orchestrator ends its generations in
         flight, Triton gets SIGINT and EXIT_TIMEOUT_S to finish; after KILL_AFTER_S its process group
-        (the Python backend's stubs with it) is killed. Returns once no process of it runs."""
+        (the Python backend's stubs with it) is killed. Returns once no process of it runs, or with a
+        notice naming the processes that SIGKILL did not end within KILLED_EXIT_S."""
         if self.process is not None:
             group = self.process.pid  # start_new_session: the group's id is Triton's pid
             if self.process.poll() is None:
                 self._stop_triton(group)
-            _end_group(group)  # stubs that outlive Triton (they release their shared memory as they exit)
+            # stubs that outlive Triton (they release their shared memory as they exit)
+            stuck = _end_group(group)
+            if stuck:  # said even when quiet: processes of ours are left behind
+                print(
+                    f"vsal: processes {', '.join(map(str, stuck))} of the Triton server did not end "
+                    f"{KILLED_EXIT_S:.0f} s after SIGKILL (stuck in the kernel): left running",
+                    file=sys.stderr,
+                    flush=True,
+                )
         self.process = None
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
@@ -352,7 +364,10 @@ class Server:
         except subprocess.TimeoutExpired:
             self._say(f"the Triton server did not stop within {KILL_AFTER_S:.0f} s: killing it")
             _kill_group(group)
-            self.process.wait()
+            try:
+                self.process.wait(KILLED_EXIT_S)
+            except subprocess.TimeoutExpired:  # stuck in the kernel: _end_group names it
+                pass
 
     def wait(self) -> int:
         assert self.process is not None
@@ -372,13 +387,21 @@ def _kill_group(group: int) -> None:
         pass
 
 
-def _end_group(group: int, grace: float = STUB_EXIT_S) -> None:
-    """Until no process of the group runs: `grace` seconds for its members to exit, then SIGKILL."""
-    deadline = time.monotonic() + grace
-    while _group_members(group):
-        if time.monotonic() > deadline:
+def _end_group(group: int) -> list[int]:
+    """Until no process of the group runs: STUB_EXIT_S for its members to exit, then SIGKILL (again
+    each poll, for a member that forked meanwhile). Returns the members still there KILLED_EXIT_S
+    after the first SIGKILL (uninterruptible sleep: nothing more can end them), else []."""
+    killed_at = None
+    deadline = time.monotonic() + STUB_EXIT_S
+    while members := _group_members(group):
+        now = time.monotonic()
+        if killed_at is not None and now > killed_at + KILLED_EXIT_S:
+            return members
+        if now > deadline:
             _kill_group(group)
+            killed_at = now if killed_at is None else killed_at
         time.sleep(0.05)
+    return []
 
 
 def _proc_stat(pid: int) -> list[str] | None:

@@ -26,6 +26,7 @@ from importlib import resources
 from pathlib import Path, PurePosixPath
 
 from vsal.runtime.errors import VsalError
+from vsal.runtime.limits import MAX_NEW_TOKENS_LIMIT, MAX_UPLOAD_MIB
 from vsal.runtime.manifest import MANIFEST_NAME, GraphInfo, Manifest, load_manifest
 from vsal.runtime.package_paths import check_sha256, confined, link_folder, place_file, write_text_file
 from vsal.runtime.tensorrt_engines import ENGINE_DIR, cached_engines
@@ -79,8 +80,8 @@ class RepoOptions:
     decoder: str = "bls"
     tensorrt: str | None = None  # tensorrt flavor: the engines' TensorRT version, when the cache has several
     compute_capability: str | None = None  # ... and GPU compute capability ("9.0")
-    max_upload_mib: int = 256  # the orchestrator refuses a larger media file (each of video, audio)
-    max_new_tokens_limit: int = 512  # ... and a request for more new tokens (the release's max_tgt_len)
+    max_upload_mib: int = MAX_UPLOAD_MIB  # the orchestrator refuses a larger media file (video, audio)
+    max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT  # ... and a request for more new tokens
 
 
 def batch_axis(info: GraphInfo) -> str | None:

@@ -2,12 +2,16 @@
 of its own is removed at start, uploads and max_new_tokens are bounded, a client that leaves
 cancels its generation, SIGTERM stops it with a request in flight, and the log holds no traceback.
 
-Two servers are started (each costs seconds): one shared by the request tests and stopped with
-SIGTERM at the end, one killed with SIGKILL. Processes are found through /proc. The orchestrator's
-error path (user mistake, bug, cancelled) is also tested without a server."""
+Three servers are started (each costs seconds): one shared by the request tests and stopped with
+SIGTERM at the end; one with `--decoder orchestrator` (the decoder runs in the orchestrator through
+ONNX Runtime's IO binding, the path that once grew to 21.9 GB) for the request limits, a cancel and
+a SIGTERM; one killed with SIGKILL. Processes are found through /proc. The orchestrator's error path
+(user mistake, bug, cancelled), stop()'s deadline and the DLPack capsules are tested without one."""
 
 from __future__ import annotations
 
+import ctypes
+import importlib
 import os
 import re
 import signal
@@ -26,6 +30,9 @@ from vsal.runtime.serve import SHM_PREFIX, remove_stale_shm  # noqa: E402
 
 UPLOAD_MIB = 1
 NEW_TOKENS_LIMIT = 512
+# The orchestrator-decoder server's cap: above 512, a request can pass it and still not fit the
+# context (the tiny decoder's T max 1024 + 512), so the context check is reached through the server.
+WIDE_NEW_TOKENS_LIMIT = 1024
 CLI = [sys.executable, "-c", "from vsal.runtime.cli import main; main()"]
 SHM = Path("/dev/shm")
 # Generation that runs to the limit (eos blocked by min_length): minutes of work left to cancel.
@@ -151,6 +158,32 @@ def server(stale, tiny_package, tmp_path_factory):
         served["process"].wait()
 
 
+@pytest.fixture(scope="module")
+def orchestrator_server(server, tiny_package, tmp_path_factory):
+    """`vsal serve --decoder orchestrator`, started after `server` (which finds the stale regions)."""
+    tmp = tmp_path_factory.mktemp("supervised-orchestrator")
+    limits = ["--max-upload-mib", str(UPLOAD_MIB), "--max-new-tokens-limit", str(WIDE_NEW_TOKENS_LIMIT)]
+    served = start_serve(tiny_package, tmp, "--decoder", "orchestrator", *limits)
+    yield served
+    if served["process"].poll() is None:
+        served["process"].kill()
+        served["process"].wait()
+
+
+@pytest.fixture(params=["bls", "orchestrator"])
+def served(request):
+    """Each server in turn: the decoder as its own model (bls) or in the orchestrator."""
+    return request.getfixturevalue({"bls": "server", "orchestrator": "orchestrator_server"}[request.param])
+
+
+@pytest.fixture(scope="module")
+def local(tiny_package):
+    """The in-process runtime, whose messages the server's must equal."""
+    from vsal.runtime.pipeline import Pipeline
+
+    return Pipeline.load(tiny_package, provider="cpu", verbose=False, verify=False)
+
+
 def test_remove_stale_shm_takes_only_our_regions_of_ended_servers(tmp_path):
     ended, alive = dead_pid(), os.getpid()
     names = [f"{SHM_PREFIX}{ended}_a", f"{SHM_PREFIX}{alive}_b", "triton_python_backend_shm_region_c"]
@@ -240,13 +273,48 @@ def raw_ask(server, values: dict[str, bytes]):
     ],
     ids=["utf8", "prompt-size", "nested-json", "eos", "beams", "name"],
 )
-def test_the_server_checks_what_a_client_does_not(server, clip_10s, values, message):
+def test_the_server_checks_what_a_client_does_not(served, clip_10s, values, message):
     from vsal.runtime.client import ServerError
 
     request = {"PROMPT": b"What?", "VIDEO": clip_10s.read_bytes(), "OPTIONS": b'{"num_beams": 1}'} | values
     with pytest.raises(ServerError, match=message) as caught:
-        raw_ask(server, request)
+        raw_ask(served, request)
     assert "\n" not in str(caught.value)
+
+
+def in_process_refusal(local, prompt: str, options: DecodingOptions, video) -> str:
+    from vsal.runtime.errors import LimitError
+
+    with pytest.raises(LimitError) as caught:
+        local.check_request(prompt, options, video=video)
+    return str(caught.value)
+
+
+def test_a_prompt_past_t_max_is_refused_as_in_process(served, local, clip_10s):
+    from vsal.runtime.client import ServerError
+
+    prompt, options = "a " * 3000, DecodingOptions(num_beams=1, max_new_tokens=8)  # 12 KB, 3000 tokens
+    expected = in_process_refusal(local, prompt, options, clip_10s)
+    assert "the decoder reads at most 1024 at once (llm_decoder profile T max)" in expected
+    with pytest.raises(ServerError) as caught:
+        served["client"].ask(prompt, video=clip_10s, options=options)
+    assert str(caught.value) == expected
+
+
+def test_a_request_past_the_context_is_refused_through_the_orchestrator(orchestrator_server, local, clip_10s):
+    """Within the server's cap (1024) and T max, yet past the context: input + new tokens > 1536."""
+    from vsal.runtime.client import ServerError
+
+    client, prompt = orchestrator_server["client"], "a " * 700  # 896 tokens with the clip
+    options = DecodingOptions(num_beams=1, max_new_tokens=1000)
+    expected = in_process_refusal(local, prompt, options, clip_10s)
+    assert "does not fit: the decoder's context holds 1536 tokens" in expected
+    with pytest.raises(ServerError) as caught:
+        client.ask(prompt, video=clip_10s, options=options)
+    assert str(caught.value) == expected
+    huge = DecodingOptions(num_beams=1, max_new_tokens=10**9)
+    with pytest.raises(ServerError, match=f"^max_new_tokens {10**9} is over this server's limit of 1024 "):
+        client.ask("What?", video=clip_10s, options=huge)
 
 
 def cancelled_steps(server, count: int) -> list[int]:
@@ -282,6 +350,15 @@ def test_a_client_that_leaves_cancels_its_generation(server, clip_10s):
     assert cancelled_steps(server, 2)[1] < NEW_TOKENS_LIMIT
 
 
+def test_a_client_that_leaves_cancels_the_orchestrators_own_decoding(orchestrator_server, clip_10s):
+    """The decoder in the orchestrator (no BLS call between steps) checks its request itself."""
+    stream = orchestrator_server["client"].stream("What happens?", video=clip_10s, options=LONG)
+    next(stream)
+    stream.close()
+    (steps,) = cancelled_steps(orchestrator_server, 1)
+    assert steps < NEW_TOKENS_LIMIT
+
+
 def test_sigterm_stops_the_server_with_a_request_in_flight(server, clip_10s):
     import tritonclient.grpc as grpcclient
     from vsal.runtime.client import ConnectionFailed
@@ -313,6 +390,22 @@ def test_sigterm_stops_the_server_with_a_request_in_flight(server, clip_10s):
     assert members(group) == [] and port_free(server["port"])
     assert "stopping the server" in server["log"].read_text()
     assert not list(server["tmp"].glob("vsal-serve-*"))  # its temporary repository is removed
+
+
+def test_sigterm_ends_the_orchestrators_own_decoding_in_flight(orchestrator_server, clip_10s):
+    """The decoder in the orchestrator (no BLS call between steps) checks the stop file itself."""
+    from vsal.runtime.client import ConnectionFailed
+
+    process = orchestrator_server["process"]
+    group = group_of_children(process.pid)
+    stream = orchestrator_server["client"].stream("What happens?", video=clip_10s, options=LONG)
+    next(stream)  # decoding
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=15) == 0
+    with pytest.raises(ConnectionFailed, match="the request was stopped after .* the server is stopping"):
+        for _ in stream:
+            pass
+    assert members(group) == [] and port_free(orchestrator_server["port"])
 
 
 def test_sigkill_of_vsal_serve_leaves_no_triton_or_stub_and_frees_the_port(tiny_package, tmp_path):
@@ -417,3 +510,132 @@ def test_orchestrator_user_mistakes_are_one_line_and_bugs_are_logged_once(orches
     assert error.code == "CANCELLED"
     assert orchestrator.logged == [("info", "vsal: request 3 cancelled by its client after 3 decoder steps")]
     assert list(tmp_path.iterdir()) == []  # each request's uploads are removed
+
+
+# --- stopping: a member that SIGKILL cannot end --------------------------------------------------
+
+
+@pytest.fixture
+def short_waits(monkeypatch):
+    from vsal.runtime import serve
+
+    monkeypatch.setattr(serve, "STUB_EXIT_S", 0.0)
+    monkeypatch.setattr(serve, "KILLED_EXIT_S", 0.2)
+    return serve
+
+
+def test_end_group_kills_what_outlives_the_grace_period(short_waits):
+    member = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        assert short_waits._end_group(member.pid) == []
+        assert member.wait(5) == -signal.SIGKILL
+    finally:
+        member.kill()
+
+
+def test_stop_returns_and_names_a_member_that_sigkill_does_not_end(
+    short_waits, monkeypatch, tmp_path, capsys
+):
+    """A process in uninterruptible sleep ignores SIGKILL: stop() still returns, and says so."""
+    stuck = dead_pid()  # stands for it: reported as a member however often it is killed
+    members_of = short_waits._group_members
+    monkeypatch.setattr(short_waits, "_group_members", lambda group: [*members_of(group), stuck])
+    server = short_waits.Server(tmp_path / "package", quiet=True)
+    server.workdir = tmp_path / "work"
+    server.workdir.mkdir()
+    server.process = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    triton = server.process
+    server.stop()
+    assert triton.poll() is not None and server.process is None and not (tmp_path / "work").exists()
+    notice = capsys.readouterr().err.strip()
+    assert notice == (
+        f"vsal: processes {stuck} of the Triton server did not end 0 s after SIGKILL "
+        "(stuck in the kernel): left running"
+    )
+
+
+# --- DLPack transfers: a consumed capsule renamed, any other left to numpy ----------------------
+
+
+class DLManagedTensor(ctypes.Structure):
+    """DLPack's DLManagedTensor (dlpack.h): what a consumer frees through its deleter."""
+
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("device_type", ctypes.c_int32),
+        ("device_id", ctypes.c_int32),
+        ("ndim", ctypes.c_int32),
+        ("code", ctypes.c_uint8),
+        ("bits", ctypes.c_uint8),
+        ("lanes", ctypes.c_uint16),
+        ("shape", ctypes.c_void_p),
+        ("strides", ctypes.c_void_p),
+        ("byte_offset", ctypes.c_uint64),
+        ("manager_ctx", ctypes.c_void_p),
+        ("deleter", ctypes.CFUNCTYPE(None, ctypes.c_void_p)),
+    ]
+
+
+def _capsule_api(name, *argtypes, restype):
+    function = getattr(ctypes.pythonapi, name)
+    function.argtypes, function.restype = list(argtypes), restype
+    return function
+
+
+_get_pointer = _capsule_api(
+    "PyCapsule_GetPointer", ctypes.py_object, ctypes.c_char_p, restype=ctypes.c_void_p
+)
+_set_name = _capsule_api("PyCapsule_SetName", ctypes.py_object, ctypes.c_char_p, restype=ctypes.c_int)
+_get_name = _capsule_api("PyCapsule_GetName", ctypes.py_object, restype=ctypes.c_char_p)
+_TRITON_USED = b"used_dlpack"  # kept alive: a renamed capsule points at these bytes
+
+
+@pytest.fixture
+def dlpack(monkeypatch):
+    """runtime/triton_models/dlpack.py over a stand-in Tensor.from_dlpack that consumes the capsule
+    as the Python backend does (renamed "used_dlpack", the data freed with the tensor) or copies it
+    (the capsule left as it is); records the capsules' names after from_numpy and unraisable errors."""
+    import types
+
+    seen = types.SimpleNamespace(consume=True, capsules=[], tensors=[], unraisable=[])
+
+    def from_dlpack(name, capsule):
+        seen.capsules.append(capsule)
+        if not seen.consume:
+            return name
+        managed = DLManagedTensor.from_address(_get_pointer(capsule, b"dltensor"))
+        _set_name(capsule, _TRITON_USED)
+        seen.tensors.append(lambda: managed.deleter(ctypes.addressof(managed)))  # frees the data
+        return name
+
+    pb = types.ModuleType("triton_python_backend_utils")
+    pb.Tensor = types.SimpleNamespace(from_dlpack=from_dlpack)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    monkeypatch.delitem(sys.modules, "vsal.runtime.triton_models.dlpack", raising=False)
+    monkeypatch.setattr(sys, "unraisablehook", lambda info: seen.unraisable.append(info))
+    module = importlib.import_module("vsal.runtime.triton_models.dlpack")  # anew, over the stand-in
+    yield types.SimpleNamespace(module=module, seen=seen)
+    sys.modules.pop("vsal.runtime.triton_models.dlpack", None)  # bound to the stand-in
+
+
+@pytest.mark.parametrize("consume", [True, False], ids=["consumed", "copied"])
+def test_dlpack_capsules_free_their_array_whoever_owns_it(dlpack, consume):
+    import gc
+    import weakref
+
+    import numpy as np
+
+    dlpack.seen.consume = consume
+    array = np.arange(1000, dtype=np.float32)
+    alive = weakref.ref(array)
+    dlpack.module.from_numpy("X", array)
+    (capsule,) = dlpack.seen.capsules
+    assert _get_name(capsule) == (b"used_dltensor" if consume else b"dltensor")
+    del array, capsule
+    dlpack.seen.capsules.clear()
+    gc.collect()
+    assert (alive() is not None) == consume  # a consumed array lives as long as its tensor
+    for release in dlpack.seen.tensors:
+        release()
+    gc.collect()
+    assert alive() is None and dlpack.seen.unraisable == []

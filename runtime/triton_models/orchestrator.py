@@ -7,7 +7,8 @@ is served on its own thread; text pieces stream back as they come (TEXT), then t
 JSON (RESULT, the last response).
 
 A user mistake (the VsalError tree: bad media, an invalid prompt, options or a limit) comes back as
-an error "vsal-error: <file>: <problem>", one line naming the client's file, not the server's copy.
+an error "vsal-error: <file>: <problem>", one line naming the client's file, not the server's copy;
+a request that ends early, "vsal-stopped: the request was ..." (the marks: runtime.client).
 Anything else is a bug: its traceback goes to the server log once, the client gets one line.
 Before each decoder step the request is checked: a client that went away (Triton cancels its
 request) or a server that is stopping (`vsal serve` creates VSAL_STOP_FILE) ends its generation.
@@ -36,16 +37,15 @@ for _folder in os.environ.get("VSAL_SITE_DIRS", "").split(os.pathsep):  # set by
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 from vsal.runtime.backends import FeedChecker  # noqa: E402
-from vsal.runtime.client import ERROR_PREFIX, MIB, upload_limit_message  # noqa: E402
+from vsal.runtime.client import ERROR_PREFIX, MIB, STOPPED_PREFIX, upload_limit_message  # noqa: E402
 from vsal.runtime.errors import ConfigError, LimitError, VsalError  # noqa: E402
 from vsal.runtime.generation import GraphDecoderStep  # noqa: E402
+from vsal.runtime.limits import MAX_NEW_TOKENS_LIMIT, MAX_UPLOAD_MIB  # noqa: E402
 from vsal.runtime.pipeline import Pipeline  # noqa: E402
 from vsal.runtime.prompt import DecodingOptions  # noqa: E402
 from vsal.runtime.triton_models.dlpack import from_numpy, to_numpy  # noqa: E402
 from vsal.runtime.triton_models.supervision import exit_with_parent  # noqa: E402
 
-DEFAULT_MAX_UPLOAD_MIB = 256  # a repository written before the limits were parameters
-DEFAULT_MAX_NEW_TOKENS = 512  # the release's max_tgt_len
 TEXT_LIMIT = 1 * MIB  # PROMPT, OPTIONS and the file names: far past any prompt the decoder takes
 
 
@@ -221,8 +221,9 @@ class TritonPythonModel:
         self.pipeline = TritonPipeline.load(
             folder, provider=provider, verbose=False, verify=False, precision=precision, exact_precision=True
         )
-        self.max_upload_mib = int(params.get("max_upload_mib", DEFAULT_MAX_UPLOAD_MIB))
-        self.max_new_tokens = int(params.get("max_new_tokens_limit", DEFAULT_MAX_NEW_TOKENS))
+        # a repository written before the limits were parameters gets vsal serve's defaults
+        self.max_upload_mib = int(params.get("max_upload_mib", MAX_UPLOAD_MIB))
+        self.max_new_tokens = int(params.get("max_new_tokens_limit", MAX_NEW_TOKENS_LIMIT))
         self.pool = ThreadPoolExecutor(int(params.get("threads", "16")), thread_name_prefix="vsal")
         self.workdir = tempfile.mkdtemp(prefix="vsal-triton-")
         self.counter = 0
@@ -283,7 +284,9 @@ class TritonPythonModel:
             sender.send(pb_utils.InferenceResponse(error=error), flags=final)
         except Stopped as exc:
             pb_utils.Logger.log_info(f"vsal: request {number} {exc}")
-            error = pb_utils.TritonError(f"the request was {exc}", pb_utils.TritonError.CANCELLED)
+            error = pb_utils.TritonError(
+                f"{STOPPED_PREFIX}the request was {exc}", pb_utils.TritonError.CANCELLED
+            )
             sender.send(pb_utils.InferenceResponse(error=error), flags=final)
         except Exception as exc:  # a bug (or the server's machine failing): its traceback, once
             pb_utils.Logger.log_error(f"vsal: request {number} failed: " + traceback.format_exc())
