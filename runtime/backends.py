@@ -229,7 +229,7 @@ class OnnxRuntimeBackend:
                 source, note = rewritten.model, f", {rewritten.note}"
         try:
             self.session = ort.InferenceSession(source, options, providers=providers)
-        except Exception as exc:  # onnxruntime's own exception types
+        except ort_errors() as exc:
             raise BackendError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from None
         self.name = name
         self.provider = provider

@@ -186,6 +186,7 @@ def run_runtime_once(pipeline, media_kwargs: dict, prompt: str, tokens: int, sha
         repetition_penalty=decoding.get("repetition_penalty", 1.0),
         eos_token_id=None,  # no early stop: every run decodes `tokens` tokens
     )
+    prompt = pipeline.check_request(prompt, options, media_kwargs.get("video"))  # the limits `ask` has
     start = time.perf_counter()
     features, _ = pipeline.encode_media(media_kwargs.get("video"), media_kwargs.get("audio"))
     timings = dict(features.timings)

@@ -11,7 +11,10 @@ alone and print one line; anything else that escapes is a bug and keeps its trac
     ├── PromptError        a prompt that is not valid text, or empty
     ├── LimitError         a request past a limit (tokens, context, beams, upload size)
     ├── BuildError         a build that cannot start or did not meet its gate
-    └── (module errors: BackendError, EngineError, ServeError, ServerError, ... derive from these)
+
+Each module's own errors derive from VsalError or one of these: BackendError, EngineError,
+ServeError, ServerError, RepositoryError, ExportError, Fp16Error, CheckpointError, AssetError,
+QuantizeError (a BuildError), TokenizerFileError (a PackageError).
 """
 
 from __future__ import annotations

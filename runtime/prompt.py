@@ -119,7 +119,7 @@ def check_prompt(prompt: str | bytes) -> str:
     if bad:
         raise PromptError(
             f"the prompt holds control character U+{ord(bad.group()):04X} at character {bad.start()}; "
-            "only tab and newline are accepted: remove it"
+            "only tab, newline and carriage return are accepted: remove it"
         )
     if not prompt.strip():
         raise PromptError("the prompt is empty: ask a question")
