@@ -25,6 +25,7 @@ SIGKILL does not end within seconds (uninterruptible sleep in the kernel) is nam
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import os
 import re
@@ -278,7 +279,7 @@ class Server:
             "--allow-metrics=false",
             "--disable-auto-complete-config",
             f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
-            f"--backend-config=python,shm-region-prefix-name={shm_prefix()}",
+            f"--backend-config=python,shm-region-prefix-name={shm_prefix(port=self.port)}",
         ]
         if install.python_only:
             cmd.append(f"--backend-directory={python_backend(install, self.workdir)}")
@@ -348,6 +349,8 @@ class Server:
                     file=sys.stderr,
                     flush=True,
                 )
+            # a stub killed before it released its regions (a slow stop under load) leaves them
+            remove_shm(shm_prefix(port=self.port))
         self.process = None
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
@@ -423,9 +426,23 @@ def _group_members(group: int) -> list[int]:
     return found
 
 
-def shm_prefix(pid: int | None = None) -> str:
-    """The name prefix of the Python backend's shared-memory regions of the `vsal serve` of pid."""
-    return f"{SHM_PREFIX}{os.getpid() if pid is None else pid}_"
+def shm_prefix(pid: int | None = None, port: int | None = None) -> str:
+    """The name prefix of the Python backend's shared-memory regions of the `vsal serve` of pid
+    (this process by default); with its port, that one server's (a process may run several)."""
+    prefix = f"{SHM_PREFIX}{os.getpid() if pid is None else pid}_"
+    return prefix if port is None else f"{prefix}{port}_"
+
+
+def remove_shm(prefix: str, folder: Path = SHM_DIR) -> list[str]:
+    """Remove the regions whose names start with prefix (a stopped server's own); their names."""
+    removed = []
+    for entry in folder.glob(f"{glob.escape(prefix)}*") if folder.is_dir() else ():
+        try:
+            entry.unlink()
+        except OSError:  # gone meanwhile
+            continue
+        removed.append(entry.name)
+    return removed
 
 
 def remove_stale_shm(folder: Path = SHM_DIR) -> list[str]:

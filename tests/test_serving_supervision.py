@@ -26,7 +26,7 @@ import pytest
 
 pytest.importorskip("tritonclient.grpc")
 from vsal.runtime.prompt import DecodingOptions  # noqa: E402
-from vsal.runtime.serve import SHM_PREFIX, remove_stale_shm  # noqa: E402
+from vsal.runtime.serve import SHM_PREFIX, remove_shm, remove_stale_shm, shm_prefix  # noqa: E402
 
 UPLOAD_MIB = 1
 NEW_TOKENS_LIMIT = 512
@@ -193,6 +193,16 @@ def test_remove_stale_shm_takes_only_our_regions_of_ended_servers(tmp_path):
     assert remove_stale_shm(tmp_path) == [names[0]]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
     assert remove_stale_shm(tmp_path / "missing") == []
+
+
+def test_a_stopped_server_removes_only_its_own_regions(tmp_path):
+    """What a stub killed before releasing its regions leaves, its server removes at stop."""
+    mine, other = shm_prefix(port=8001), shm_prefix(port=8002)
+    names = [f"{mine}a", f"{mine}b", f"{other}c", f"{shm_prefix()}80010_d"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    assert sorted(remove_shm(mine, tmp_path)) == names[:2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])
 
 
 def test_stale_shm_of_ours_is_removed_at_start(server, stale):
