@@ -9,29 +9,68 @@ weight-only). Per-graph sets are stored as npz files in the package's `calibrati
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
-from vsal.runtime.errors import MediaError
+from vsal.runtime.errors import ConfigError, MediaError
+from vsal.runtime.media import probe_media
 from vsal.runtime.prompt import DecodingOptions
 
 MEDIA_SUFFIXES = {".mp4", ".mkv", ".webm", ".mov", ".avi", ".wav", ".flac", ".mp3", ".m4a", ".ogg"}
 AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".m4a", ".ogg"}
 CALIBRATION_GRAPHS = ("vision_encoder", "frame_qformer", "whisper_encoder", "beats_encoder", "mrc_qformer")
+MIN_CLIPS = 2  # one to calibrate, one held out to check accuracy
 PROMPTS = ("What happens in the video?", "What can be heard, and who is speaking?")
 Feeds = dict[str, np.ndarray]
 
 
-def media_files(folder: str | os.PathLike, max_clips: int | None = None) -> list[Path]:
-    """Media files of a folder, sorted; MediaError when there are none."""
+def media_files(
+    folder: str | os.PathLike,
+    max_clips: int | None = None,
+    on_skip: Callable[[Path, str], None] | None = None,
+) -> list[Path]:
+    """The readable media files of a folder, sorted, at most `max_clips`; MediaError when fewer
+    than MIN_CLIPS are. A file FFmpeg cannot open (probed, not decoded) is skipped and passed to
+    `on_skip` with the reason (default: a note on stderr), so no clip is dropped unsaid."""
+    if max_clips is not None and max_clips < MIN_CLIPS:
+        raise ConfigError(f"--max-clips {max_clips}: give at least {MIN_CLIPS}")
     folder = Path(folder)
     if not folder.is_dir():
         raise MediaError(f"{folder}: not a folder of media files")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in MEDIA_SUFFIXES and p.is_file())
     if not files:
         raise MediaError(f"{folder}: no media files ({', '.join(sorted(MEDIA_SUFFIXES))})")
-    return files[:max_clips] if max_clips else files
+    on_skip = on_skip or _note_skipped
+    usable = []
+    for path in files:
+        if len(usable) == max_clips:
+            break
+        problem = _media_problem(path)
+        if problem is None:
+            usable.append(path)
+        else:
+            on_skip(path, problem)
+    if len(usable) < MIN_CLIPS:
+        raise MediaError(
+            f"{folder}: {len(usable)} readable media file(s) of {len(files)}; calibration needs at "
+            f"least {MIN_CLIPS} (calibration and held-out clips must differ): add media files"
+        )
+    return usable
+
+
+def _media_problem(path: Path) -> str | None:
+    """Why `path` cannot be used as a clip (without the path), or None."""
+    try:
+        probe_media(path)
+    except MediaError as exc:
+        return str(exc).removeprefix(f"{path}: ")
+    return None
+
+
+def _note_skipped(path: Path, problem: str) -> None:
+    print(f"vsal-export: note: skipped {path}: {problem}", file=sys.stderr, flush=True)
 
 
 def collect(

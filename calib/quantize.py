@@ -58,6 +58,7 @@ from pathlib import Path
 
 import numpy as np
 from vsal.export.onnx_files import EXTERNAL_DATA_THRESHOLD, graph_bytes, save_onnx
+from vsal.runtime.backends import ORT_LOG_FATAL
 from vsal.runtime.errors import BuildError
 
 QUANTIZED_OPS = ("MatMul", "Conv", "Gemm")  # op types whose inputs get Q/DQ (TensorRT's int8 GEMM/conv)
@@ -309,7 +310,7 @@ def check_graph(path: Path, reference: Path | None = None) -> None:
     path = Path(path)
     onnx.checker.check_model(str(path))
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = ORT_LOG_FATAL  # its errors come back as exceptions
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     if reference is not None:
         ref = onnx.load(str(reference), load_external_data=False)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from vsal.runtime.backends import ORT_LOG_FATAL
 
 _ORT_TYPES = {
     "tensor(float)": np.float32,
@@ -48,7 +49,7 @@ def session(path: str | os.PathLike, threads: int = 0, optimization: str = "all"
     if optimization not in levels:
         raise ValueError(f"optimization {optimization!r}: one of {OPTIMIZATION_LEVELS}")
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = ORT_LOG_FATAL  # its errors come back as exceptions
     options.graph_optimization_level = levels[optimization]
     if threads:
         options.intra_op_num_threads = threads

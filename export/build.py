@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import numbers
 import os
 import secrets
 import sys
@@ -49,10 +50,23 @@ CLIPS_NAME = f"{CALIBRATION_DIR}/clips.json"  # the clips `vsal-export calibrate
 MAX_CLIPS_BYTES = 1 << 20  # 1 MiB: some thousand paths
 
 
-@dataclass
+MAX_WORKSPACE_BYTES = 1 << 40  # 1 TiB: TensorRT's scratch memory cap, beyond any device's memory
+
+
+@dataclass(frozen=True)
 class Thresholds:
     min_cosine: float = 0.99  # per graph output, against fp32 on held-out inputs
     min_token_agreement: float = 0.5  # end to end: greedy tokens equal to fp32's, position by position
+
+    def __post_init__(self) -> None:
+        _check_fraction("--min-cosine", self.min_cosine)
+        _check_fraction("--min-token-agreement", self.min_token_agreement)
+
+
+def _check_fraction(option: str, value) -> None:
+    # NaN fails `0 <= value <= 1`: as a threshold it would turn the gate off (`x < nan` is never true).
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{option} {value!r}: expected a number from 0 to 1")
 
 
 @dataclass
@@ -123,6 +137,7 @@ def build(
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"--precision {precision!r}: choose {', '.join(PRECISIONS)}")
+    _check_workspace(workspace_bytes)
     package = Path(package)
     names = chosen_graphs(load_manifest(package), graphs)
     with PackageLock(package, f"vsal-export build --precision {precision}", quiet=not progress):
@@ -158,6 +173,15 @@ def build(
         _tensorrt_note(report)
     _save_report(report, package)
     return report
+
+
+def _check_workspace(workspace_bytes: int | None) -> None:
+    if workspace_bytes is None:
+        return
+    if not isinstance(workspace_bytes, int) or not 1 << 20 <= workspace_bytes <= MAX_WORKSPACE_BYTES:
+        raise ConfigError(
+            f"--workspace-mib: {workspace_bytes!r} bytes; give 1 to {MAX_WORKSPACE_BYTES >> 20} MiB"
+        )
 
 
 def chosen_graphs(manifest, graphs: tuple[str, ...] | None) -> tuple[str, ...]:
@@ -265,7 +289,8 @@ def _check_engine(report, update, package, candidate, name, checks, thresholds, 
     report.engines[name] = {**record, **acc}
     if acc["cosine"] < thresholds.min_cosine:
         report.problems.append(
-            f"{name}: TensorRT engine cosine {acc['cosine']:.4f} < {thresholds.min_cosine}"
+            f"{name}: TensorRT engine cosine {_below(acc['cosine'], thresholds.min_cosine)} "
+            f"< {thresholds.min_cosine}"
         )
 
 
@@ -445,7 +470,17 @@ def _random_feeds(manifest, name: str) -> list[dict[str, np.ndarray]]:
 def _check(report: BuildReport, name: str, thresholds: Thresholds) -> None:
     cosine = report.graphs[name]["cosine"]
     if cosine < thresholds.min_cosine:
-        report.problems.append(f"{name}: cosine {cosine:.4f} < {thresholds.min_cosine}")
+        shown = _below(cosine, thresholds.min_cosine)
+        report.problems.append(f"{name}: cosine {shown} < {thresholds.min_cosine}")
+
+
+def _below(value: float, limit: float) -> str:
+    """`value` with as many digits as show it below `limit` (0.99999 is not "1.0000 < 0.99999")."""
+    for digits in (4, 6, 9):
+        text = f"{value:.{digits}f}"
+        if float(text) < limit:
+            return text
+    return repr(value)
 
 
 def token_agreement(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -128,6 +129,24 @@ def reference(
 
 
 DEFAULT_PACKAGE = Path("vsal-models") / "tiny"
+MIN_OPSET = 18  # torch.onnx's dynamo exporter implements 18 (it converts to lower ones, or silently keeps 18)
+MAX_OPSET = 23  # torch.onnx's ONNX_MAX_OPSET (torch 2.13): later ones are untested by torch and by vsal
+MAX_WORKSPACE_MIB = 1 << 20  # 1 TiB, as vsal.export.build.MAX_WORKSPACE_BYTES (which imports torch)
+
+
+class _Fraction(click.FloatRange):
+    """A number from 0 to 1; NaN too is refused (click's range check lets it through)."""
+
+    name = "fraction"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if math.isnan(number):
+            self.fail(f"{value!r} is not a number from 0 to 1", param, ctx)
+        return number
+
+
+FRACTION = _Fraction(0.0, 1.0)
 
 
 @cli.command(
@@ -198,7 +217,12 @@ def convert(checkpoint_dir: Path, output: Path) -> None:
 @click.option(
     "--output", required=True, type=click.Path(path_type=Path, file_okay=False), help="Package folder."
 )
-@click.option("--opset", default=None, type=int, help="ONNX opset (default: vsal's tested one).")
+@click.option(
+    "--opset",
+    default=None,
+    type=click.IntRange(MIN_OPSET, MAX_OPSET),
+    help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default: vsal's tested one, 18).",
+)
 @click.option("--graphs", default=None, help="Comma-separated subset of graphs (default: all).")
 @click.option("--no-slim", is_flag=True, help="Skip onnxslim (it is kept only when validation still passes).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing package at --output.")
@@ -206,7 +230,7 @@ def export(preset, checkpoint, checkpoint_dir, output, opset, graphs, no_slim, o
     from vsal.export.onnx_export import DEFAULT_OPSET
     from vsal.export.package import ALL_GRAPHS, check_output, export_package
 
-    chosen = tuple(g.strip() for g in graphs.split(",")) if graphs else ALL_GRAPHS
+    chosen = _graph_names(graphs) or ALL_GRAPHS
     unknown = [g for g in chosen if g not in ALL_GRAPHS]
     if unknown:
         raise click.BadParameter(
@@ -228,6 +252,20 @@ def export(preset, checkpoint, checkpoint_dir, output, opset, graphs, no_slim, o
             overwrite=overwrite,
         )
     click.echo(f"exported {len(manifest.graphs)} graphs to {output}")
+
+
+def _graph_names(graphs: str | None) -> tuple[str, ...] | None:
+    """The graphs a --graphs option names; None when it is not given. An empty name is refused:
+    `--graphs ''` (a variable that expanded to nothing) must not mean every graph."""
+    if graphs is None:
+        return None
+    names = tuple(g.strip() for g in graphs.split(","))
+    if not all(names):
+        raise click.BadParameter(
+            f"{graphs!r} has an empty graph name; give comma-separated names, or leave --graphs out for all",
+            param_hint="--graphs",
+        )
+    return names
 
 
 def _check_weights(preset, checkpoint: Path | None, checkpoint_dir: Path | None) -> None:
@@ -331,6 +369,15 @@ def check(model_dir: Path, as_json: bool) -> None:
     sys.exit(main_check(model_dir, as_json))
 
 
+def _gpu_ids(ctx, param, value: str | None) -> tuple[int, ...]:
+    from vsal.runtime.triton_repo import RepositoryError, parse_gpus
+
+    try:
+        return parse_gpus(value) if value is not None else ()
+    except RepositoryError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @cli.command(help="Write a Triton Inference Server model repository for a package (see docs/serving.md).")
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--output", required=True, type=click.Path(path_type=Path), help="Repository folder.")
@@ -342,8 +389,15 @@ def check(model_dir: Path, as_json: bool) -> None:
     help="Graph models: TensorRT plans, ONNX Runtime graphs, or ONNX Runtime inside the Python backend.",
 )
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
-@click.option("--instances", default=1, show_default=True, help="Instances of each graph model per device.")
-@click.option("--gpus", default=None, help="Comma-separated GPU ids for the instance groups (default: all).")
+@click.option(
+    "--instances", default=1, show_default=True, help="Instances of each graph model per device (1 to 64)."
+)
+@click.option(
+    "--gpus",
+    default=None,
+    callback=_gpu_ids,
+    help="Comma-separated GPU ids for the instance groups (default: all).",
+)
 @click.option(
     "--tensorrt-version", default=None, help="tensorrt: the engines' TensorRT version (if several)."
 )
@@ -360,7 +414,8 @@ def check(model_dir: Path, as_json: bool) -> None:
     "--orchestrator-instances",
     default=1,
     show_default=True,
-    help="Processes of the orchestrator (media decoding and preprocessing are Python: one core each).",
+    help="Processes of the orchestrator (media decoding and preprocessing are Python: one core each; "
+    "1 to 64).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing repository at --output.")
 def triton(
@@ -378,12 +433,11 @@ def triton(
 ) -> None:
     from vsal.runtime.triton_repo import RepoOptions, write_repository
 
-    ids = tuple(int(g) for g in gpus.split(",")) if gpus else ()
     options = RepoOptions(
         flavor=flavor,
         precision=precision,
         instances=instances,
-        gpus=ids,
+        gpus=gpus,
         tensorrt=tensorrt_version,
         compute_capability=compute_capability,
         decoder=decoder,
@@ -431,9 +485,19 @@ def calibrate(model_dir: Path, media_dir: Path, max_clips: int | None) -> None:
 )
 @click.option("--graphs", default=None, help="Comma-separated subset of graphs (default: all).")
 @click.option(
-    "--min-cosine", default=0.99, show_default=True, help="Per graph, against fp32 on held-out inputs."
+    "--min-cosine",
+    type=FRACTION,
+    default=0.99,
+    show_default=True,
+    help="Per graph, against fp32 on held-out inputs (0 to 1).",
 )
-@click.option("--min-token-agreement", default=0.5, show_default=True, help="Greedy tokens equal to fp32's.")
+@click.option(
+    "--min-token-agreement",
+    type=FRACTION,
+    default=0.5,
+    show_default=True,
+    help="Greedy tokens equal to fp32's (0 to 1).",
+)
 @click.option(
     "--allow-below",
     is_flag=True,
@@ -441,7 +505,7 @@ def calibrate(model_dir: Path, media_dir: Path, max_clips: int | None) -> None:
 )
 @click.option(
     "--workspace-mib",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_WORKSPACE_MIB),
     default=None,
     help="TensorRT builder scratch memory limit (small devices: e.g. 1024 on an Orin Nano).",
 )
@@ -461,6 +525,8 @@ def build(
     from vsal.export.build import Thresholds
     from vsal.export.build import build as run_build
 
+    thresholds = Thresholds(min_cosine, min_token_agreement)
+    chosen = _graph_names(graphs)
     engines = _tensorrt_usable(backend)
     if model_dir is None:
         model_dir = DEFAULT_PACKAGE
@@ -469,13 +535,12 @@ def build(
             ctx = click.get_current_context()
             ctx.invoke(export, output=model_dir)
     media = media_files(calib_media, max_clips) if calib_media else None
-    chosen = tuple(g.strip() for g in graphs.split(",")) if graphs else None
     report = run_build(
         model_dir,
         precision,
         media,
         chosen,
-        Thresholds(min_cosine, min_token_agreement),
+        thresholds,
         engines=engines,
         workspace_bytes=workspace_mib * 2**20 if workspace_mib else None,
         allow_below=allow_below,

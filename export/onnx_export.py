@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from vsal.export.onnx_files import save_onnx
 from vsal.export.specs import GraphSpec, TensorSpec
+from vsal.runtime.backends import ORT_LOG_FATAL
 from vsal.runtime.errors import VsalError
 
 DEFAULT_OPSET = 18
@@ -211,7 +212,7 @@ def _session(path: Path):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = ORT_LOG_FATAL  # its errors come back as exceptions
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -39,7 +39,15 @@ from typing import Any
 
 import onnx
 from onnx import TensorProto
-from vsal.runtime.manifest import GraphInfo, Manifest, TensorInfo, load_manifest, verify_files
+from vsal.runtime.manifest import (
+    GraphInfo,
+    Manifest,
+    PackageError,
+    TensorInfo,
+    check_runnable,
+    load_manifest,
+    verify_files,
+)
 
 VERSIONS = ("10", "11")
 BASIS = (
@@ -467,6 +475,7 @@ def check_package(folder: str | Path, only: set[str] | None = None) -> CheckRepo
     if only is None:
         problems = verify_files(manifest, folder)
         report.package += [Finding("error", "both", p) for p in problems]
+        report.package += _runnable(manifest, folder)
     for name, info in manifest.graphs.items():
         if only is None or name in only:
             report.graphs[name] = _check_graph(name, info, manifest, folder)
@@ -493,6 +502,35 @@ def main_check(folder: str | Path, as_json: bool) -> int:
     report = check_package(folder)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
     return 0 if report.ok else 1
+
+
+def _runnable(manifest: Manifest, folder: Path) -> list[Finding]:
+    """What Pipeline.load refuses (the same checks), so that check never passes a package `vsal run`
+    cannot run. A package of none of the runtime's graphs is one for TensorRT checks only: a warning."""
+    from vsal.runtime.pipeline import REQUIRED_GRAPHS
+
+    if not manifest.graphs:
+        return [
+            Finding("error", "both", f"{folder}: the manifest names no graphs (export the package again)")
+        ]
+    if not any(g in manifest.graphs for g in REQUIRED_GRAPHS):
+        return [
+            Finding(
+                "warning",
+                "both",
+                f"none of the runtime's graphs ({', '.join(REQUIRED_GRAPHS)}): checked for TensorRT "
+                "only, `vsal run` cannot run this package",
+            )
+        ]
+    missing = [g for g in REQUIRED_GRAPHS if g not in manifest.graphs]
+    if missing:  # checked first, as Pipeline.load does: check_runnable reads these graphs
+        message = f"{folder}: the package lacks graphs {missing} (export them all to run it)"
+        return [Finding("error", "both", message)]
+    try:
+        check_runnable(manifest, folder)
+    except PackageError as exc:
+        return [Finding("error", "both", str(exc))]
+    return []
 
 
 # --- one graph -------------------------------------------------------------------------------------
@@ -572,24 +610,81 @@ def _check_opset(model: onnx.ModelProto, manifest: Manifest, report: GraphReport
 
 
 def _check_external_data(model: onnx.ModelProto, info: GraphInfo, folder: Path, report: GraphReport) -> None:
-    """Weights in side files must exist and be covered by the manifest's sha256 list."""
+    """Weights in side files must exist, be covered by the manifest's sha256 list, and hold every
+    byte their tensors declare (a sha256 fixed after truncating the file proves nothing)."""
     listed = {os.path.realpath(folder / f) for f in info.external_data}
-    seen = set()
-    for tensor in _initializers(model.graph):
-        if tensor.data_location != TensorProto.EXTERNAL:
-            continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+    names: dict[str, str] = {}  # real path -> the name shown
+    outside: dict[str, list[str]] = {}  # real path -> its tensors' extents past its end
+    for tensor in _external_tensors(model.graph):
+        entries = {e.key: e.value for e in tensor.external_data}
+        location = entries.get("location", "")
         # Resolved as the kernel does (symlinks before what follows them); load_manifest refused
         # locations that resolve outside the package.
         real = os.path.realpath(os.path.join(os.path.dirname(folder / info.file), location))
-        if real in seen:
-            continue
-        seen.add(real)
-        name = posixpath.normpath(posixpath.join(posixpath.dirname(info.file), location))  # as shown
-        if not os.path.isfile(real):
-            report.add("error", "both", f"external weight file {name} is missing")
-        if real not in listed:
-            report.add("error", "both", f"external weight file {name} is not in the manifest's external_data")
+        if real not in names:
+            names[real] = posixpath.normpath(posixpath.join(posixpath.dirname(info.file), location))
+            if not os.path.isfile(real):
+                report.add("error", "both", f"external weight file {names[real]} is missing")
+            if real not in listed:
+                message = f"external weight file {names[real]} is not in the manifest's external_data"
+                report.add("error", "both", message)
+        if os.path.isfile(real):
+            problem = _extent_problem(tensor, entries, os.path.getsize(real))
+            if problem:
+                outside.setdefault(real, []).append(problem)
+    for real, problems in outside.items():
+        more = f" (and {len(problems) - 1} more tensors)" if len(problems) > 1 else ""
+        report.add("error", "both", f"external weight file {names[real]}: {problems[0]}{more}")
+
+
+def _external_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor ONNX Runtime would read from a side file: initializers and node attributes
+    (Constant's value), in subgraphs too."""
+    candidates = [*graph.initializer]
+    for node in graph.node:
+        for attr in node.attribute:
+            candidates += [attr.t] if attr.type == onnx.AttributeProto.TENSOR else list(attr.tensors)
+    yield from (t for t in candidates if t.data_location == TensorProto.EXTERNAL)
+    for node in graph.node:
+        for sub in _subgraphs(node):
+            yield from _external_tensors(sub)
+
+
+_HALF_BYTE_TYPES = {TensorProto.INT4, TensorProto.UINT4, TensorProto.FLOAT4E2M1}  # two per byte
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int | None:
+    """The bytes a tensor's shape and dtype need; None for strings and types onnx cannot size."""
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    if tensor.data_type in _HALF_BYTE_TYPES:
+        return (count + 1) // 2
+    try:
+        return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def _extent_problem(tensor: onnx.TensorProto, entries: dict[str, str], file_size: int) -> str | None:
+    """Why ONNX Runtime could not read `tensor` from its side file of `file_size` bytes, or None."""
+    try:
+        offset = int(entries.get("offset", "0"))
+        length = int(entries["length"]) if "length" in entries else None
+    except ValueError:
+        return f"tensor {tensor.name} declares a non-integer offset or length"
+    needed = _tensor_bytes(tensor)
+    if length is not None and needed is not None and length != needed:
+        return f"tensor {tensor.name} declares {length} bytes, its shape {list(tensor.dims)} needs {needed}"
+    size = length if length is not None else needed
+    if offset < 0 or size is None:
+        return None if offset >= 0 else f"tensor {tensor.name} declares offset {offset}"
+    if offset + size > file_size:
+        return (
+            f"tensor {tensor.name} is bytes {offset} to {offset + size}, the file has {file_size} "
+            "(truncated, or not this graph's weights)"
+        )
+    return None
 
 
 def _initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:

@@ -28,6 +28,7 @@ PROVIDERS = {  # vsal's provider names -> ONNX Runtime's
     "cuda": "CUDAExecutionProvider",
     "cpu": "CPUExecutionProvider",
 }
+ORT_LOG_FATAL = 4  # ONNX Runtime's log severities: 0 verbose ... 3 error, 4 fatal
 PREFERENCE = ("tensorrt", "cuda", "cpu")
 
 
@@ -207,7 +208,7 @@ class OnnxRuntimeBackend:
         if not path.is_file():
             raise BackendError(f"{path}: graph file missing")
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = ORT_LOG_FATAL  # its errors come back as exceptions, said once by vsal
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # The pipeline runs several sessions in turn: a session's intra-op threads that keep spinning
         # after its run take the cores from the next one (docs/performance.md).

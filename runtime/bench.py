@@ -10,7 +10,9 @@ per-clip encoder cache is cleared before every run. For each stage: median, min 
   seeded random weights, or `--checkpoint FILE`), the same stages of the reference pipeline run in a
   child process (`python -m vsal.export.bench_reference`), so its memory is its own and this process
   never imports torch. The check that the weights are the package's: the LLM token-embedding table
-  of the rebuilt model must equal the package's embeddings.npy, bit for bit.
+  of the rebuilt model must equal the package's embeddings.npy, bit for bit. A reference that
+  cannot run is reported as skipped, with its reason; with `--checkpoint` (asked for by name) it is
+  an error, and the file is checked before the bench starts.
 * Machine limits (`runtime.machine_limits`): read bandwidth (DRAM, and at the size read per decoded
   token), fp32 GEMM rate (numpy), int8 GEMM rate (ONNX Runtime MatMulInteger). Decoding is reported
   as a fraction of its roofline (bandwidth / bytes read per token: decoder weights at the precision
@@ -54,6 +56,20 @@ STAGES = (  # in pipeline order; the ones a clip without video or audio lacks ar
 )
 DEFAULT_PROMPT = "What happens in this clip, and what can be heard?"
 DEFAULT_TOKENS = 32
+MAX_THREADS = 256  # intra-op threads; 0 = the libraries' default (one per core)
+# The reference child: `python -m vsal.export.bench_reference`, with a user mistake (a checkpoint
+# that is not one) as a JSON {"error": line} and exit code 1 instead of a traceback.
+_REFERENCE_MAIN = """
+import json, sys
+from vsal.runtime.errors import VsalError
+sys.argv[0] = "vsal.export.bench_reference"
+try:
+    from vsal.export.bench_reference import main
+    main()
+except VsalError as exc:
+    print(json.dumps({"error": str(exc)}))
+    sys.exit(1)
+"""
 
 
 def say(message: str) -> None:
@@ -289,8 +305,8 @@ def bench_reference(
         return {"skipped": "torch/transformers are not installed (the core install): no reference"}
     command = [
         sys.executable,
-        "-m",
-        "vsal.export.bench_reference",
+        "-c",
+        _REFERENCE_MAIN,
         str(model_dir),
         "--prompt",
         prompt,
@@ -308,9 +324,43 @@ def bench_reference(
         command += ["--checkpoint", str(checkpoint)]
     proc = subprocess.run(command, stdout=subprocess.PIPE, text=True)  # its progress goes to our stderr
     lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
+    result = _last_json(lines)
+    if result is not None and "error" in result:
+        return {"skipped": result["error"]}
+    if proc.returncode != 0 or result is None:
         return {"skipped": f"the reference failed (exit code {proc.returncode}); see its messages above"}
-    return json.loads(lines[-1])
+    return result
+
+
+def _last_json(lines: list[str]) -> dict | None:
+    """The child's result: its last stdout line, when that is a JSON object."""
+    try:
+        value = json.loads(lines[-1]) if lines else None
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def check_settings(runs: int, tokens: int, threads: int, reference: bool, checkpoint) -> None:
+    """The bench's settings, before minutes of work: ConfigError for the first that cannot run."""
+    from vsal.runtime.package_paths import file_problem
+
+    if runs < 1 or tokens < 2:
+        raise ConfigError("--runs must be >= 1 and --max-new-tokens >= 2")
+    if not 0 <= threads <= MAX_THREADS:
+        raise ConfigError(f"--threads {threads}: expected 0 (the default) to {MAX_THREADS}")
+    if checkpoint is None:
+        return
+    problem = file_problem(checkpoint, what="a consolidated checkpoint file")
+    if problem:
+        raise ConfigError(f"{checkpoint}: {problem} (--checkpoint)")
+    if not reference:
+        raise ConfigError("--checkpoint is for the PyTorch reference: leave out --no-reference")
+    if not torch_available():
+        raise ConfigError(
+            "--checkpoint is for the PyTorch reference, which needs torch and transformers: "
+            "pip install 'vsal[export]', or leave out --checkpoint"
+        )
 
 
 # --- putting it together -----------------------------------------------------------------------------------
@@ -386,8 +436,7 @@ def run_bench(
     from vsal.runtime.manifest import load_manifest
 
     model_dir = Path(model_dir)
-    if runs < 1 or tokens < 2:
-        raise ConfigError("--runs must be >= 1 and --max-new-tokens >= 2")
+    check_settings(runs, tokens, threads, reference, checkpoint)
     load_manifest(model_dir)  # a clear error before anything else
     with tempfile.TemporaryDirectory(prefix="vsal-bench-") as tmp:
         generated = media is None
@@ -402,6 +451,8 @@ def run_bench(
         if reference:
             say("PyTorch reference (a child process)")
             ref = bench_reference(model_dir, kwargs, prompt, runs, tokens, threads, checkpoint)
+            if checkpoint is not None and "skipped" in ref:  # asked for by name: not a silent skip
+                raise ConfigError(f"--checkpoint: the PyTorch reference could not run: {ref['skipped']}")
         else:
             ref = {"skipped": "--no-reference"}
     manifest = rt["_manifest"]
@@ -545,7 +596,11 @@ def _jsonable(value):
     "--max-new-tokens", "tokens", default=DEFAULT_TOKENS, show_default=True, help="Decoded per run."
 )
 @click.option(
-    "--threads", default=0, show_default=True, help="Intra-op threads (ORT and torch); 0 = default."
+    "--threads",
+    type=click.IntRange(0, MAX_THREADS),
+    default=0,
+    show_default=True,
+    help="Intra-op threads (ORT and torch); 0 = default.",
 )
 @click.option("--prompt", default=DEFAULT_PROMPT, show_default=True)
 @click.option("--reference/--no-reference", default=True, help="Time the PyTorch reference too.")

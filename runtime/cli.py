@@ -231,7 +231,7 @@ def run(
 
 @cli.command(help="Serve a model package (or a `vsal-export triton` repository) with Triton on 127.0.0.1.")
 @click.argument("model_dir", type=click.Path(path_type=Path))
-@click.option("--port", default=8001, show_default=True, help="gRPC port.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8001, show_default=True, help="gRPC port.")
 @click.option(
     "--flavor",
     type=click.Choice(["python", "onnxruntime", "tensorrt"]),
@@ -241,9 +241,10 @@ def run(
 )
 @click.option(
     "--max-queue-delay-us",
+    type=click.IntRange(0, 10_000_000),
     default=2000,
     show_default=True,
-    help="How long an encoder request may wait to be batched with others.",
+    help="How long an encoder request may wait to be batched with others (at most 10 s).",
 )
 @click.option(
     "--decoder",

@@ -24,7 +24,7 @@ from contextlib import closing
 from dataclasses import asdict
 
 import numpy as np
-from vsal.runtime.errors import LimitError, VsalError
+from vsal.runtime.errors import ConfigError, LimitError, VsalError
 from vsal.runtime.media import check_media_file
 from vsal.runtime.prompt import DecodingOptions, check_prompt
 from vsal.runtime.triton_repo import ORCHESTRATOR
@@ -65,7 +65,7 @@ class Client:
     def __init__(
         self, url: str = "127.0.0.1:8001", model: str = ORCHESTRATOR, timeout_s: float | None = None
     ):
-        self.url = url
+        self.url = check_url(url)
         self.model = model
         self.timeout_s = timeout_s  # per request; None: no limit
         self._upload_limit_mib: int | None = None
@@ -187,6 +187,18 @@ class Client:
             client.close()
 
 
+def check_url(url: str) -> str:
+    """url when it is HOST:PORT with a port from 1 to 65535 (an IPv6 host in brackets), else a
+    ConfigError: gRPC would log its own complaint, or wrap the port modulo 65536."""
+    host, _, port = url.rpartition(":") if isinstance(url, str) else ("", "", "")
+    number = int(port) if port.isascii() and port.isdigit() else 0
+    if not host.strip("[]").strip() or not 1 <= number <= 65535:
+        raise ConfigError(
+            f"--server {url!r}: expected HOST:PORT with a port from 1 to 65535, as 127.0.0.1:8001"
+        )
+    return url
+
+
 def upload_limit_message(name, size: int, limit_mib: int) -> str:
     """The one line for a media file over the upload limit (the server says the same)."""
     return (
@@ -202,6 +214,6 @@ def _error(url: str, error) -> VsalError:
         return ServerError(message.split(ERROR_PREFIX, 1)[1])
     if STOPPED_PREFIX in message:  # the server is stopping (a client that left hears nothing)
         return ConnectionFailed(f"{url}: {message.split(STOPPED_PREFIX, 1)[1].splitlines()[0]}")
-    if "unavailable" in message.lower() or "connect" in message.lower():
+    if any(word in message.lower() for word in ("unavailable", "connect", "resolving")):
         return ConnectionFailed(f"{url}: cannot reach the server ({message.splitlines()[0]})")
     return ConnectionFailed(f"{url}: the server failed ({message.splitlines()[0]})")

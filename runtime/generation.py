@@ -38,7 +38,10 @@ import numpy as np
 from vsal.runtime.prompt import ANSWER_CUT, DecodingOptions
 
 NEG_INF = np.float32(-np.inf)
-BEAM_MASK = np.float32(-1.0e9)  # transformers' score for "not a candidate" in beam search
+# transformers' score of the beams that may not propose the first token. Its other "not a candidate"
+# marks are -1e9 too, which real scores pass below at a large repetition or negative length penalty
+# (an empty slot then beats every finished hypothesis): those are -inf here, the same order otherwise.
+BEAM_MASK = np.float32(-1.0e9)
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder shows for an incomplete UTF-8 byte sequence
 
 
@@ -161,7 +164,7 @@ def block_eos(scores: np.ndarray, eos_token_id: int | None, generated: int, min_
 
 
 def apply_temperature(scores: np.ndarray, temperature: float) -> np.ndarray:
-    return scores if temperature == 1.0 else scores / np.float32(temperature)
+    return scores if temperature == 1.0 else scores / scores.dtype.type(temperature)
 
 
 def top_k_filter(scores: np.ndarray, top_k: int, min_tokens_to_keep: int = 1) -> np.ndarray:
@@ -203,6 +206,7 @@ def process_scores(
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
+    """x [B, V] with a finite maximum per row -> probabilities [B, V] (exp of at most 0: no overflow)."""
     e = np.exp(x - x.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
 
@@ -248,7 +252,8 @@ def decode_one_token(
 
 
 def select_token(scores: np.ndarray, options: DecodingOptions, rng: np.random.Generator) -> int:
-    """scores [1, V] -> the argmax, or a draw from softmax(scores) when sampling."""
+    """scores [1, V] -> the argmax, or a draw from softmax(scores) when sampling (in float64: the
+    probabilities rng.choice checks add up to 1 closely enough)."""
     if not options.sample:
         return int(np.argmax(scores[0]))
     probs = softmax(scores[0].astype(np.float64))
@@ -264,10 +269,13 @@ def generate_tokens(
     prompt = as_prompt(inputs_embeds)
     min_new = min_new_tokens(options, prompt.shape[1])
     rng = np.random.default_rng(options.seed)
+    # Sampling in float64: a float32 logit divided by a penalty or temperature at its bound (1e-3)
+    # could overflow. Greedy keeps transformers' float32 (its argmax is the same either way).
+    dtype = np.float64 if options.sample else np.float32
     logits, cache = prefill(step, prompt)
     generated: list[int] = []
     while True:
-        scores = process_scores(logits.astype(np.float32), np.array([generated], np.int64), options, min_new)
+        scores = process_scores(logits.astype(dtype), np.array([generated], np.int64), options, min_new)
         token = select_token(scores, options, rng)
         generated.append(token)
         yield token
@@ -294,7 +302,7 @@ class Beams:
     running_scores: np.ndarray  # [K] float32 sums of log-probs, best first
     finished: np.ndarray  # [K, max_new_tokens] tokens
     finished_lengths: np.ndarray  # [K] int64 generated length (incl. eos)
-    finished_scores: np.ndarray  # [K] float32, length-normalised; -1e9 and below: an empty slot
+    finished_scores: np.ndarray  # [K] float64, length-normalised; -inf: an empty slot
     is_finished: np.ndarray  # [K] bool: the slot holds a finished hypothesis
     improvable: bool = True  # transformers' early-stopping heuristic is unsatisfied
 
@@ -308,7 +316,7 @@ class Beams:
             running_scores=running_scores,
             finished=running.copy(),
             finished_lengths=np.zeros(num_beams, np.int64),
-            finished_scores=np.full(num_beams, BEAM_MASK, np.float32),
+            finished_scores=np.full(num_beams, -np.inf),
             is_finished=np.zeros(num_beams, bool),
         )
 
@@ -340,7 +348,7 @@ def top_candidates(beams: Beams, log_probs: np.ndarray, length: int, options: De
 def next_running(beams: Beams, cand: Candidates) -> np.ndarray:
     """Keep the K best unfinished candidates as the running beams; returns their parents [K]."""
     k = beams.running.shape[0]
-    scores = cand.scores + cand.done.astype(np.float32) * BEAM_MASK
+    scores = np.where(cand.done, NEG_INF, cand.scores)  # at least K are not done: one eos per parent
     keep = top_k_indices(scores, k)
     beams.running, beams.running_scores = cand.sequences[keep], scores[keep]
     return cand.parents[keep]
@@ -353,8 +361,8 @@ def update_finished(beams: Beams, cand: Candidates, length: int, length_penalty:
     the search ends at that point, so that never applies here.)"""
     k = beams.running.shape[0]
     just_finished = cand.done & (np.arange(2 * k) < k)  # only the top K may finish
-    scores = cand.scores / np.float32((length + 1) ** length_penalty)
-    scores = scores + (~just_finished).astype(np.float32) * BEAM_MASK
+    scores = cand.scores / length_norm(length + 1, length_penalty)
+    scores = np.where(just_finished, scores, -np.inf)
     merged_scores = np.concatenate([beams.finished_scores, scores])
     keep = top_k_indices(merged_scores, k)
     beams.finished = np.concatenate([beams.finished, cand.sequences])[keep]
@@ -364,11 +372,18 @@ def update_finished(beams: Beams, cand: Candidates, length: int, length_penalty:
     beams.is_finished = np.concatenate([beams.is_finished, just_finished])[keep]
 
 
+def length_norm(length: int, length_penalty: float) -> np.float64:
+    """length ** length_penalty, the divisor of a beam's score, in float64: finite for any length
+    with the penalty in its bounds (a Python float power raises OverflowError past 1.8e308, and the
+    float32 of transformers overflows past 3.4e38: 7132 tokens at length_penalty 10)."""
+    return np.float64(length) ** length_penalty
+
+
 def check_improvable(beams: Beams, length: int, length_penalty: float) -> None:
     """transformers' early-stopping heuristic (early_stopping=False): stop improving once the best
     running beam, scored at its current length, is no better than the worst finished one."""
-    best_running = beams.running_scores[0] / np.float32(length**length_penalty)
-    worst_finished = np.where(beams.is_finished, beams.finished_scores.min(), BEAM_MASK)
+    best_running = beams.running_scores[0] / length_norm(length, length_penalty)
+    worst_finished = np.where(beams.is_finished, beams.finished_scores.min(), -np.inf)
     beams.improvable = beams.improvable and bool(np.any(best_running > worst_finished))
 
 

@@ -48,6 +48,7 @@ class Tensor:
     name: str
     dtype: str  # numpy dtype name, or "elem_type N" when ONNX has no numpy type for it
     rank: int | None  # None: the graph gives no shape
+    dims: tuple[int | None, ...] = ()  # each axis's fixed size, None where symbolic (rank of them)
 
 
 @dataclass
@@ -107,7 +108,8 @@ def _value_info(data: memoryview) -> Tensor:
     except (KeyError, ValueError, TypeError):
         dtype = f"elem_type {tensor_type.elem_type}"
     rank = len(tensor_type.shape.dim) if tensor_type.HasField("shape") else None
-    return Tensor(value.name, dtype, rank)
+    dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+    return Tensor(value.name, dtype, rank, dims)
 
 
 def _tensor_name(tensor: memoryview) -> str:

@@ -21,6 +21,11 @@ from vsal.runtime.prompt import DecodingOptions
 # parameters of the orchestrator's config.pbtxt), beside the decoder's own limits below.
 MAX_UPLOAD_MIB = 256  # MiB, each media file (video, audio)
 MAX_NEW_TOKENS_LIMIT = 512  # new tokens a request may ask for: the release's max_tgt_len
+# Characters one token of the question covers at most. sentencepiece caps a piece at 16 characters
+# (LLaMA's max_sentencepiece_length) and characters outside the vocabulary take a token per byte, so
+# a question of more than T max * 32 characters cannot fit: it is refused by its length, before the
+# tokenizer would spend memory on it (a 50 MB line once reached 2.86 GB of RSS in it).
+MAX_CHARS_PER_TOKEN = 32
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,16 @@ class DecoderLimits:
     def of(cls, decoder: GraphInfo) -> DecoderLimits:
         profile = decoder.profile
         return cls(profile["B"]["max"], profile["T"]["max"], profile["P"]["max"] + 1)
+
+    def check_question_length(self, characters: int) -> None:
+        """LimitError when a question of this many characters cannot fit T max, whatever its tokens."""
+        most = self.max_input * MAX_CHARS_PER_TOKEN
+        if characters > most:
+            raise LimitError(
+                f"the question is {characters:,} characters, more than any LLM input holds: the decoder "
+                f"reads at most {self.max_input} at once (llm_decoder profile T max), a token covers at "
+                f"most {MAX_CHARS_PER_TOKEN} characters: shorten the question to at most {most:,} characters"
+            )
 
     def check(self, options: DecodingOptions, text_tokens: int, av_tokens: int) -> None:
         """LimitError when the request does not fit: text_tokens (bos, template and question) and

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import string
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,14 @@ WRITTEN_FOLDERS = {
     ENGINE_DIR: "engine cache",
 }
 FORMAT_VERSION = 1
+# Bounds on what a manifest may declare, far above the 13b (so sizes from a hostile manifest cannot
+# make the runtime map, hash or allocate terabytes): the embedding table is [vocab, hidden] float32.
+MAX_VOCAB = 1 << 20  # tokens; Vicuna has 32000
+MAX_HIDDEN = 1 << 16  # LLM width; Vicuna-13B has 5120
+_VICUNA = {"vocab_size": 32000, "hidden_size": 5120}
+MAX_STATIC_DIM = 1 << 24  # a fixed tensor dim (224, 3000, 257); more is a hostile manifest
+MAX_BEAMS = 64  # llm_decoder profile B max; the release decodes with 1 to 5
+MAX_CONTEXT = 1 << 20  # llm_decoder P max + 1 when config.llm has no max_position_embeddings
 
 
 @dataclass
@@ -167,6 +176,14 @@ class Manifest:
                 f"{Path(folder) / MANIFEST_NAME}: config.llm needs positive integers vocab_size and "
                 f"hidden_size, got {dims}"
             )
+        for key, value, most in zip(
+            ("vocab_size", "hidden_size"), dims, (MAX_VOCAB, MAX_HIDDEN), strict=True
+        ):
+            if value > most:
+                raise PackageError(
+                    f"{Path(folder) / MANIFEST_NAME}: config.llm.{key} is {value}, more than any LLM "
+                    f"vsal runs ({most} at most; Vicuna-13B has {_VICUNA[key]})"
+                )
         return load_embeddings(Path(folder), self.embeddings.file, *dims)
 
 
@@ -205,6 +222,7 @@ def load_manifest(folder: str | os.PathLike) -> Manifest:
     if version != FORMAT_VERSION:
         raise PackageError(f"{path}: format_version {version!r}, this vsal reads {FORMAT_VERSION}")
     _check_types(data, _MANIFEST, path)
+    _check_static_dims(data["graphs"], path)
     _check_prompt(data["prompt"], path)
     _check_decoding(data["decoding"], path)
     manifest = Manifest.from_dict(data)
@@ -237,7 +255,8 @@ def verify_files(manifest: Manifest, folder: str | os.PathLike) -> list[str]:
 
 def _check_interfaces(manifest: Manifest, folder: Path) -> None:
     """Each graph file (and variant) present must have the inputs and outputs the manifest declares
-    (names, dtypes, ranks), and weights only in confined files: a swapped graph is refused at load."""
+    (names, dtypes, ranks; the input sizes both fix), and weights only in confined files: a swapped
+    graph is refused at load."""
     for name, info in manifest.graphs.items():
         files = [(f"graphs.{name}", info.file, info.sha256)]
         files += [(f"graphs.{name}.variants.{p}", v.file, v.sha256) for p, v in info.variants.items()]
@@ -281,7 +300,29 @@ def _interface_problem(header, info: GraphInfo) -> str:
                 return f"{kind} {tensor.name} is {got.dtype}, the manifest declares {tensor.dtype}"
             if got.rank is not None and got.rank != len(tensor.shape):
                 return f"{kind} {tensor.name} has rank {got.rank}, the manifest declares {len(tensor.shape)}"
+            if kind == "output":  # only feeds are built and checked by these sizes; check reports the rest
+                continue
+            for axis, (fixed, dim) in enumerate(zip(got.dims, tensor.shape, strict=False)):
+                if isinstance(dim, int) and fixed is not None and fixed != dim:
+                    return (
+                        f"{kind} {tensor.name} has size {fixed} on axis {axis}, the manifest declares "
+                        f"{dim} (shape {tensor.shape})"
+                    )
     return ""
+
+
+def _check_static_dims(graphs: dict[str, Any], path: Path) -> None:
+    """Fixed sizes in declared shapes are positive and bounded: the runtime allocates and checks
+    feeds by them, so -224 or 10**12 must fail here, not after the media is decoded."""
+    for name, graph in graphs.items():
+        for kind in ("inputs", "outputs"):
+            for i, tensor in enumerate(graph[kind]):
+                for axis, dim in enumerate(tensor["shape"]):
+                    if isinstance(dim, int) and not 0 < dim <= MAX_STATIC_DIM:
+                        raise PackageError(
+                            f"{path}: graphs.{name}.{kind}[{i}].shape[{axis}] is {dim}; a fixed size "
+                            f"must be 1 to {MAX_STATIC_DIM}: re-export the package"
+                        )
 
 
 def _check_written_folders(folder: Path) -> None:
@@ -320,6 +361,30 @@ def check_runnable(manifest: Manifest, folder: str | os.PathLike) -> None:
             )
     for name, info in manifest.graphs.items():
         _check_profile(info, path, f"graphs.{name}", _RUNTIME_AXES.get(name, ()))
+    _check_decoder_profile(manifest.graphs["llm_decoder"].profile, manifest.config["llm"], path)
+
+
+def _check_decoder_profile(profile: dict[str, dict[str, int]], llm: dict[str, Any], path: Path) -> None:
+    """The decoder's limits (runtime.limits.DecoderLimits) come from its profile: bounded here, so a
+    request that passes them fits the model and memory (B max 10**6 passes any --beams, then the
+    cache allocation fails), and B max 0 is the package's fault, not the request's."""
+    where = f"{path}: graphs.llm_decoder.profile"
+    beams = profile["B"]["max"]
+    if not 1 <= beams <= MAX_BEAMS:
+        raise PackageError(
+            f"{where}.B max is {beams}; a decoder takes 1 to {MAX_BEAMS} beams: re-export the package"
+        )
+    positions = llm.get("max_position_embeddings")
+    if isinstance(positions, bool) or not isinstance(positions, int) or positions <= 0:
+        positions, source = MAX_CONTEXT, "vsal's bound"
+    else:
+        source = "config.llm.max_position_embeddings"
+    context, new = profile["P"]["max"] + 1, profile["T"]["max"]
+    if context > positions or new > context:
+        raise PackageError(
+            f"{where}: P max + 1 is {context} and T max {new}; both must be at most {positions} ({source}), "
+            "T max at most P max + 1: re-export the package"
+        )
 
 
 def _check_profile(info: GraphInfo, path: Path, where: str, read: tuple[str, ...]) -> None:
@@ -363,7 +428,15 @@ def _shape_axes(expr: str, path: Path, where: str) -> set[str]:
 
 def _check_prompt(prompt: dict[str, str], path: Path) -> None:
     """prompt.after is formatted with the question: it must hold `{prompt}` once and no other
-    replacement field ("{x}" raises KeyError, "{prompt.__class__}" reads attributes)."""
+    replacement field ("{x}" raises KeyError, "{prompt.__class__}" reads attributes). Every prompt
+    string is text for the tokenizer: control characters other than tab and newline are refused."""
+    for key, text in prompt.items():
+        bad = next((c for c in text if unicodedata.category(c) == "Cc" and c not in "\t\n"), None)
+        if bad is not None:
+            raise PackageError(
+                f"{path}: prompt.{key} holds the control character {bad!r} (U+{ord(bad):04X}); prompt "
+                "text may hold tabs and newlines, no other control characters"
+            )
     try:
         parsed = list(string.Formatter().parse(prompt["after"]))
     except ValueError as exc:
@@ -465,7 +538,7 @@ _RUNTIME_CONFIG = _Record(
             "high_window",
             "sample_rate",
         ),
-        "frame_qformer": _counts("hidden_size"),
+        "frame_qformer": _counts("hidden_size", "vocab_size"),  # vocab: the instruction's ids
         "mrc_qformer": _counts("num_query_tokens"),
         "llm": _counts(
             "vocab_size",

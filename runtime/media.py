@@ -12,14 +12,15 @@ it is known to be sampled, video decoding ends after the last sampled clip and a
 its first 30 s, so a 4-hour file costs what its first minute does. The samples are a prefix of the
 file (clips start at 0 and follow each other), so there is nothing to seek past.
 
-Files are checked before FFmpeg sees them: only a readable regular file is opened, and it is
-opened without blocking (a FIFO or a device never reaches FFmpeg, which would wait on it or read
-it forever).
+Files are checked before FFmpeg sees them: only a readable regular file is opened (none of /proc
+or /sys), and it is opened without blocking (a FIFO or a device never reaches FFmpeg, which would
+wait on it or read it forever).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import stat
 from collections.abc import Generator, Iterator
 from contextlib import contextmanager
@@ -69,17 +70,50 @@ def clip_timepoints(duration: float, max_clips: int, clip_seconds: int = CLIP_SE
 _EXPECTED = "a media file"  # what file_problem's messages say was expected
 
 
+# Characters that would break a message's line or drive the terminal (C0, DEL, C1, U+2028/9), and
+# surrogates (undecodable bytes of a file name): a name holding any is shown as its repr().
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+# Kernel file systems: their files are no media, and their sizes are made up (0 for
+# /proc/self/environ, 4096 for most of /sys), so "empty" would be wrong about them.
+_KERNEL_FOLDERS = ("/proc", "/sys")
+
+
+def _error(path: Path, text: str) -> MediaError:
+    """The MediaError "PATH: text", on one line whatever the name (or a link's target) holds."""
+    name = str(path)
+    if _UNPRINTABLE.search(name):
+        name = repr(name)
+    return MediaError(f"{name}: {_UNPRINTABLE.sub(lambda m: repr(m.group())[1:-1], text)}")
+
+
 def _checked_stat(path: Path) -> os.stat_result:
     problem = file_problem(path, what=_EXPECTED)
     if problem is not None:
-        raise MediaError(f"{path}: {problem}")
+        raise _error(path, problem)
     try:
         info = os.stat(path)  # the identity _open_regular checks the opened file against
     except OSError as exc:  # removed or replaced since the check
-        raise MediaError(f"{path}: {file_problem(path, what=_EXPECTED, error=exc)}") from None
+        raise _error(path, file_problem(path, what=_EXPECTED, error=exc)) from None
+    if _on_kernel_file_system(path, info):
+        raise _error(path, "is a /proc or /sys file, not a media file: give a regular file")
     if info.st_size == 0:
-        raise MediaError(f"{path}: the file is empty (0 bytes)")
+        raise _error(path, "the file is empty (0 bytes)")
     return info
+
+
+def _on_kernel_file_system(path: Path, info: os.stat_result) -> bool:
+    """Under /proc or /sys once links are resolved, or on the same device as either (mounted
+    elsewhere). /proc/self/fd/N naming a regular file resolves to that file, so it is not refused."""
+    real = os.path.realpath(path)
+    for folder in _KERNEL_FOLDERS:
+        if real == folder or real.startswith(folder + "/"):
+            return True
+        try:
+            if os.stat(folder).st_dev == info.st_dev:
+                return True
+        except OSError:  # no such file system here
+            continue
+    return False
 
 
 def _open_regular(path: Path) -> int:
@@ -92,11 +126,11 @@ def _open_regular(path: Path) -> int:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as exc:  # refused although the mode allows it (ACLs, an LSM), or swapped
-        raise MediaError(f"{path}: {file_problem(path, what=_EXPECTED, error=exc)}") from None
+        raise _error(path, file_problem(path, what=_EXPECTED, error=exc)) from None
     after = os.fstat(fd)
     if (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino) or not stat.S_ISREG(after.st_mode):
         os.close(fd)
-        raise MediaError(f"{path}: the file was replaced while being opened; give a file that stays put")
+        raise _error(path, "the file was replaced while being opened; give a file that stays put")
     return fd
 
 
@@ -124,9 +158,7 @@ def _open(path: Path) -> Iterator:
         try:
             container = av.open(file)
         except (av.error.FFmpegError, UnicodeDecodeError) as exc:
-            raise MediaError(
-                f"{path}: not a media file FFmpeg can read, or truncated ({_reason(exc)})"
-            ) from None
+            raise _error(path, f"not a media file FFmpeg can read, or truncated ({_reason(exc)})") from None
         with container:
             yield container
 
@@ -141,22 +173,23 @@ def _stream_duration(path: Path, container, stream) -> float:
         return float(stream.duration * stream.time_base)
     if container.duration is not None:
         return container.duration / 1_000_000  # av.time_base
-    raise MediaError(
-        f"{path}: the {stream.type} stream declares no duration; remux it (ffmpeg -i IN -c copy OUT.mp4)"
+    raise _error(
+        path, f"the {stream.type} stream declares no duration; remux it (ffmpeg -i IN -c copy OUT.mp4)"
     )
 
 
 def _check_frame_size(path: Path, width: int, height: int) -> None:
     if width * height > MAX_FRAME_PIXELS:
-        raise MediaError(
-            f"{path}: video frames of {width}x{height} are larger than the {MAX_FRAME_PIXELS:,} pixels "
-            "(8192x4320) this runtime decodes, and the model sees them at 224x224: scale the video down first"
+        raise _error(
+            path,
+            f"video frames of {width}x{height} are larger than the {MAX_FRAME_PIXELS:,} pixels (8192x4320) "
+            "this runtime decodes, and the model sees them at 224x224: scale the video down first",
         )
 
 
 def _video_stream(path: Path, container):
     if not container.streams.video:
-        raise MediaError(f"{path}: no video stream")
+        raise _error(path, "no video stream")
     stream = container.streams.video[0]
     _check_frame_size(path, stream.codec_context.width, stream.codec_context.height)
     return stream
@@ -164,7 +197,7 @@ def _video_stream(path: Path, container):
 
 def _audio_stream(path: Path, container):
     if not container.streams.audio:
-        raise MediaError(f"{path}: no audio stream")
+        raise _error(path, "no audio stream")
     return container.streams.audio[0]
 
 
@@ -227,7 +260,7 @@ def sample_video_frames(path: str | os.PathLike, max_clips: int = 60) -> Generat
                 if emitted == len(clips):
                     break  # every sampled clip is out: the rest of the file is never decoded
         except av.error.FFmpegError as exc:
-            raise MediaError(f"{path}: the video stream is corrupt or truncated ({_reason(exc)})") from None
+            raise _error(path, f"the video stream is corrupt or truncated ({_reason(exc)})") from None
         while emitted < len(clips):
             yield from _emit(path, emitted, duration, first, last)
             emitted += 1
@@ -236,9 +269,10 @@ def sample_video_frames(path: str | os.PathLike, max_clips: int = 60) -> Generat
 
 def _emit(path: Path, index: int, duration: float, first: list, last: list) -> Iterator[np.ndarray]:
     if first[index] is None:
-        raise MediaError(
-            f"{path}: no decodable frame in second {index} of the video, which declares {duration:.2f} s: "
-            "the file is truncated or corrupt"
+        raise _error(
+            path,
+            f"no decodable frame in second {index} of the video, which declares {duration:.2f} s: "
+            "the file is truncated or corrupt",
         )
     yield first[index]
     yield last[index].to_ndarray(format="rgb24")
@@ -278,19 +312,28 @@ def decode_audio(
                 decoded += 1
                 if resampler is None:
                     # Keep the channel layout so channel 0 stays the first channel (no downmix).
-                    resampler = av.AudioResampler(format="fltp", layout=frame.layout, rate=sample_rate)
+                    # Interleaved ("flt"), not planar: PyAV counts a planar frame's planes by
+                    # walking its pointer array up to a NULL, which runs past the array from 8
+                    # channels up (9 planes for 8, then a read of freed memory: a segfault).
+                    resampler = av.AudioResampler(format="flt", layout=frame.layout, rate=sample_rate)
                 for out in resampler.resample(frame):
-                    chunks.append(out.to_ndarray()[0])
+                    chunks.append(_first_channel(out))
                     kept += chunks[-1].shape[0]
                 if limit is not None and kept >= limit:
                     return DecodedAudio(_joined(chunks, limit), decoded, complete=False)
             if resampler is not None:
-                chunks.extend(out.to_ndarray()[0] for out in resampler.resample(None))
+                chunks.extend(_first_channel(out) for out in resampler.resample(None))
         except av.error.FFmpegError as exc:
-            raise MediaError(f"{path}: the audio stream is corrupt or truncated ({_reason(exc)})") from None
+            raise _error(path, f"the audio stream is corrupt or truncated ({_reason(exc)})") from None
     if not chunks:
-        raise MediaError(f"{path}: the audio stream holds no decodable samples")
+        raise _error(path, "the audio stream holds no decodable samples")
     return DecodedAudio(_joined(chunks, limit), decoded, complete=True)
+
+
+def _first_channel(frame) -> np.ndarray:
+    """Channel 0 of an interleaved float32 frame, copied so the other channels can be freed."""
+    interleaved = np.frombuffer(frame.planes[0], np.float32, count=frame.samples * frame.layout.nb_channels)
+    return interleaved[:: frame.layout.nb_channels].copy()
 
 
 def _joined(chunks: list[np.ndarray], limit: int | None) -> np.ndarray:
@@ -331,7 +374,7 @@ def probe_media(path: str | os.PathLike, max_clips: int = 60) -> MediaInfo:
         video = _video_stream(path, container) if container.streams.video else None
         audio = container.streams.audio[0] if container.streams.audio else None
         if video is None and audio is None:
-            raise MediaError(f"{path}: no video or audio stream")
+            raise _error(path, "no video or audio stream")
         video_seconds = _stream_duration(path, container, video) if video is not None else None
         audio_seconds = _stream_duration(path, container, audio) if audio is not None else None
         clips = len(clip_timepoints(video_seconds, max_clips)) if video_seconds is not None else 0

@@ -47,6 +47,11 @@ def checked_name(name: Any, field: str, manifest: Path) -> PurePosixPath:
         raise PackageError(
             f"{manifest}: {field} {name!r} is an absolute path; a package names its files relative to it"
         )
+    if "" in name.split("/"):  # "graphs//x", "embeddings.npy/": PurePosixPath would hide them
+        raise PackageError(
+            f"{manifest}: {field} {name!r} has an empty part (a trailing or doubled /); give the "
+            "file's name as the export wrote it"
+        )
     if ".." in path.parts:
         raise PackageError(f"{manifest}: {field} {name!r} leaves the package folder (..)")
     return path
@@ -94,28 +99,81 @@ def read_manifest_json(path: Path) -> dict[str, Any]:
 
 
 _TOO_DEEP = object()  # json.loads hit its own recursion limit (None is a valid document: `null`)
+MAX_INT_DIGITS = 64  # a package's integers are sizes and ids; Python refuses to parse 4300+ digits
 
 
 def read_json(path: Path, max_bytes: int, usual: str) -> dict[str, Any]:
     """A small JSON object from a package file that `confined` checked; PackageError when it is
-    larger than max_bytes, nested deeper than MAX_JSON_DEPTH, not JSON or not an object. `usual`
-    ends the depth message (what such a file usually holds)."""
+    larger than max_bytes, nested deeper than MAX_JSON_DEPTH, not JSON, not an object, has a key
+    twice (the last would silently win) or a string that is not Unicode text. `usual` ends the depth
+    message (what such a file usually holds)."""
     with open(path, "rb") as f:
         raw = f.read(max_bytes + 1)
     if len(raw) > max_bytes:
         size = f"{max_bytes >> 20} MiB" if max_bytes >= 1 << 20 else f"{max_bytes >> 10} KiB"
         raise PackageError(f"{path}: larger than {size}; such a file is a few KB (not a package?)")
     try:
-        data = json.loads(raw.decode("utf-8"))
+        data = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_int=_bounded_int)
     except RecursionError:
         data = _TOO_DEEP  # certainly deeper than ours
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, our hooks' refusals
         raise PackageError(f"{path}: not valid JSON ({exc})") from None
     if data is _TOO_DEEP or _depth(data) > MAX_JSON_DEPTH:
         raise PackageError(f"{path}: JSON nested deeper than {MAX_JSON_DEPTH} levels; {usual}")
     if not isinstance(data, dict):
         raise PackageError(f"{path}: holds JSON {_json_kind(data)}, expected an object {{...}}")
+    _check_text(data, path)
     return data
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"the key {twice!r} appears twice in one object; give each key once")
+    return data
+
+
+def _bounded_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(
+            f"an integer of {len(digits.lstrip('-'))} digits; a package's numbers have at most "
+            f"{MAX_INT_DIGITS}"
+        )
+    return int(digits)
+
+
+def _check_text(data: dict[str, Any], path: Path) -> None:
+    """Every key and string is Unicode text: JSON's \\ud800 escapes give lone surrogates, which no
+    encoder (sentencepiece, a terminal, UTF-8) takes. Shallow by now, so recursion is bounded."""
+
+    def walk(value: Any, where: str) -> None:
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            at = f"{where}[{key}]" if isinstance(value, list) else f"{where}.{key}" if where else key
+            if isinstance(key, str) and not _is_text(key):
+                raise PackageError(
+                    f"{path}: {where or 'the top level'} has a key {key!r} that is not "
+                    "Unicode text (a lone surrogate escape); write the character itself"
+                )
+            if isinstance(item, str) and not _is_text(item):
+                raise PackageError(
+                    f"{path}: {at} is {item[:40]!r}, not Unicode text (a lone surrogate escape such as "
+                    "\\ud800); write the character itself"
+                )
+            if isinstance(item, dict | list):
+                walk(item, at)
+
+    walk(data, "")
+
+
+def _is_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _json_kind(value: Any) -> str:
@@ -175,23 +233,49 @@ def package_folder(folder: Path, name: str, role: str) -> Path | None:
 
 
 def load_embeddings(folder: Path, name: str, vocab: int, hidden: int) -> np.ndarray:
-    """The token-embedding table [vocab, hidden] float32, memory-mapped; never unpickled."""
+    """The token-embedding table [vocab, hidden] float32, memory-mapped; never unpickled. Its .npy
+    header is read first: a dtype, shape or file size that differs is refused before any mapping
+    (and before verify_files would spend minutes hashing a file that cannot be the table)."""
     path = confined(folder, name, "embeddings.file", must_exist=True)
     shown = Path(folder) / name
-    try:
-        table = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as exc:  # pickled object arrays, bad headers
-        raise PackageError(f"{shown}: not a plain .npy array ({exc})") from None
-    except OSError as exc:
-        raise PackageError(f"{shown}: cannot be read as .npy ({exc})") from None
-    if not isinstance(table, np.ndarray):  # a .npz archive
-        raise PackageError(f"{shown}: an archive of arrays, expected one .npy array [vocab, hidden]")
-    if table.shape != (vocab, hidden) or table.dtype != np.dtype("float32"):
+    dtype, shape, offset = _npy_header(path, shown)
+    if dtype.hasobject:
+        raise PackageError(f"{shown}: not a plain .npy array (it holds pickled Python objects, never loaded)")
+    if shape != (vocab, hidden) or dtype != np.dtype("float32"):
         raise PackageError(
-            f"{shown}: {table.dtype} {list(table.shape)}, expected float32 [{vocab}, {hidden}] "
+            f"{shown}: {dtype} {list(shape)}, expected float32 [{vocab}, {hidden}] "
             "(the manifest's config.llm vocab_size, hidden_size): re-export the package"
         )
-    return table
+    size, expected = os.stat(path).st_size, offset + vocab * hidden * dtype.itemsize
+    if size != expected:
+        raise PackageError(
+            f"{shown}: {size} bytes, its header says float32 [{vocab}, {hidden}] ({expected} bytes): "
+            "truncated or padded: re-export the package"
+        )
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise PackageError(f"{shown}: cannot be read as .npy ({exc})") from None
+
+
+def _npy_header(path: Path, shown: Path) -> tuple[np.dtype, tuple[int, ...], int]:
+    """(dtype, shape, data offset) from a .npy file's header, which is parsed, never unpickled."""
+    fmt = np.lib.format
+    with open(path, "rb") as f:
+        try:
+            version = fmt.read_magic(f)
+        except ValueError:
+            raise PackageError(
+                f"{shown}: not a .npy file (it does not start with numpy's magic bytes); embeddings.file "
+                "names the token-embedding table, a .npy [vocab, hidden] float32"
+            ) from None
+        read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        try:
+            shape, _, dtype = read(f)
+        except ValueError as exc:  # a header too long, not a dict, a bad descr
+            first = str(exc).strip().splitlines()[0].rstrip(".")  # the rest advises allow_pickle=True
+            raise PackageError(f"{shown}: not a plain .npy array ({first}); re-export the package") from None
+        return dtype, shape, f.tell()
 
 
 # --- writers ----------------------------------------------------------------------------------------

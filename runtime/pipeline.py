@@ -98,7 +98,9 @@ class Pipeline:
         self.alignment = cfg["alignment"]
         self.llm = cfg["llm"]
         self.llama = LlamaTokenizer(folder / manifest.llm_tokenizer.file)
-        self.instruction = InstructionTokenizer(folder / manifest.instruction_tokenizer.file)
+        self.instruction = InstructionTokenizer(
+            folder / manifest.instruction_tokenizer.file, model_vocab=cfg["frame_qformer"]["vocab_size"]
+        )
         self.embeddings = manifest.load_embeddings(folder)  # [V, H], checked, never unpickled
         self.limits = DecoderLimits.of(manifest.graphs["llm_decoder"])
         self._backends: dict[str, Backend] = {}
@@ -361,6 +363,7 @@ class Pipeline:
         self._check_fit("", self._options(options), video)
 
     def _check_fit(self, prompt: str, options: DecodingOptions, video) -> None:
+        self.limits.check_question_length(len(prompt))  # before the tokenizer reads a huge one
         head, tail = self.text_ids(prompt)
         self.limits.check(options, len(head) + len(tail), self.av_token_count(self._frames(video)))
 

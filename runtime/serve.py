@@ -18,13 +18,15 @@ Supervision: Triton runs in its own process group with a parent-death signal (SI
 that lives as long as the server, the main thread in `vsal serve`); its Python backend
 stubs leave when Triton does (their own parent check, and a watchdog in vsal's model files). Their
 shared-memory regions carry `vsal serve`'s pid in their name: regions of a `vsal serve` that no
-longer runs are removed at start. A stop tells the orchestrator (VSAL_STOP_FILE) to end the
+longer runs are removed at start, and so are its temporary folders (`vsal-serve-PID-*`: the
+repository, the log, uploads). A stop tells the orchestrator (VSAL_STOP_FILE) to end the
 generations in flight, gives Triton a few seconds, then kills its process group; a member that
 SIGKILL does not end within seconds (uninterruptible sleep in the kernel) is named and left.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import importlib.util
 import os
@@ -41,6 +43,7 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISDIR
 
 from vsal.runtime.errors import VsalError
 from vsal.runtime.triton_repo import RepoOptions, is_repository, write_repository
@@ -52,6 +55,8 @@ KILL_AFTER_S = EXIT_TIMEOUT_S + 5.0  # then the process group is killed
 STUB_EXIT_S = 3.0  # stubs that outlive Triton notice within a second (their parent check)
 KILLED_EXIT_S = 5.0  # a process still there this long after SIGKILL is stuck in the kernel: left
 SHM_PREFIX = "vsal_serve_"  # + pid of `vsal serve` + "_": its Python backend's shared-memory regions
+WORKDIR_PREFIX = "vsal-serve-"  # + pid of `vsal serve` + "-": its temporary folder, in the temp dir
+PORTS = (1, 65535)  # TCP ports a server can listen on (0 would be one the kernel picks)
 SHM_DIR = Path("/dev/shm")
 # Runs Triton with a parent-death signal: prctl(PR_SET_PDEATHSIG, SIGKILL), which execve keeps, then
 # exec (a launcher instead of preexec_fn, which is unsafe in a process with threads). argv: the
@@ -190,6 +195,31 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def check_port(host: str, port: int) -> None:
+    """A ServeError unless host:port is a port number Triton can listen on that nothing holds (else
+    the readiness check could find another server there, or wait out its timeout)."""
+    low, high = PORTS
+    if isinstance(port, bool) or not isinstance(port, int) or not low <= port <= high:
+        raise ServeError(f"--port {port!r}: expected a port number from {low} to {high}")
+    url = f"{host}:{port}"
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed server's TIME_WAIT
+        try:
+            probe.bind((host, port))
+        except socket.gaierror as exc:
+            raise ServeError(f"{url}: not an address of this machine ({exc.strerror})") from None
+        except OSError as exc:
+            reason = {
+                errno.EADDRINUSE: "the port is taken",
+                errno.EACCES: "a port below 1024 needs root" if port < 1024 else "permission denied",
+            }.get(exc.errno, f"the port cannot be used ({exc.strerror})")
+            raise ServeError(f"{url}: {reason}; choose another --port") from None
+    with socket.socket() as knock:  # a listener bind does not see (another address, a forwarded port)
+        knock.settimeout(1.0)
+        if knock.connect_ex((host, port)) == 0:
+            raise ServeError(f"{url}: another program answers on this port; choose another --port")
+
+
 class Server:
     """A Triton server for a package or repository, on host:port (gRPC only); a context manager."""
 
@@ -220,19 +250,15 @@ class Server:
             print(f"vsal: {message}", file=sys.stderr, flush=True)
 
     def start(self, timeout: float = START_TIMEOUT_S) -> Server:
-        with socket.socket() as probe:  # else the readiness check could find another server there
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((self.host, self.port))
-            except OSError as exc:
-                raise ServeError(
-                    f"{self.url}: the port is taken ({exc.strerror}); choose another --port"
-                ) from None
+        check_port(self.host, self.port)
         install = self.install or find_triton(quiet=self.quiet)
         self.install = install
         removed = remove_stale_shm()
         if removed:
             self._say(f"removed {len(removed)} shared-memory regions of servers that no longer run")
+        removed = remove_stale_workdirs()
+        if removed:
+            self._say(f"removed {len(removed)} temporary folders of servers that no longer run")
         env = dict(os.environ)
         lib_dirs = list(install.lib_dirs)
         if install.python_only:
@@ -241,7 +267,7 @@ class Server:
         if lib_dirs:
             old = env.get("LD_LIBRARY_PATH")
             env["LD_LIBRARY_PATH"] = os.pathsep.join([*map(str, lib_dirs), *([old] if old else [])])
-        self.workdir = Path(tempfile.mkdtemp(prefix="vsal-serve-"))
+        self.workdir = Path(tempfile.mkdtemp(prefix=workdir_prefix()))
         (self.workdir / "tmp").mkdir()
         env["TMPDIR"] = str(self.workdir / "tmp")  # the models' temporary files go with the server's
         env["VSAL_STOP_FILE"] = str(self.stop_file)
@@ -467,6 +493,38 @@ def remove_stale_shm(folder: Path = SHM_DIR) -> list[str]:
         except OSError:  # gone meanwhile, or not ours to remove
             continue
         removed.append(entry.name)
+    return removed
+
+
+def workdir_prefix(pid: int | None = None) -> str:
+    """The name prefix of the temporary folders of the `vsal serve` of pid (this process by default)."""
+    return f"{WORKDIR_PREFIX}{os.getpid() if pid is None else pid}-"
+
+
+def remove_stale_workdirs(folder: str | os.PathLike | None = None) -> list[str]:
+    """Remove this user's temporary folders of `vsal serve` processes that no longer run (one killed
+    with SIGKILL leaves its own); their names. The rule of remove_stale_shm: our prefix, this
+    user's, a pid that runs no process. Their repository links are removed, never followed."""
+    folder = Path(folder if folder is not None else tempfile.gettempdir())
+    pattern = re.compile(rf"^{re.escape(WORKDIR_PREFIX)}(\d+)-")
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:  # no temp folder to clean
+        return removed
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if not match or _proc_stat(int(match.group(1))) is not None:
+            continue
+        try:
+            info = entry.lstat()
+        except OSError:  # gone meanwhile
+            continue
+        if not S_ISDIR(info.st_mode) or info.st_uid != os.getuid():  # a link, a file, not ours
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        if not entry.exists():
+            removed.append(entry.name)
     return removed
 
 

@@ -35,6 +35,9 @@ LLAMA_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 INSTRUCTION_BOS_TOKEN = "[DEC]"
 INSTRUCTION_MAX_LENGTH = 512  # the release's max_tgt_len, passed as max_length to the bert tokenizer
+# File sizes read at most (checked with stat before reading: a package's files come from elsewhere).
+MAX_SPM_BYTES = 64 << 20  # tokenizer.model; LLaMA-2's is 500 KB
+MAX_VOCAB_BYTES = 16 << 20  # vocab.txt; bert-base-uncased's is 230 KB
 
 
 class TokenizerFileError(PackageError):
@@ -53,6 +56,17 @@ def _resolve(path: Path | str, default_name: str) -> Path:
     if not p.is_file():
         raise TokenizerFileError(p, "no such tokenizer file")
     return p
+
+
+def _read_bounded(path: Path, limit: int, usual: str) -> bytes:
+    """The file's bytes, refused by its size before reading when larger than `limit`."""
+    size = path.stat().st_size
+    if size > limit:
+        raise TokenizerFileError(
+            path, f"{size} bytes, more than a tokenizer file holds ({limit >> 20} MiB at most; {usual})"
+        )
+    with open(path, "rb") as f:
+        return f.read(limit)  # a file that grew since stat is cut, then fails to parse
 
 
 # --- minimal protobuf wire-format editing (to switch off add_dummy_prefix without protobuf) -----
@@ -128,7 +142,7 @@ class LlamaTokenizer:
         self.path = _resolve(path, "tokenizer.model")
         self.legacy = legacy
         self.add_prefix_space = add_prefix_space
-        data = self.path.read_bytes()
+        data = _read_bounded(self.path, MAX_SPM_BYTES, "LLaMA-2's tokenizer.model is 500 KB")
         if not data:
             raise TokenizerFileError(self.path, "empty file, not a sentencepiece model")
         try:
@@ -253,18 +267,29 @@ class LlamaTokenizer:
 class InstructionTokenizer:
     """bert-base-uncased + "[DEC]" for the frame Q-Former's instruction, as the release tokenises it.
 
-    `path` is a `vocab.txt` or a folder holding one. `encode(text)` returns `(ids, mask)`, numpy
+    `path` is a `vocab.txt` or a folder holding one; `model_vocab`, the Q-Former's vocabulary size
+    its ids must stay below. `encode(text)` returns `(ids, mask)`, numpy
     int64 arrays of shape [1, L]: "[CLS] text [SEP]", lower-cased and accent-stripped WordPiece,
     truncated from the left to `max_length` tokens (specials included).
     """
 
-    def __init__(self, path: Path | str, *, max_length: int = INSTRUCTION_MAX_LENGTH):
+    def __init__(
+        self, path: Path | str, *, max_length: int = INSTRUCTION_MAX_LENGTH, model_vocab: int | None = None
+    ):
         from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
         self.path = _resolve(path, "vocab.txt")
         self.max_length = max_length
         vocab = self._read_vocab(self.path)
         self.bos_id = vocab.setdefault(INSTRUCTION_BOS_TOKEN, len(vocab))
+        ids = max(vocab.values()) + 1
+        if model_vocab is not None and ids > model_vocab:  # an id past it fails in the Q-Former's Gather
+            raise TokenizerFileError(
+                self.path,
+                f"gives ids up to {ids - 1} (with {INSTRUCTION_BOS_TOKEN}), past the frame Q-Former's "
+                f"vocabulary of {model_vocab} (the manifest's config.frame_qformer.vocab_size): a vocab.txt "
+                "of another model",
+            )
         self.vocab = vocab
         try:
             tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
@@ -288,7 +313,7 @@ class InstructionTokenizer:
 
     @staticmethod
     def _read_vocab(path: Path) -> dict[str, int]:
-        data = path.read_bytes()
+        data = _read_bounded(path, MAX_VOCAB_BYTES, "bert-base-uncased's vocab.txt is 230 KB")
         if not data:
             raise TokenizerFileError(path, "empty file, not a WordPiece vocab.txt")
         if b"\x00" in data:

@@ -11,14 +11,20 @@
 
 Every config comes from the manifest: inputs and outputs with their dtypes, named axes as -1, the
 batch axis (a graph whose inputs and outputs all start with the same profile axis is batched by
-Triton up to the profile's max; the encoders get dynamic batching) and instance groups. The
-repository is written to REPO.partial and renamed when complete.
+Triton up to the profile's max; the encoders get dynamic batching) and instance groups.
+
+The repository is written to a temporary folder of its own beside REPO (`.REPO.partial-<pid>-<hex>`,
+created afresh: never a folder that was there) and renamed to REPO when complete. REPO is never the
+package, inside it or above it, nor the current folder; `overwrite` replaces only a repository this
+module wrote (is_repository), never another folder.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import secrets
 import shutil
 import sys
 from dataclasses import dataclass, replace
@@ -28,10 +34,20 @@ from pathlib import Path, PurePosixPath
 from vsal.runtime.errors import VsalError
 from vsal.runtime.limits import MAX_NEW_TOKENS_LIMIT, MAX_UPLOAD_MIB
 from vsal.runtime.manifest import MANIFEST_NAME, GraphInfo, Manifest, load_manifest
-from vsal.runtime.package_paths import check_sha256, confined, link_folder, place_file, write_text_file
+from vsal.runtime.package_lock import stale_partial
+from vsal.runtime.package_paths import (
+    check_sha256,
+    confined,
+    inside,
+    link_folder,
+    place_file,
+    write_text_file,
+)
 from vsal.runtime.tensorrt_engines import ENGINE_DIR, cached_engines
 
 FLAVORS = ("tensorrt", "onnxruntime", "python")
+MAX_INSTANCES = 64  # instances of a model per device, and orchestrator processes: more is a typo
+MAX_ORCHESTRATOR_THREADS = 1024  # requests one orchestrator instance serves at once
 ORCHESTRATOR = "vsal"  # the model clients call
 ORCHESTRATOR_PACKAGE = "package"  # folder inside the orchestrator's version folder
 DTYPES = {  # numpy dtype name -> Triton data type
@@ -67,11 +83,11 @@ class RepositoryError(VsalError, ValueError):
 class RepoOptions:
     flavor: str = "python"
     precision: str = "fp32"  # which file of each graph (fp32, or the package's fp16/int8 variant)
-    instances: int = 1  # instances per device (per GPU for kind gpu)
+    instances: int = 1  # instances per device (per GPU for kind gpu), 1 to MAX_INSTANCES
     device: str | None = None  # "gpu" | "cpu"; None: gpu for tensorrt and onnxruntime, cpu for python
-    gpus: tuple[int, ...] = ()  # GPU ids for the instance groups; empty: every GPU
+    gpus: tuple[int, ...] = ()  # GPU ids (>= 0, distinct) for the instance groups; empty: every GPU
     max_queue_delay_us: int = 2000  # dynamic batching: how long an encoder request may wait for others
-    orchestrator_instances: int = 1
+    orchestrator_instances: int = 1  # 1 to MAX_INSTANCES
     orchestrator_threads: int = 16  # requests one orchestrator instance serves at once
     link: bool = False  # symlink package files instead of copying them (`vsal serve`'s temporary repository)
     # "bls": the orchestrator calls the llm_decoder model once per token, the KV cache round-tripping
@@ -309,12 +325,17 @@ def _write_orchestrator(manifest: Manifest, options: RepoOptions, local: list[st
     writer.text(writer.root / ORCHESTRATOR / "config.pbtxt", orchestrator_config(manifest, options))
 
 
-def _remove(path: Path) -> None:
-    """Remove what is at path without following a symlink there (a link is removed, not its target)."""
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.exists():
-        shutil.rmtree(path)
+def parse_gpus(text: str) -> tuple[int, ...]:
+    """`--gpus 0,1` as GPU ids; RepositoryError for anything but comma-separated ids >= 0."""
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isascii() and part.isdigit() for part in parts):
+        raise RepositoryError(f"expected comma-separated GPU ids such as 0,1 (each >= 0), got {text!r}")
+    return tuple(int(part) for part in parts)
+
+
+def _check_count(label: str, value: int, most: int) -> None:
+    if not 1 <= value <= most:
+        raise RepositoryError(f"{label}: expected a count from 1 to {most}, got {value}")
 
 
 def _check_options(options: RepoOptions) -> None:
@@ -324,8 +345,108 @@ def _check_options(options: RepoOptions) -> None:
         raise RepositoryError(f"unknown precision {options.precision!r}; choose fp32, fp16 or int8")
     if options.decoder not in ("bls", "orchestrator"):
         raise RepositoryError(f"unknown decoder placement {options.decoder!r}; choose bls or orchestrator")
-    if options.instances < 1 or options.orchestrator_instances < 1 or options.orchestrator_threads < 1:
-        raise RepositoryError("instance and thread counts must be >= 1")
+    _check_count("--instances", options.instances, MAX_INSTANCES)
+    _check_count("--orchestrator-instances", options.orchestrator_instances, MAX_INSTANCES)
+    _check_count("orchestrator_threads", options.orchestrator_threads, MAX_ORCHESTRATOR_THREADS)
+    gpus = options.gpus
+    if any(not isinstance(g, int) or g < 0 for g in gpus) or len(set(gpus)) != len(gpus):
+        raise RepositoryError(f"--gpus: expected distinct GPU ids >= 0, got {','.join(map(str, gpus))}")
+
+
+def _output_path(output: str | os.PathLike, package: Path) -> Path:
+    """OUTPUT as an absolute path (`.` and `..` named), refused where writing or replacing it could
+    destroy the package or the current folder: it must not be the package, lie inside it or contain
+    it, nor be or contain the current folder; compared by real paths, also where a symlink leads."""
+    out = Path(os.path.abspath(output))
+    if not out.name:
+        raise RepositoryError(f"{output}: is the root folder; choose a new folder for --output")
+    real_package = os.path.realpath(package)
+    cwd = os.path.realpath(os.getcwd())
+    where = os.path.join(os.path.realpath(out.parent), out.name)  # the folder the rename makes
+    for real in dict.fromkeys((where, os.path.realpath(out))):  # ... and a symlink's target there
+        shown = f"{output} (resolves to {real})" if real != str(out) else str(output)
+        if real == real_package:
+            problem = f"is the package {package}"
+        elif inside(real, real_package):
+            problem = f"lies inside the package {package}"
+        elif inside(real_package, real):
+            problem = f"contains the package {package}"
+        elif inside(cwd, real):
+            problem = "is the current folder or contains it"
+        else:
+            continue
+        raise RepositoryError(
+            f"{shown}: {problem}; choose another --output, such as a new folder beside the package"
+        )
+    return out
+
+
+def _check_existing(out: Path, overwrite: bool) -> None:
+    """What is at OUTPUT may be replaced only with `overwrite`, and only a symlink (removed, never
+    followed) or a repository this module wrote: never another folder or a file."""
+    if not os.path.lexists(out) or (overwrite and out.is_symlink()):
+        return
+    if not out.is_symlink() and not (out.is_dir() and is_repository(out)):
+        raise RepositoryError(
+            f"{out}: exists and is not a Triton repository written by vsal-export triton: choose "
+            "another --output or remove it yourself"
+        )
+    if not overwrite:
+        raise RepositoryError(f"{out}: already exists (give --overwrite to replace it)")
+
+
+def _temporary_name(out: Path) -> Path:
+    return out.with_name(f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _make_temporary(out: Path) -> Path:
+    """A new, empty folder beside OUTPUT: mkdir fails on a name that exists, so never someone's."""
+    while True:
+        tmp = _temporary_name(out)
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Temporary folders of OUTPUT left by writers that died (their pid is gone), and only those."""
+    prefix = f".{out.name}.partial-"
+    for entry in os.scandir(out.parent):
+        path = Path(entry.path)
+        if entry.name.startswith(prefix) and entry.is_dir(follow_symlinks=False) and stale_partial(path):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """mkdir -p; returns the folders it created, deepest first (removed again if the write fails)."""
+    created = []
+    path = folder
+    while not os.path.lexists(path):
+        created.append(path)
+        path = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def _install(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the complete repository to OUTPUT; an old repository there is renamed away first and
+    then removed, a symlink there is removed (its target is not touched)."""
+    _check_existing(out, overwrite)  # again: writing a large package takes a while
+    if out.is_symlink():
+        out.unlink()
+    elif os.path.lexists(out):
+        old = _temporary_name(out)
+        os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)  # a leftover is removed as stale by a later write
+        return
+    os.rename(tmp, out)
 
 
 def write_repository(
@@ -335,34 +456,44 @@ def write_repository(
     *,
     overwrite: bool = False,
 ) -> Path:
-    """Write the Triton model repository for a package; returns its folder.
+    """Write the Triton model repository for a package; returns its folder (absolute).
 
-    Everything is written under OUTPUT.partial, created afresh (a symlink found there or at OUTPUT is
-    removed, never followed), then renamed to OUTPUT. Every package file is confined to the package
-    and its sha256 checked against the manifest, also when linked (`link`)."""
+    See the module's docstring for where it is written and what OUTPUT may be. Every package file is
+    confined to the package and its sha256 checked against the manifest, also when linked (`link`)."""
     _check_options(options)
-    package, output = Path(package), Path(output)
+    package = Path(package)
+    out = _output_path(output, package)
     manifest = load_manifest(package)
-    if os.path.lexists(output) and not overwrite:
-        raise RepositoryError(f"{output}: already exists (give --overwrite to replace it)")
+    _check_existing(out, overwrite)
     for note in precision_notes(manifest, options.precision, package):
         print(f"vsal: note: {note}", file=sys.stderr)
-    partial = output.with_name(output.name + ".partial")
-    _remove(partial)
+    created = _make_parents(out.parent)
+    tmp = None
     try:
-        partial.mkdir(parents=True)
-        writer = _Writer(package, manifest, partial, options.link)
+        _remove_stale_temporaries(out)
+        tmp = _make_temporary(out)
+        writer = _Writer(package, manifest, tmp, options.link)
         local = ["llm_decoder"] if options.decoder == "orchestrator" else []
         for name, info in manifest.graphs.items():
             if name not in local:
                 _write_graph(name, info, options, writer)
         _write_orchestrator(manifest, options, local, writer)
+        _install(tmp, out, overwrite)
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         raise
-    _remove(output)
-    os.replace(partial, output)
-    return output
+    return out
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                return  # not empty (someone else's now) or not ours to remove
 
 
 def is_repository(folder: str | os.PathLike) -> bool:

@@ -69,3 +69,55 @@ def test_reference_refuses_weights_it_cannot_rebuild(tiny_package, tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     model, reason = load_model(tmp_path, None)
     assert model is None and "--checkpoint" in reason
+
+
+BENCH_QUICK = ["--runs", "1", "--max-new-tokens", "2", "--quick-limits"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--checkpoint", "{tmp}/nope.safetensors"], "{tmp}/nope.safetensors: no such file (--checkpoint)"),
+        (["--checkpoint", "/dev/null"], "/dev/null: is a character device, not a consolidated checkpoint"),
+        (["--no-reference", "--checkpoint", "{pkg}/embeddings.npy"], "leave out --no-reference"),
+    ],
+)
+def test_bench_checks_the_checkpoint_before_it_starts(tiny_package, clip_3s, tmp_path, args, message):
+    from vsal.runtime.errors import ConfigError
+
+    args = [a.format(tmp=tmp_path, pkg=tiny_package) for a in args]
+    command = ["bench", str(tiny_package), "--media", str(clip_3s), *BENCH_QUICK, *args]
+    result = CliRunner().invoke(cli, command)
+    assert isinstance(result.exception, ConfigError), result.output
+    assert message.format(tmp=tmp_path) in str(result.exception)
+    assert "runtime" not in result.stderr  # before the runtime bench
+
+
+def test_bench_with_a_checkpoint_that_is_not_one_fails_in_one_line(tiny_package, clip_3s, tmp_path, capfd):
+    """The reference child's user error comes back as its one line, and an asked-for reference that
+    cannot run is an error, not a silent skip."""
+    from vsal.runtime.errors import ConfigError
+
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a checkpoint")
+    command = ["bench", str(tiny_package), "--media", str(clip_3s), *BENCH_QUICK, "--checkpoint", str(junk)]
+    result = CliRunner().invoke(cli, command)
+    assert isinstance(result.exception, ConfigError), result.output
+    message = str(result.exception)
+    assert message.startswith("--checkpoint: the PyTorch reference could not run: ") and str(junk) in message
+    assert "\n" not in message
+    assert "Traceback" not in capfd.readouterr().err  # the child's stderr
+
+
+@pytest.mark.parametrize("threads", ["-1", "5000"])
+def test_bench_refuses_a_thread_count_out_of_range(tiny_package, threads):
+    result = CliRunner().invoke(cli, ["bench", str(tiny_package), "--threads", threads])
+    assert result.exit_code == 2 and "'--threads'" in result.output and "0<=x<=256" in result.output
+
+
+def test_run_bench_refuses_a_thread_count_out_of_range(tmp_path):
+    from vsal.runtime.bench import run_bench
+    from vsal.runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^--threads 5000: expected 0 \(the default\) to 256$"):
+        run_bench(tmp_path / "no-package", threads=5000)

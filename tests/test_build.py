@@ -71,7 +71,7 @@ def test_a_build_below_threshold_fails_loudly(built, tmp_path):
     copy = tmp_path / "pkg"
     shutil.copytree(folder, copy)
     report = build(
-        copy, "fp16", graphs=("mrc_qformer",), thresholds=Thresholds(min_cosine=1.1), progress=False
+        copy, "fp16", graphs=("mrc_qformer",), thresholds=Thresholds(min_cosine=1.0), progress=False
     )
     assert any("mrc_qformer: cosine" in p for p in report.problems)
     exe = Path(sys.executable).parent / "vsal-export"
@@ -85,7 +85,7 @@ def test_a_build_below_threshold_fails_loudly(built, tmp_path):
             "--graphs",
             "mrc_qformer",
             "--min-cosine",
-            "1.1",
+            "1.0",
         ],
         capture_output=True,
         text=True,

@@ -109,7 +109,7 @@ def test_a_rebuild_replaces_the_variant_and_removes_its_old_file(package):
 
 def test_below_the_thresholds_nothing_is_recorded(package):
     before = _state(package)
-    proc = _build_cli(package, "fp16", "--min-cosine", "1.1")
+    proc = _build_cli(package, "fp16", "--min-cosine", "1.0")
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 1 and "Traceback" not in err
     assert "nothing was recorded, the package is as it was" in err
@@ -125,7 +125,7 @@ def test_allow_below_records_and_marks_the_variant(package, capsys):
         package,
         "fp16",
         graphs=(GRAPH,),
-        thresholds=Thresholds(min_cosine=1.1),
+        thresholds=Thresholds(min_cosine=1.0),
         progress=False,
         allow_below=True,
     )
@@ -357,3 +357,104 @@ def test_lock_holder_is_named_or_called_another_process(package):
             PackageLock(package, "second", wait=False).__enter__()
     finally:
         os.close(fd)
+
+
+# --- options: a value that would turn a check off is refused ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--opset", "99999"),  # above what torch.onnx exports
+        ("--opset", "17"),  # below: torch.onnx would keep 18 for some graphs
+        ("--graphs", ""),  # not "every graph"
+        ("--graphs", "llm_decoder,,vision_encoder"),
+    ],
+)
+def test_export_refuses_opsets_and_graph_lists_before_the_model(no_model, tmp_path, option, value):
+    result = _export("--output", str(tmp_path / "out"), option, value)
+    assert result.exit_code == 2 and "Invalid value for" in result.output and option in result.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--min-cosine", "nan"),  # `cosine < nan` is never true: the gate would be off
+        ("--min-cosine", "1.5"),
+        ("--min-token-agreement", "-1"),
+        ("--min-token-agreement", "inf"),
+        ("--workspace-mib", "99999999999999999999"),
+        ("--graphs", ""),
+    ],
+)
+def test_build_refuses_thresholds_outside_0_to_1_before_touching_the_package(package, option, value):
+    before = _state(package)
+    proc = _build_cli(package, "fp16", option, value)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 2 and "Invalid value for" in err and option in err, err
+    assert _state(package) == before
+
+
+@pytest.mark.parametrize("field", ["min_cosine", "min_token_agreement"])
+@pytest.mark.parametrize("value", [float("nan"), -0.01, 1.01, float("inf"), "0.9", True])
+def test_thresholds_in_the_python_api_are_numbers_from_0_to_1(field, value):
+    with pytest.raises(ConfigError, match="expected a number from 0 to 1"):
+        Thresholds(**{field: value})
+
+
+@pytest.mark.parametrize("workspace", [0, 1 << 19, (1 << 40) + 1, 2.5])
+def test_build_refuses_a_workspace_outside_1_mib_to_1_tib(package, workspace):
+    before = _state(package)
+    with pytest.raises(ConfigError, match="--workspace-mib"):
+        build(package, "fp16", graphs=(GRAPH,), engines=True, workspace_bytes=workspace, progress=False)
+    assert _state(package) == before
+
+
+# --- calibration media: every skipped file is named ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def media_dir(tmp_path_factory):
+    """Two short clips and one corrupt file (a cut mp4 header)."""
+    from vsal.runtime.synthetic import write_clip
+
+    folder = tmp_path_factory.mktemp("media")
+    for name in ("a.mp4", "b.mp4"):
+        write_clip(folder / name, seconds=2.0, size=(96, 96))
+    (folder / "c.mp4").write_bytes((folder / "a.mp4").read_bytes()[:600])
+    return folder
+
+
+def test_media_files_names_each_skipped_file(media_dir, capsys):
+    from vsal.calib.collect import media_files
+
+    assert [p.name for p in media_files(media_dir)] == ["a.mp4", "b.mp4"]
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"vsal-export: note: skipped {media_dir / 'c.mp4'}: ")
+    assert "not a media file FFmpeg can read" in err[0]
+
+
+def test_too_few_readable_media_files_is_an_error(media_dir, tmp_path):
+    from vsal.calib.collect import media_files
+    from vsal.runtime.errors import MediaError
+
+    shutil.copy(media_dir / "a.mp4", tmp_path / "a.mp4")
+    shutil.copy(media_dir / "c.mp4", tmp_path / "c.mp4")
+    skipped = []
+    with pytest.raises(MediaError, match="1 readable media file.s. of 2; calibration needs at least 2"):
+        media_files(tmp_path, on_skip=lambda path, why: skipped.append(path.name))
+    assert skipped == ["c.mp4"]
+
+
+def test_calibrate_cli_says_which_file_it_skipped(package, media_dir):
+    done = subprocess.run(
+        [str(EXE), "calibrate", str(package), "--media", str(media_dir)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"vsal-export: note: skipped {media_dir / 'c.mp4'}: not a media file" in done.stderr
+    clips = json.loads((package / "calibration" / "clips.json").read_text())["clips"]
+    assert [Path(c).name for c in clips] == ["a.mp4", "b.mp4"]

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from transformers import DynamicCache
+from vsal.runtime.errors import ConfigError
 from vsal.runtime.generation import (
     GraphDecoderStep,
     NumpyKVCache,
@@ -34,7 +35,7 @@ from vsal.runtime.generation import (
     top_k_filter,
     top_p_filter,
 )
-from vsal.runtime.prompt import ANSWER_CUT, DecodingOptions, cut_answer
+from vsal.runtime.prompt import ANSWER_CUT, BOUNDS, DecodingOptions, cut_answer
 
 MAX_NEW = 20
 PROMPT_LENGTH = 7
@@ -464,3 +465,110 @@ def test_onnx_graph_generation_matches_transformers(tiny_config, lm, prompt, tmp
         got = generate(step, embedder(lm), prompt, opts)
         assert len(got) == MAX_NEW
         assert got == hf_generate(lm, prompt, opts), opts.num_beams
+
+
+# --- decoding options at their bounds: refused outside, robust inside ------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"sample": True, "temperature": 1e-39}, r"temperature must be in \[0.001, 1000\], got 1e-39"),
+        ({"sample": True, "temperature": 1e300}, r"temperature must be in \[0.001, 1000\], got 1e\+300"),
+        ({"temperature": 0.00099}, r"temperature must be in \[0.001, 1000\]"),
+        ({"temperature": 1000.5}, r"temperature must be in \[0.001, 1000\]"),
+        ({"repetition_penalty": 1e-45}, r"repetition_penalty must be in \[0.001, 1000\], got 1e-45"),
+        ({"repetition_penalty": 0}, r"repetition_penalty must be in \[0.001, 1000\], got 0"),
+        ({"repetition_penalty": 1001}, r"repetition_penalty must be in \[0.001, 1000\], got 1001"),
+        ({"num_beams": 2, "length_penalty": 2000}, r"length_penalty must be in \[-10, 10\], got 2000"),
+        ({"length_penalty": -10.01}, r"length_penalty must be in \[-10, 10\], got -10.01"),
+        ({"length_penalty": float("nan")}, "length_penalty must be a finite number, got nan"),
+        ({"temperature": float("-inf")}, "temperature must be a finite number, got -inf"),
+        ({"top_p": float("inf")}, r"top_p must be a finite number, got inf$"),  # said once
+        ({"temperature": np.float32("nan")}, "temperature must be a finite number, got nan"),
+        ({"temperature": 10**400}, r"temperature must be in \[0.001, 1000\], got an integer of 1329 bits"),
+        ({"seed": -(10**5000)}, "seed must be >= 0 or None, got a negative integer of 16610 bits"),
+    ],
+)
+def test_options_out_of_bounds_are_refused_naming_the_option(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        DecodingOptions(**fields)
+
+
+def test_temperature_zero_says_greedy_is_the_default_in_words_for_any_caller():
+    with pytest.raises(ConfigError) as caught:
+        DecodingOptions(temperature=0)
+    message = str(caught.value)
+    assert message.startswith("invalid decoding options: temperature must be > 0, got 0 (greedy decoding")
+    assert "sample=" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize("name", ["temperature", "repetition_penalty", "length_penalty"])
+def test_the_bounds_themselves_are_accepted(name):
+    for bound in BOUNDS[name]:
+        assert getattr(DecodingOptions(**{name: bound}), name) == bound
+
+
+class LargeLogitsStep:
+    """A numpy `DecoderStep` whose logits are a fixed projection of the input, times `scale` (1e4:
+    far past a real LM's, so that a bound's overflow would show); its cache is never read."""
+
+    def __init__(self, scale: float, vocab: int = 40, hidden: int = 8):
+        rng = np.random.default_rng(1)
+        self.head = (rng.standard_normal((hidden, vocab)) * scale).astype(np.float32)
+        self.table = rng.standard_normal((vocab, hidden)).astype(np.float32)
+
+    def __call__(self, inputs_embeds, attention_mask, position_ids, cache):
+        return inputs_embeds @ self.head, self
+
+    def reorder(self, beam_indices):
+        return self
+
+    def embed(self, ids):
+        return self.table[ids]
+
+
+EDGES = [
+    {"sample": True, "temperature": 1e-3},
+    {"sample": True, "temperature": 1e3, "top_p": 0.9, "top_k": 5},
+    {"sample": True, "repetition_penalty": 1e-3},
+    {"sample": True, "repetition_penalty": 1e3, "temperature": 1e-3},
+    {"repetition_penalty": 1e-3},
+    {"repetition_penalty": 1e3},
+    {"num_beams": 3, "length_penalty": -10.0},
+    {"num_beams": 3, "length_penalty": 10.0, "repetition_penalty": 1e-3},
+    {"num_beams": 3, "length_penalty": -10.0, "repetition_penalty": 1e3},
+    {"num_beams": 3, "length_penalty": 0.0, "repetition_penalty": 1e3},
+]
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0, 1e4])
+@pytest.mark.parametrize("changes", EDGES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_decoding_at_the_bounds_gives_an_answer_without_warnings(changes, scale):
+    """No overflow, no NaN for rng.choice, no exception; and beam search never returns an empty
+    slot (real scores far below transformers' -1e9 mark: a negative length penalty, a large
+    repetition penalty)."""
+    step = LargeLogitsStep(scale)
+    prompt = np.random.default_rng(2).standard_normal((1, 5, 8)).astype(np.float32)
+    opts = options(seed=0, max_new_tokens=30, **changes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tokens = generate(step, step.embed, prompt, opts)
+    assert 1 <= len(tokens) <= 30 and all(0 <= t < 40 for t in tokens)
+    assert EOS not in tokens[:-1]
+
+
+def test_huge_integers_that_are_valid_run():
+    """A seed of 40 digits is a numpy seed like any other; a min_length past any context only keeps
+    eos blocked, so generation runs to max_new_tokens."""
+    step = LargeLogitsStep(1.0)  # flat enough for two seeds to differ
+    prompt = np.random.default_rng(2).standard_normal((1, 5, 8)).astype(np.float32)
+    sampled = [generate(step, step.embed, prompt, options(sample=True, seed=10**40)) for _ in range(2)]
+    assert sampled[0] == sampled[1]
+    assert generate(step, step.embed, prompt, options(sample=True, seed=10**40 + 1)) != sampled[0]
+    eos = generate(step, step.embed, prompt, options(max_new_tokens=1))[0]  # the greedy first token
+    assert generate(step, step.embed, prompt, options(eos_token_id=eos)) == [eos]
+    tokens = generate(
+        step, step.embed, prompt, options(eos_token_id=eos, min_length=10**30, max_new_tokens=25)
+    )
+    assert len(tokens) == 25 and eos not in tokens

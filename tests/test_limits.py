@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from vsal.runtime.backends import BackendError
 from vsal.runtime.errors import ConfigError, LimitError, PromptError
+from vsal.runtime.limits import MAX_CHARS_PER_TOKEN
 from vsal.runtime.ort_decoder import BoundDecoderStep, OrtKVCache
 from vsal.runtime.pipeline import Pipeline
 from vsal.runtime.prompt import DecodingOptions, check_prompt
@@ -65,6 +67,31 @@ def test_a_huge_prompt_is_refused_before_any_encoder(spy, media):
     with pytest.raises(LimitError, match=rf"at most {t_max} at once \(llm_decoder profile T max\)"):
         spy.ask("a " * 50_000, audio=media["wav"], options=GREEDY)
     assert spy.graphs_used == []
+
+
+def _tokenised(pipeline, monkeypatch) -> list[int]:
+    """Records the length of every text the LLM tokenizer is asked to encode."""
+    lengths: list[int] = []
+    encode = pipeline.llama.encode
+
+    def recording(text):
+        lengths.append(len(text))
+        return encode(text)
+
+    monkeypatch.setattr(pipeline.llama, "encode", recording)
+    return lengths
+
+
+def test_a_question_longer_than_t_max_tokens_can_be_is_refused_untokenised(spy, media, monkeypatch):
+    _, t_max, _ = _limits(spy)
+    most = t_max * MAX_CHARS_PER_TOKEN
+    lengths = _tokenised(spy, monkeypatch)
+    with pytest.raises(LimitError, match=rf"is {most + 1:,} characters.* at most {most:,} characters$"):
+        spy.ask("a" * (most + 1), audio=media["wav"], options=GREEDY)
+    assert lengths == [] and spy.graphs_used == []
+    with pytest.raises(LimitError, match="shorten the question by at least"):  # the token count decides
+        spy.check_request("a " * (most // 2), GREEDY)
+    assert max(lengths) > most
 
 
 def test_beams_past_b_max_are_refused_before_any_encoder(spy, media):
@@ -185,6 +212,17 @@ def test_a_prompt_that_is_not_text_is_a_prompt_error(prompt, message):
         check_prompt(prompt)
 
 
+@pytest.mark.parametrize(
+    "prompt", ["\u200b", "\ufeff \u00a0", "\u2028\u3000\t", "\u200b\ufeff\u00a0\u2028\u3000"]
+)
+def test_a_prompt_of_invisible_characters_is_empty(prompt):
+    with pytest.raises(
+        PromptError, match=r"^the prompt is empty \(only whitespace or invisible characters\)"
+    ):
+        check_prompt(prompt)
+    assert check_prompt(prompt + "?") == prompt + "?"
+
+
 def test_text_with_tabs_newlines_and_any_script_is_a_prompt():
     for prompt in ("What is said?", "line one\r\nline two\tend", "Что говорят? 何と言っていますか 🎵"):
         assert check_prompt(prompt) == prompt
@@ -254,3 +292,71 @@ def test_chat_refuses_its_options_before_encoding(tiny_package, media):
     assert out.returncode == 1
     assert stderr.splitlines()[-1].startswith("vsal: error: num_beams 64 is more than the decoder takes")
     assert "whisper_encoder" not in stderr  # no backend was chosen: no encoder ran
+
+
+# --- decoding options: out of bounds on the command line and in a server's OPTIONS ----------------------
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--sample", "--temperature", "1e-39"], r"temperature must be in \[0.001, 1000\], got 1e-39"),
+        (["--sample", "--temperature", "1e300"], r"temperature must be in \[0.001, 1000\], got 1e\+300"),
+        (["--temperature", "0"], r"temperature must be > 0, got 0.0 \(greedy decoding, the default"),
+    ],
+)
+def test_out_of_bounds_decoding_options_are_one_line_on_the_command_line(tiny_package, media, args, message):
+    out = _vsal("run", str(tiny_package), "--audio", str(media["wav"]), "--prompt", "hi", *args)
+    stderr = out.stderr.decode()
+    assert out.returncode == 1, stderr
+    assert len(stderr.splitlines()) == 1
+    assert re.match("vsal: error: invalid decoding options: " + message, stderr)
+    assert "Warning" not in stderr and "sample=" not in stderr
+
+
+@pytest.fixture
+def options_of(monkeypatch):
+    """The orchestrator's OPTIONS parser, imported with a bare stand-in for Triton's backend module."""
+    import types
+
+    stand_in = types.ModuleType("triton_python_backend_utils")
+    monkeypatch.setitem(sys.modules, stand_in.__name__, stand_in)
+    for name in ("orchestrator", "dlpack"):  # bound to the stand-in: imported afresh, dropped after
+        monkeypatch.delitem(sys.modules, f"vsal.runtime.triton_models.{name}", raising=False)
+    from vsal.runtime.triton_models.orchestrator import _options
+
+    yield _options
+    import vsal.runtime.triton_models as package
+
+    for name in ("orchestrator", "dlpack"):  # the module and the package's attribute both go
+        sys.modules.pop(f"{package.__name__}.{name}", None)
+        package.__dict__.pop(name, None)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (
+            b'{"seed": 1' + b"0" * 5000 + b"}",
+            r"^OPTIONS is not JSON \(Exceeds the limit \(4300 .*5001 digits\)$",
+        ),
+        (b'{"sample": true, "num_beams": 1, "temperature": 1e-39}', r"temperature must be in \[0.001, 1"),
+        (b'{"sample": true, "num_beams": 1, "repetition_penalty": 1e-45}', r"repetition_penalty must be in"),
+        (b'{"num_beams": 2, "length_penalty": 2000}', r"length_penalty must be in \[-10, 10\], got 2000$"),
+        (b'{"temperature": NaN}', "temperature must be a finite number, got nan$"),
+        (b'{"length_penalty": -1e400}', "length_penalty must be a finite number, got -inf$"),
+        (b'{"temperature": 1' + b"0" * 400 + b"}", r"temperature must be in .*, got an integer of 1329 bits"),
+        (b'{"seed": -1' + b"0" * 40 + b"}", "seed must be >= 0 or None, got a negative integer of 133 bits$"),
+        (b"\xff{}", r"^OPTIONS is not JSON \("),
+    ],
+)
+def test_server_options_out_of_bounds_are_a_config_error(options_of, data, message):
+    with pytest.raises(ConfigError, match=message) as caught:
+        options_of(data)
+    assert "set_int_max_str_digits" not in str(caught.value)
+
+
+def test_server_options_with_huge_valid_integers_parse(options_of):
+    data = b'{"num_beams": 1, "sample": true, "seed": 1' + b"0" * 40 + b', "min_length": 1' + b"0" * 30 + b"}"
+    options = options_of(data)
+    assert options.seed == 10**40 and options.min_length == 10**30

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import os
 import re
+import subprocess
+import sys
 import threading
 from fractions import Fraction
 
@@ -355,3 +357,103 @@ def test_garbage_and_truncated_files_say_so(tmp_path, clip_10s):
         MediaError, match=rf"^{re.escape(str(cut))}: not a media file FFmpeg can read, or truncated \(\w"
     ):
         probe_media(cut)
+
+
+# --- many channels, kernel files, names that are not one line ----------------------------------------
+
+
+def _write_wav(path, samples: np.ndarray, rate: int):
+    """16-bit PCM wav of int16 samples [n, channels]."""
+    import wave
+
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(samples.shape[1])
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(samples.astype("<i2").tobytes())
+    return path
+
+
+def _channels(n: int, channels: int) -> np.ndarray:
+    """int16 [n, channels], each channel its own noise (channel 0 is told from the others)."""
+    return np.random.default_rng(channels).integers(-20000, 20000, (n, channels), dtype=np.int16)
+
+
+def _decoded_in_a_child(path, tmp_path) -> np.ndarray:
+    """decode_audio's waveform, decoded in a child process: should PyAV crash (it read past a
+    frame's planes from 8 channels up), the test fails on the exit code instead of killing pytest."""
+    out = tmp_path / "waveform.npy"
+    code = (
+        "import sys, numpy as np; from vsal.runtime.media import decode_audio; "
+        "np.save(sys.argv[2], decode_audio(sys.argv[1], max_seconds=None).waveform)"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", code, str(path), str(out)], capture_output=True, text=True, timeout=120
+    )
+    assert child.returncode == 0, f"exit {child.returncode}: {child.stderr[-2000:]}"
+    return np.load(out)
+
+
+@pytest.mark.parametrize("channels", [2, 8, 9, 16])
+def test_audio_of_any_channel_count_is_its_first_channel(tmp_path, channels):
+    samples = _channels(16000, channels)
+    wav = _write_wav(tmp_path / f"ch{channels}.wav", samples, 16000)
+    waveform = _decoded_in_a_child(wav, tmp_path)
+    assert np.array_equal(waveform, samples[:, 0].astype(np.float32) / 32768)
+
+
+def test_resampled_many_channel_audio_is_its_first_channel_resampled(tmp_path):
+    samples = _channels(48000, 8)
+    waveform = _decoded_in_a_child(_write_wav(tmp_path / "ch8.wav", samples, 48000), tmp_path)
+    mono = decode_audio(_write_wav(tmp_path / "mono.wav", samples[:, :1], 48000), max_seconds=None)
+    assert waveform.shape == (16000,) and np.array_equal(waveform, mono.waveform)
+
+
+# /proc/self/environ has st_size 0 but holds text; /sys files claim 4096 bytes whatever they hold.
+KERNEL_FILES = [
+    p
+    for p in ("/proc/self/environ", "/proc/self/status", "/sys/devices/system/cpu/online")
+    if os.path.isfile(p)
+]
+
+
+@pytest.mark.skipif(not KERNEL_FILES, reason="needs procfs or sysfs")
+@pytest.mark.parametrize("path", KERNEL_FILES)
+def test_a_proc_or_sys_file_is_named_not_called_empty(read, path):
+    with pytest.raises(MediaError, match=rf"^{re.escape(path)}: is a /proc or /sys file, not a media file"):
+        read(path)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="needs procfs")
+def test_a_link_to_a_proc_file_is_refused_and_a_regular_file_through_proc_is_not(tmp_path, clip_10s):
+    link = tmp_path / "env.mp4"
+    link.symlink_to("/proc/self/environ")
+    with pytest.raises(MediaError, match=rf"^{re.escape(str(link))}: is a /proc or /sys file"):
+        probe_media(link)
+    with open(clip_10s, "rb") as opened:  # /proc/self/fd/N resolves to the file itself
+        assert probe_media(f"/proc/self/fd/{opened.fileno()}").clips == 10
+
+
+@pytest.mark.parametrize("name", ["new\nline.mp4", "cr\r.mp4", "esc\x1b[2J.mp4", "sep\u2028.mp4"])
+def test_a_name_that_would_break_the_line_is_shown_escaped(tmp_path, read, name):
+    path = tmp_path / name
+    with pytest.raises(MediaError) as caught:
+        read(path)
+    assert str(caught.value) == f"{str(path)!r}: no such file"
+    assert len(str(caught.value).splitlines()) == 1 and "\x1b" not in str(caught.value)
+
+
+def test_a_link_target_that_would_break_the_line_is_escaped(tmp_path, read):
+    path = tmp_path / "link.mp4"
+    path.symlink_to(tmp_path / "gone\n.mp4")
+    with pytest.raises(MediaError) as caught:
+        read(path)
+    assert (
+        str(caught.value) == f"{path}: a dangling symlink (its target {tmp_path}/gone\\n.mp4 does not exist)"
+    )
+
+
+def test_a_printable_name_is_shown_as_it_is(tmp_path, read):
+    path = tmp_path / "uni ñ 日本.mp4"
+    with pytest.raises(MediaError, match=rf"^{re.escape(str(path))}: no such file$"):
+        read(path)

@@ -18,7 +18,7 @@ from vsal.runtime.errors import PackageError
 from vsal.runtime.manifest import load_manifest, sha256_file, verify_files
 from vsal.runtime.package_paths import MAX_JSON_DEPTH, MAX_MANIFEST_BYTES, place_file
 from vsal.runtime.pipeline import Pipeline
-from vsal.runtime.triton_repo import RepoOptions, write_repository
+from vsal.runtime.triton_repo import RepoOptions, RepositoryError, parse_gpus, write_repository
 
 BIN = Path(sys.executable).parent
 
@@ -716,3 +716,294 @@ def test_a_package_the_runtime_cannot_run_is_one_line_from_vsal_run(pkg, clip_10
             "graph's tensors or the runtime use): re-export the package"
         )
     )
+
+
+# --- values no reader may take on trust -------------------------------------------------------------
+
+
+def _replace_text(pkg: Path, old: str, new: str) -> None:
+    """Edit manifest.json as text: for JSON that json.dumps would never write."""
+    text = (pkg / "manifest.json").read_text()
+    assert old in text
+    (pkg / "manifest.json").write_text(text.replace(old, new, 1))
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "match"),
+    [
+        ('"max_frames": 120', '"max_frames": 1' + "0" * 5000, "an integer of 5001 digits; .* at most 64"),
+        ('"graphs": {', '"graphs": {}, "graphs": {', "the key 'graphs' appears twice in one object"),
+        ('"preset": "tiny"', '"preset": "\\ud800"', r"preset is '\\ud800', not Unicode text"),
+        ('"llm": {', '"ll\\udc80m": {}, "llm": {', r"config has a key 'll\\udc80m' that is not Unicode text"),
+    ],
+)
+def test_json_no_reader_could_use_is_one_error(pkg, old, new, match):
+    _save(pkg, _data(pkg))  # json.dumps layout: one space after each colon
+    _replace_text(pkg, old, new)
+    _refused(pkg, f"manifest.json: .*{match}")
+
+
+def test_prompt_text_with_a_lone_surrogate_or_control_character_is_refused(pkg):
+    _save(pkg, _data(pkg))
+    _replace_text(pkg, '"before": "USER: <Img>"', '"before": "USER: \\ud800<Img>"')
+    _refused(pkg, r"prompt.before is 'USER: \\ud800<Img>', not Unicode text")
+    _set(pkg, "prompt.before", "USER: \x1b[2J<Img>")
+    _refused(pkg, r"prompt.before holds the control character '\\x1b' \(U\+001B\)")
+    _set(pkg, "prompt.before", "USER:\t<Img>\n")  # tabs and newlines are text
+    load_manifest(pkg)
+
+
+@pytest.mark.parametrize("name", ["embeddings.npy/", "graphs//vision_encoder.onnx"])
+def test_file_names_with_empty_parts_are_refused(pkg, name):
+    field = "embeddings.file" if name.startswith("emb") else "graphs.vision_encoder.file"
+    _set(pkg, field, name)
+    _refused(pkg, f"{field} '{name}' has an empty part")
+
+
+def test_embeddings_file_that_is_not_npy_says_so(pkg):
+    _set(pkg, "embeddings.file", "manifest.json")
+    _refused(pkg, "manifest.json: not a .npy file")
+
+
+def _npy_with_header(pkg: Path, header: str, data: bytes) -> None:
+    header = header + " " * (-(len(header) + 13) % 64) + "\n"
+    raw = b"\x93NUMPY\x02\x00" + len(header).to_bytes(4, "little") + header.encode() + data
+    (pkg / "embeddings.npy").write_bytes(raw)
+
+
+def test_embeddings_header_is_checked_against_the_file_size(pkg):
+    table = np.load(pkg / "embeddings.npy")
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (32000, 64), }"
+    _npy_with_header(pkg, header + " " * 60000, table.tobytes())  # numpy refuses such headers
+    message = _refused(pkg, r"embeddings.npy: not a plain .npy array \(Header info length")
+    assert "allow_pickle" not in message
+    for data in (table.tobytes()[:4096], table.tobytes() + b"\0" * 100):
+        _npy_with_header(pkg, header, data)
+        _refused(pkg, r"embeddings.npy: \d+ bytes, its header says float32 \[32000, 64\]")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("vocab_size", 400_000_000), ("vocab_size", 32000 * 10**6), ("hidden_size", 1 << 17)]
+)
+def test_embedding_sizes_past_any_llm_are_refused_before_any_read(pkg, key, value):
+    with open(pkg / "embeddings.npy", "r+b") as f:
+        f.truncate(1 << 34)  # sparse: a hash of it would take minutes
+    _set(pkg, f"config.llm.{key}", value)
+    _refused(pkg, f"config.llm.{key} is {value}, more than any LLM vsal runs")
+
+
+@pytest.mark.parametrize("dim", [-224, 0, 10**12])
+def test_static_dims_must_be_positive_and_bounded(pkg, dim):
+    data = _data(pkg)
+    data["graphs"]["vision_encoder"]["inputs"][0]["shape"][2] = dim
+    _save(pkg, data)
+    _refused(pkg, rf"graphs.vision_encoder.inputs\[0\].shape\[2\] is {dim}; a fixed size must be 1 to")
+
+
+def test_static_dims_are_checked_against_the_graph(pkg):
+    data = _data(pkg)
+    data["graphs"]["vision_encoder"]["inputs"][0]["shape"][2] = 225
+    _save(pkg, data)
+    _refused(pkg, "vision_encoder.onnx: input pixel_values has size 224 on axis 2, the manifest declares 225")
+
+
+@pytest.mark.parametrize(
+    ("axis", "bounds", "match"),
+    [
+        ("B", {"min": 0, "opt": 0, "max": 0}, "B max is 0; a decoder takes 1 to 64 beams"),
+        ("B", {"min": 1, "opt": 1, "max": 10**6}, "B max is 1000000; a decoder takes 1 to 64"),
+        ("P", {"min": 0, "opt": 512, "max": 10**12}, r"P max \+ 1 is 1000000000001 .* at most 4096"),
+        ("T", {"min": 1, "opt": 256, "max": 2000}, r"T max 2000; .* T max at most P max \+ 1"),
+    ],
+)
+def test_decoder_profile_past_the_model_is_the_package_fault(pkg, axis, bounds, match):
+    _set(pkg, f"graphs.llm_decoder.profile.{axis}", bounds)
+    _not_runnable(pkg, f"graphs.llm_decoder.profile.*{match}")
+
+
+def test_oversized_tokenizer_files_are_refused_before_reading(pkg):
+    for name, size in (("llm/tokenizer.model", 3 << 30), ("instruction/vocab.txt", 17 << 20)):
+        keep = pkg / "tokenizer" / (name + ".orig")
+        os.replace(pkg / "tokenizer" / name, keep)
+        with open(pkg / "tokenizer" / name, "wb") as f:
+            f.truncate(size)  # sparse
+        with pytest.raises(PackageError, match=f"{name}: {size} bytes, more than a tokenizer file holds"):
+            Pipeline.load(pkg, verbose=False, verify=False)
+        os.replace(keep, pkg / "tokenizer" / name)
+
+
+def test_vocab_past_the_qformer_vocabulary_is_refused_naming_vocab_txt(pkg):
+    vocab = pkg / "tokenizer" / "instruction" / "vocab.txt"
+    vocab.write_text(vocab.read_text() + "".join(f"extra{i}\n" for i in range(10)))
+    with pytest.raises(PackageError, match=r"vocab.txt: gives ids up to \d+ .* vocabulary of 30523"):
+        Pipeline.load(pkg, verbose=False, verify=False)
+
+
+# --- where the Triton repository writer may write -------------------------------------------------
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    """Every entry under folder: a file's bytes, a link's target, or "dir" (links never followed)."""
+    entries = {}
+    for path in sorted(folder.rglob("*")):
+        rel = str(path.relative_to(folder))
+        if path.is_symlink():
+            entries[rel] = "-> " + os.readlink(path)
+        elif path.is_dir():
+            entries[rel] = "dir"
+        else:
+            entries[rel] = path.read_bytes().hex()
+    return entries
+
+
+@pytest.fixture
+def user_folder(pkg):
+    """The folder holding the package, with a file of the user's beside it."""
+    (pkg.parent / "notes.txt").write_text("precious")
+    return pkg.parent
+
+
+_AT_THE_PACKAGE = [  # (output relative to the package's folder, what the refusal says)
+    ("pkg", "is the package"),
+    ("pkg/repo", "lies inside the package"),
+    ("pkg/graphs", "lies inside the package"),
+    ("pkg/manifest.json", "lies inside the package"),
+    ("pkg/manifest.json/repo", "lies inside the package"),
+    ("pkg/graphs/..", "is the package"),
+    (".", "contains the package"),
+]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize(("output", "problem"), _AT_THE_PACKAGE)
+def test_writer_never_writes_at_inside_or_above_the_package(user_folder, output, problem, overwrite):
+    before = _tree(user_folder)
+    with pytest.raises(RepositoryError, match=f": {problem} .*choose another --output"):
+        write_repository(user_folder / "pkg", user_folder / output, overwrite=overwrite)
+    assert _tree(user_folder) == before
+
+
+@pytest.mark.parametrize(
+    ("target", "output", "problem"),
+    [
+        ("pkg", "link", "is the package"),  # a symlink at the output, to the package
+        (".", "link", "contains the package"),  # ... to the folder above it
+        ("pkg", "link/repo", "lies inside the package"),  # a symlinked parent
+    ],
+)
+def test_writer_compares_real_paths_through_symlinks(user_folder, target, output, problem):
+    (user_folder / "link").symlink_to(user_folder / target)
+    before = _tree(user_folder)
+    with pytest.raises(RepositoryError, match=rf"\(resolves to .*\): {problem} "):
+        write_repository(user_folder / "pkg", user_folder / output, overwrite=True)
+    assert _tree(user_folder) == before
+    linked_package = user_folder / "link"  # the package named through a link, the output real
+    if target == "pkg":
+        with pytest.raises(RepositoryError, match="lies inside the package"):
+            write_repository(linked_package, user_folder / "pkg" / "graphs", overwrite=True)
+        assert _tree(user_folder) == before
+
+
+@pytest.mark.parametrize("make", ["folder", "file"])
+def test_overwrite_replaces_only_a_repository_written_by_the_writer(user_folder, tmp_path_factory, make):
+    out = tmp_path_factory.mktemp("elsewhere") / "thesis"
+    if make == "folder":
+        out.mkdir()
+        (out / "chapter1.txt").write_text("precious")
+    else:
+        out.write_text("precious")
+    before = _tree(out.parent)
+    for overwrite in (False, True):
+        with pytest.raises(RepositoryError, match="exists and is not a Triton repository written by"):
+            write_repository(user_folder / "pkg", out, overwrite=overwrite)
+    assert _tree(out.parent) == before
+    repo = out.with_name("repo")
+    write_repository(user_folder / "pkg", repo)
+    (repo / "vsal" / "stale.txt").write_text("old")
+    assert write_repository(user_folder / "pkg", repo, overwrite=True) == repo  # a repository: replaced
+    assert (repo / "vsal" / "config.pbtxt").is_file() and not (repo / "vsal" / "stale.txt").exists()
+    assert sorted(p.name for p in repo.parent.iterdir()) == sorted(["repo", out.name])  # no temporaries
+
+
+def test_writer_never_touches_a_folder_named_like_its_temporary(pkg, tmp_path_factory):
+    """OUTPUT.partial is the user's; the writer's own temporaries are unique, and only those of a dead
+    writer are removed."""
+    parent = tmp_path_factory.mktemp("out")
+    (parent / "repo.partial").mkdir()
+    (parent / "repo.partial" / "thesis.txt").write_text("precious")
+    dead = parent / ".repo.partial-999999999-00ff"  # a writer that died: no such pid
+    alive = parent / f".repo.partial-{os.getppid()}-00ff"  # a writer still running
+    for folder in (dead, alive):
+        folder.mkdir()
+        (folder / "half.pbtxt").write_text("half")
+    with pytest.raises(RepositoryError, match="no fp32 TensorRT engine"):
+        write_repository(pkg, parent / "repo", RepoOptions(flavor="tensorrt"))
+    write_repository(pkg, parent / "repo")
+    assert (parent / "repo.partial" / "thesis.txt").read_text() == "precious"
+    assert sorted(p.name for p in parent.iterdir()) == sorted(["repo", "repo.partial", alive.name])
+    assert (alive / "half.pbtxt").read_text() == "half"
+
+
+def test_a_failed_write_leaves_no_folders_it_created(pkg, tmp_path_factory):
+    parent = tmp_path_factory.mktemp("out")
+    with pytest.raises(RepositoryError, match="no fp32 TensorRT engine"):
+        write_repository(pkg, parent / "a" / "b" / "repo", RepoOptions(flavor="tensorrt"))
+    assert list(parent.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        (RepoOptions(instances=0), "--instances: expected a count from 1 to 64, got 0"),
+        (RepoOptions(instances=65), "--instances: expected a count from 1 to 64, got 65"),
+        (RepoOptions(instances=10**8), "--instances: expected a count from 1 to 64, got 100000000"),
+        (RepoOptions(orchestrator_instances=65), "--orchestrator-instances: expected a count from 1 to 64"),
+        (RepoOptions(orchestrator_threads=0), "orchestrator_threads: expected a count from 1 to 1024"),
+        (RepoOptions(gpus=(-1,)), "--gpus: expected distinct GPU ids >= 0, got -1"),
+        (RepoOptions(gpus=(0, 0)), "--gpus: expected distinct GPU ids >= 0, got 0,0"),
+    ],
+)
+def test_repository_options_out_of_range(pkg, tmp_path, options, match):
+    with pytest.raises(RepositoryError, match=match):
+        write_repository(pkg, tmp_path / "repo", options)
+    assert not (tmp_path / "repo").exists()
+
+
+@pytest.mark.parametrize("text", ["a,b", "-1", "", "0,,1", "1.5", "\u00b2"])
+def test_gpu_ids_must_be_comma_separated_non_negative_integers(text):
+    with pytest.raises(RepositoryError, match="expected comma-separated GPU ids such as 0,1"):
+        parse_gpus(text)
+
+
+def test_gpu_ids_parse():
+    assert parse_gpus("0, 1,3") == (0, 1, 3)
+
+
+def _triton_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    command = [str(BIN / "vsal-export"), "triton", *args, "--flavor", "onnxruntime"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
+
+
+@pytest.mark.parametrize("output", [".", "./"])
+def test_triton_cli_refuses_the_current_folder_in_one_line(user_folder, tmp_path_factory, output):
+    before = _tree(user_folder)
+    done = _triton_cli(user_folder, "pkg", "--output", output, "--overwrite")
+    assert done.returncode == 1 and done.stderr.count("\n") == 1
+    assert done.stderr.startswith("vsal-export: error: .: contains the package pkg; ")  # "./" is "."
+    empty = tmp_path_factory.mktemp("cwd")  # the current folder, not above the package
+    done = _triton_cli(empty, str(user_folder / "pkg"), "--output", output, "--overwrite")
+    assert done.returncode == 1 and done.stderr.count("\n") == 1
+    assert done.stderr.startswith("vsal-export: error: .: is the current folder or contains it; ")
+    assert _tree(user_folder) == before and list(empty.iterdir()) == []
+
+
+def test_triton_cli_bad_gpus_and_instances(pkg, tmp_path):
+    done = _triton_cli(tmp_path, str(pkg), "--output", "repo", "--gpus", "a,b")
+    assert (
+        done.returncode == 2 and "Invalid value for '--gpus': expected comma-separated GPU ids" in done.stderr
+    )
+    done = _triton_cli(tmp_path, str(pkg), "--output", "repo", "--instances", "100000000")
+    assert done.returncode == 1 and done.stderr.count("\n") == 1
+    assert done.stderr.startswith("vsal-export: error: --instances: expected a count from 1 to 64")
+    assert not (tmp_path / "repo").exists()

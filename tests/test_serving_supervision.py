@@ -481,7 +481,7 @@ def orchestrator(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
     monkeypatch.delitem(sys.modules, "vsal.runtime.triton_models.orchestrator", raising=False)
     monkeypatch.delitem(sys.modules, "vsal.runtime.triton_models.dlpack", raising=False)
-    from vsal.runtime.triton_models import orchestrator
+    orchestrator = importlib.import_module("vsal.runtime.triton_models.orchestrator")  # anew, over pb
 
     model = orchestrator.TritonPythonModel()
     model.max_upload_mib, model.max_new_tokens = UPLOAD_MIB, NEW_TOKENS_LIMIT
@@ -649,3 +649,131 @@ def test_dlpack_capsules_free_their_array_whoever_owns_it(dlpack, consume):
         release()
     gc.collect()
     assert alive() is None and dlpack.seen.unraisable == []
+
+
+# --- what `vsal serve` and the client refuse before a server starts ------------------------------
+
+
+@pytest.mark.parametrize("port", [0, -1, 65536, 99999999999, "8001"])
+def test_server_refuses_a_port_number_no_server_can_listen_on(tiny_package, port):
+    from vsal.runtime.serve import ServeError, Server
+
+    with pytest.raises(ServeError, match=r"^--port .*: expected a port number from 1 to 65535$"):
+        Server(tiny_package, port=port, quiet=True).start()
+
+
+def test_server_refuses_a_port_another_program_listens_on(tiny_package):
+    from vsal.runtime.serve import ServeError, Server
+
+    with socket.socket() as other:  # on every address, as a system daemon listens
+        other.bind(("0.0.0.0", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        with pytest.raises(
+            ServeError, match=rf"^127\.0\.0\.1:{port}: the port is taken; choose another --port$"
+        ):
+            Server(tiny_package, port=port, quiet=True).start()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--port", "65536"], "'--port': 65536 is not in the range 1<=x<=65535"),
+        (["--port", "0"], "'--port': 0 is not in the range 1<=x<=65535"),
+        (["--max-queue-delay-us", "-5"], "'--max-queue-delay-us': -5 is not in the range 0<=x<=10000000"),
+    ],
+)
+def test_serve_refuses_out_of_range_options_before_starting(tiny_package, args, message):
+    from click.testing import CliRunner
+    from vsal.runtime.cli import cli
+
+    result = CliRunner().invoke(cli, ["serve", str(tiny_package), *args])
+    assert result.exit_code == 2 and message in result.output
+    assert "starting" not in result.output
+
+
+def test_remove_stale_workdirs_takes_only_our_folders_of_ended_servers(tmp_path):
+    from vsal.runtime.serve import WORKDIR_PREFIX, remove_stale_workdirs, workdir_prefix
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("a file a stale repository links to")
+    folders = tmp_path / "tmp"
+    folders.mkdir()
+    ended = folders / f"{workdir_prefix(dead_pid())}abc"
+    (ended / "repo").mkdir(parents=True)
+    (ended / "repo" / "link").symlink_to(outside)
+    (ended / "tritonserver.log").write_text("log")
+    alive = folders / f"{workdir_prefix()}def"
+    alive.mkdir()
+    old_style = folders / f"{WORKDIR_PREFIX}k2x9q1ab"  # no pid in its name: whose it is is unknown
+    old_style.mkdir()
+    a_file = folders / f"{workdir_prefix(dead_pid())}file"
+    a_file.write_text("not a folder")
+    a_link = folders / f"{workdir_prefix(dead_pid())}link"
+    a_link.symlink_to(outside)
+    assert remove_stale_workdirs(folders) == [ended.name]
+    assert sorted(p.name for p in folders.iterdir()) == sorted(
+        p.name for p in (alive, old_style, a_file, a_link)
+    )
+    assert (outside / "keep.txt").exists()  # links are removed, never followed
+    assert remove_stale_workdirs(tmp_path / "missing") == []
+
+
+def test_start_removes_stale_workdirs_and_names_its_own_with_its_pid(
+    tiny_package, tmp_path, monkeypatch, capsys
+):
+    """A stand-in for tritonserver records its command line and exits: no Triton is needed."""
+    import tempfile
+
+    from vsal.runtime.serve import ServeError, Server, TritonInstall, free_port, workdir_prefix
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    stale, live = tmp_path / f"{workdir_prefix(dead_pid())}abc", tmp_path / f"{workdir_prefix()}def"
+    (stale / "tmp").mkdir(parents=True)
+    live.mkdir()
+    record = tmp_path / "argv.txt"
+    stand_in = tmp_path / "tritonserver"
+    stand_in.write_text(f'#!/bin/sh\necho "$@" > {record}\nexit 1\n')
+    stand_in.chmod(0o755)
+    server = Server(tiny_package, port=free_port(), install=TritonInstall(stand_in, "a stand-in"))
+    with pytest.raises(ServeError, match="stopped while starting"):
+        server.start(timeout=60)
+    assert "removed 1 temporary folders of servers that no longer run" in capsys.readouterr().err
+    assert not stale.exists() and live.exists()
+    (repository,) = re.findall(r"--model-repository=(\S+)", record.read_text())
+    workdir = Path(repository).parent
+    assert workdir.parent == tmp_path and workdir.name.startswith(workdir_prefix())
+    assert not workdir.exists()  # removed at stop
+
+
+@pytest.mark.parametrize(
+    "url", ["", ":8001", " :8001", "127.0.0.1", "127.0.0.1:", "127.0.0.1:0", "127.0.0.1:99999", "h:8o01"]
+)
+def test_client_refuses_a_server_address_that_is_not_host_port(url):
+    from vsal.runtime.client import Client
+    from vsal.runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^--server .*: expected HOST:PORT with a port from 1 to 65535"):
+        Client(url)
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:8001", "localhost:1", "[::1]:65535"])
+def test_client_takes_host_port(url):
+    from vsal.runtime.client import Client
+
+    assert Client(url).url == url
+
+
+@pytest.mark.parametrize("url", ["", "127.0.0.1:99999"])
+def test_run_with_a_bad_server_address_says_one_line(url, tmp_path):
+    out = subprocess.run(
+        [*CLI, "run", "--server", url, "--audio", str(tmp_path / "a.wav"), "--prompt", "Hi"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1
+    assert out.stderr.splitlines() == [
+        f"vsal: error: --server {url!r}: expected HOST:PORT with a port from 1 to 65535, as 127.0.0.1:8001"
+    ]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from vsal.runtime.manifest import (
     Manifest,
     PackageError,
     TensorInfo,
+    load_manifest,
     save_manifest,
     sha256_file,
 )
@@ -348,3 +351,109 @@ def test_qdq_zero_points_are_read_off_the_graph(tmp_path, zero_point):
         assert any("non-zero zero point" in m and "'q'" in m for m in _messages(report)), report.format()
     else:
         assert report.ok and any("all with zero zero points" in m for m in infos), report.format()
+
+
+# --- check agrees with the runtime: what `vsal run` refuses is not OK ----------------------------------
+
+
+def _package_messages(report) -> list[str]:
+    return [f.message for f in report.package if f.level == "error"]
+
+
+def test_a_package_without_graphs_is_not_ok(tmp_path):
+    folder = _package(tmp_path, {})
+    report = check_package(folder)
+    assert not report.ok and any("the manifest names no graphs" in m for m in _package_messages(report))
+    assert main_check(folder, as_json=False) == 1
+
+
+def _drop_decoder(manifest: dict) -> None:
+    del manifest["graphs"]["llm_decoder"]
+
+
+def _zero_multiple(manifest: dict) -> None:
+    manifest["graphs"]["mrc_qformer"]["axis_multiples"]["S"] = 0
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_drop_decoder, "the package lacks graphs ['llm_decoder']"),
+        (_zero_multiple, "graphs.mrc_qformer.axis_multiples.S must be a positive integer, got 0"),
+    ],
+)
+def test_what_the_runtime_refuses_check_refuses_with_its_words(tiny_package, tmp_path, edit, message):
+    from vsal.runtime.pipeline import Pipeline
+
+    folder = tmp_path / "pkg"
+    shutil.copytree(tiny_package, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    edit(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PackageError, match=re.escape(message)):
+        Pipeline.load(folder, verbose=False)
+    report = check_package(folder)
+    assert not report.ok and any(message in m for m in _package_messages(report)), report.format()
+
+
+def _big_weight_declared(model: onnx.ModelProto) -> None:
+    """W declares 2**28 floats (1 GiB) stored at the start of its side file."""
+    weight = next(t for t in model.graph.initializer if t.name == "W")
+    del weight.dims[:]
+    weight.dims.extend([1 << 14, 1 << 14])
+    for entry in weight.external_data:
+        if entry.key == "length":
+            entry.value = str(1 << 30)
+
+
+def _external_block(tmp_path: Path) -> Path:
+    return _package(tmp_path, {"block": (_attention_block(), _info(external_data={"block.onnx.data": ""}))})
+
+
+def _rehash(folder: Path) -> None:
+    """The manifest's sha256 of the graph and its side file made to match what is there now."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    block = manifest["graphs"]["block"]
+    block["sha256"] = sha256_file(folder / "block.onnx")
+    block["external_data"] = {"block.onnx.data": sha256_file(folder / "block.onnx.data")}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "declared 1 GiB"])
+def test_external_weights_past_the_end_of_their_file(tmp_path, capfd, damage):
+    """A side file cut short (its sha256 fixed after) or a tensor declaring more bytes than the file
+    has: ONNX Runtime cannot load the graph, and check says so, naming the tensor and the sizes."""
+    from vsal.runtime.backends import BackendError, OnnxRuntimeBackend
+
+    folder = _external_block(tmp_path)
+    data = folder / "block.onnx.data"
+    if damage == "truncated":
+        data.write_bytes(data.read_bytes()[:100])
+        expected = "the file has 100 (truncated"
+    else:
+        model = onnx.load(str(folder / "block.onnx"), load_external_data=False)
+        _big_weight_declared(model)
+        onnx.save_model(model, folder / "block.onnx")
+        expected = f"tensor W is bytes 0 to {1 << 30}"
+    _rehash(folder)
+    report = check_package(folder)
+    errors = _messages(report)
+    assert not report.ok and any("block.onnx.data:" in m and expected in m for m in errors), errors
+    capfd.readouterr()
+    with pytest.raises(BackendError, match="ONNX Runtime cannot load it"):
+        OnnxRuntimeBackend("block", folder / "block.onnx", load_manifest(folder).graphs["block"], "cpu")
+    assert "onnxruntime" not in capfd.readouterr().err  # its own log stays quiet: vsal says it once
+
+
+def test_external_length_that_disagrees_with_the_shape(tmp_path):
+    folder = _external_block(tmp_path)
+    model = onnx.load(str(folder / "block.onnx"), load_external_data=False)
+    weight = next(t for t in model.graph.initializer if t.name == "W")
+    for entry in weight.external_data:
+        if entry.key == "length":
+            entry.value = "8"
+    onnx.save_model(model, folder / "block.onnx")
+    _rehash(folder)
+    assert any(
+        "tensor W declares 8 bytes, its shape [8, 8] needs 256" in m for m in _messages(check_package(folder))
+    )

@@ -194,8 +194,9 @@ def _options(data):
         return None
     try:
         fields = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ConfigError(f"OPTIONS is not JSON ({str(exc).splitlines()[0][:200]})") from None
+    except (ValueError, RecursionError) as exc:  # ValueError: also not UTF-8, or an int past 4300 digits
+        reason = str(exc).splitlines()[0].split("; use sys.set_int_max_str_digits")[0]  # not the client's
+        raise ConfigError(f"OPTIONS is not JSON ({reason[:200]})") from None
     if not isinstance(fields, dict):
         raise ConfigError(f"OPTIONS must be a JSON object of decoding options, got {type(fields).__name__}")
     unknown = sorted(set(fields) - set(DecodingOptions.__dataclass_fields__))
