@@ -471,24 +471,32 @@ def remove_shm(prefix: str, folder: Path = SHM_DIR) -> list[str]:
     return removed
 
 
-def remove_stale_shm(folder: Path = SHM_DIR) -> list[str]:
-    """Remove this user's regions of `vsal serve` processes that no longer run; their names.
-
-    Only names with our prefix, owned by this user, whose server's pid runs no process (a pid
-    reused since keeps its regions: safe, not exhaustive). Regions of any other program are left."""
-    pattern = re.compile(rf"^{re.escape(SHM_PREFIX)}(\d+)_")
-    removed = []
+def _stale_entries(folder: Path, prefix: str, separator: str):
+    """(entry, lstat) for this user's entries of folder named prefix + pid + separator whose pid
+    runs no process (a pid reused since keeps its entries: safe, not exhaustive)."""
+    pattern = re.compile(rf"^{re.escape(prefix)}(\d+){re.escape(separator)}")
     try:
         entries = list(folder.iterdir())
-    except OSError:  # no /dev/shm: nothing to clean
-        return removed
+    except OSError:  # no such folder: nothing to clean
+        return
     for entry in entries:
         match = pattern.match(entry.name)
         if not match or _proc_stat(int(match.group(1))) is not None:
             continue
         try:
-            if entry.lstat().st_uid != os.getuid():
-                continue
+            info = entry.lstat()
+        except OSError:  # gone meanwhile
+            continue
+        if info.st_uid == os.getuid():
+            yield entry, info
+
+
+def remove_stale_shm(folder: Path = SHM_DIR) -> list[str]:
+    """Remove this user's regions of `vsal serve` processes that no longer run; their names.
+    Regions of any other program are left."""
+    removed = []
+    for entry, _ in _stale_entries(folder, SHM_PREFIX, "_"):
+        try:
             entry.unlink()
         except OSError:  # gone meanwhile, or not ours to remove
             continue
@@ -506,21 +514,9 @@ def remove_stale_workdirs(folder: str | os.PathLike | None = None) -> list[str]:
     with SIGKILL leaves its own); their names. The rule of remove_stale_shm: our prefix, this
     user's, a pid that runs no process. Their repository links are removed, never followed."""
     folder = Path(folder if folder is not None else tempfile.gettempdir())
-    pattern = re.compile(rf"^{re.escape(WORKDIR_PREFIX)}(\d+)-")
     removed = []
-    try:
-        entries = list(folder.iterdir())
-    except OSError:  # no temp folder to clean
-        return removed
-    for entry in entries:
-        match = pattern.match(entry.name)
-        if not match or _proc_stat(int(match.group(1))) is not None:
-            continue
-        try:
-            info = entry.lstat()
-        except OSError:  # gone meanwhile
-            continue
-        if not S_ISDIR(info.st_mode) or info.st_uid != os.getuid():  # a link, a file, not ours
+    for entry, info in _stale_entries(folder, WORKDIR_PREFIX, "-"):
+        if not S_ISDIR(info.st_mode):  # a link or a file: not a folder we made
             continue
         shutil.rmtree(entry, ignore_errors=True)
         if not entry.exists():
