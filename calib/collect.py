@@ -82,15 +82,12 @@ def collect(
 
     pipeline = Pipeline.load(package, verbose=False, precision="fp32")
     recorded: dict[str, list[Feeds]] = {name: [] for name in CALIBRATION_GRAPHS}
-    for name in CALIBRATION_GRAPHS:
-        backend = pipeline.backend(name)
-        run = backend.run
 
-        def recording(feeds, outputs=None, _run=run, _name=name):
-            recorded[_name].append({k: np.array(v, copy=True) for k, v in feeds.items()})
-            return _run(feeds, outputs)
+    def record(name: str, feeds: Feeds) -> None:
+        if name in recorded:
+            recorded[name].append({k: np.array(v, copy=True) for k, v in feeds.items()})
 
-        backend.run = recording
+    pipeline.observe_feeds(record)
     options = DecodingOptions(num_beams=1, max_new_tokens=1)
     clips = list(clips)
     for clip in tqdm(clips, desc=label, unit="clip", disable=not progress):

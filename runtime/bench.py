@@ -194,7 +194,7 @@ def run_runtime_once(pipeline, media_kwargs: dict, prompt: str, tokens: int, sha
     from vsal.runtime.generation import generate_tokens
     from vsal.runtime.prompt import DecodingOptions
 
-    pipeline._media_cache.clear()  # every run decodes and encodes the clip
+    pipeline.clear_cache()  # every run decodes and encodes the clip
     decoding = pipeline.manifest.decoding
     options = DecodingOptions(
         num_beams=1,
@@ -210,7 +210,7 @@ def run_runtime_once(pipeline, media_kwargs: dict, prompt: str, tokens: int, sha
     t = time.perf_counter()
     embeds = pipeline.inputs_embeds(av, prompt)
     timings["prompt_embeddings"] = time.perf_counter() - t
-    step = _TimedStep(pipeline._step())
+    step = _TimedStep(pipeline.decoder_step())
     t = time.perf_counter()
     times = []
     ids = []
@@ -232,14 +232,12 @@ def run_runtime_once(pipeline, media_kwargs: dict, prompt: str, tokens: int, sha
 
 
 def _record_shapes(pipeline, shapes: dict) -> None:
-    """Remember the input shapes of each graph's last call (for the FLOPs), without touching the class."""
-    run = pipeline._run
+    """Remember the input shapes of each graph's last call (for the FLOPs)."""
 
-    def recording(name, **feeds):
+    def record(name, feeds):
         shapes.setdefault("graphs", {})[name] = {k: tuple(v.shape) for k, v in feeds.items()}
-        return run(name, **feeds)
 
-    pipeline._run = recording
+    pipeline.observe_feeds(record)
 
 
 def bench_runtime(
@@ -270,7 +268,8 @@ def bench_runtime(
         for name in STAGES
         if name in results[0]["timings"]
     }
-    precisions = {name: b.precision for name, b in pipeline._backends.items()}
+    backends = pipeline.loaded_backends
+    precisions = {name: b.precision for name, b in backends.items()}
     return {
         "stages": stages,
         "decode_tokens_per_s": summarize([1 / r["timings"]["decode_per_token"] for r in results]),
@@ -279,7 +278,7 @@ def bench_runtime(
         "load_s": load_s,
         "warmup_s": warmup_s,
         "peak_rss_bytes": peak_rss_bytes(),
-        "backends": {name: b.description for name, b in pipeline._backends.items()},
+        "backends": {name: b.description for name, b in backends.items()},
         "precisions": precisions,
         "shapes": shapes,
         "_manifest": pipeline.manifest,

@@ -20,7 +20,7 @@ import os
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -48,6 +48,9 @@ REQUIRED_GRAPHS = (
 )
 ENGINES = ("onnxruntime", "tensorrt")
 MEDIA_CACHE_SIZE = 4  # clips whose encoder outputs are kept
+
+
+FeedObserver = Callable[[str, dict[str, np.ndarray]], None]  # (graph name, feeds)
 
 
 @dataclass
@@ -105,6 +108,27 @@ class Pipeline:
         self.limits = DecoderLimits.of(manifest.graphs["llm_decoder"])
         self._backends: dict[str, Backend] = {}
         self._media_cache: OrderedDict[tuple, MediaFeatures] = OrderedDict()
+        self._feed_observers: list[FeedObserver] = []
+
+    # --- hooks for tools (bench, calibration, scripts): nothing outside reaches into the pipeline ---
+
+    def observe_feeds(self, observer: FeedObserver) -> None:
+        """Call observer(graph name, feeds) before every graph run by `encode_media` and `av_tokens`
+        (the decoder's steps excepted): shapes for the bench's FLOPs, inputs for calibration."""
+        self._feed_observers.append(observer)
+
+    def clear_cache(self) -> None:
+        """Forget the encoded clips: the next question decodes and encodes its media again."""
+        self._media_cache.clear()
+
+    @property
+    def loaded_backends(self) -> dict[str, Backend]:
+        """The backends loaded so far, by graph name (they load lazily, at a graph's first run)."""
+        return dict(self._backends)
+
+    def decoder_step(self) -> BoundDecoderStep | GraphDecoderStep:
+        """A fresh decoder step over the llm_decoder graph (see `_step`)."""
+        return self._step()
 
     @classmethod
     def load(
@@ -186,6 +210,8 @@ class Pipeline:
         )
 
     def _run(self, name: str, **feeds: np.ndarray) -> np.ndarray:
+        for observer in self._feed_observers:
+            observer(name, feeds)
         backend = self.backend(name)
         return backend.run(feeds, [backend.output_names()[0]])[backend.output_names()[0]]
 

@@ -291,7 +291,7 @@ def pipeline_speed(
     runtime = Pipeline.load(folder, engine=backend, precision=precision, verbose=False)
 
     def run_runtime():
-        runtime._media_cache.clear()  # every run decodes and encodes the clip again
+        runtime.clear_cache()  # every run decodes and encodes the clip again
         return runtime.ask(prompt, video=clip, options=options)
 
     answer = run_runtime()

@@ -77,6 +77,26 @@ def test_second_question_reuses_the_encoders(tiny_package, media):
     assert "frame_qformer" in second.timings  # the instruction changed: the Q-Former runs again
 
 
+def test_hooks_observe_feeds_clear_the_cache_and_name_the_backends(tiny_package, media):
+    fresh = Pipeline.load(tiny_package, verbose=False)
+    seen = []
+    fresh.observe_feeds(lambda name, feeds: seen.append((name, {k: v.shape for k, v in feeds.items()})))
+    fresh.ask("What is it?", options=GREEDY, **media["audio-only"])
+    names = [name for name, _ in seen]
+    assert names == [
+        "whisper_encoder",
+        "beats_encoder",
+        "mrc_qformer",
+    ]  # the decoder's steps are not fed here
+    assert seen[0][1] == {"input_features": (1, 80, 3000)}
+    assert set(fresh.loaded_backends) == {"whisper_encoder", "beats_encoder", "mrc_qformer", "llm_decoder"}
+    again = fresh.ask("Where is it?", options=GREEDY, **media["audio-only"])
+    assert again.media_cached and [name for name, _ in seen].count("whisper_encoder") == 1
+    fresh.clear_cache()
+    assert not fresh.ask("Where is it?", options=GREEDY, **media["audio-only"]).media_cached
+    assert [name for name, _ in seen].count("whisper_encoder") == 2
+
+
 def test_stream_pieces_make_the_answer(pipeline, media):
     pieces = list(pipeline.stream("What is it?", options=GREEDY, **media["video-only"]))
     answer = pipeline.ask("What is it?", options=GREEDY, **media["video-only"])
