@@ -507,7 +507,7 @@ def main_check(folder: str | Path, as_json: bool) -> int:
 def _runnable(manifest: Manifest, folder: Path) -> list[Finding]:
     """What Pipeline.load refuses (the same checks), so that check never passes a package `vsal run`
     cannot run. A package of none of the runtime's graphs is one for TensorRT checks only: a warning."""
-    from vsal.runtime.pipeline import REQUIRED_GRAPHS
+    from vsal.runtime.pipeline import REQUIRED_GRAPHS, load_tokenizers
 
     if not manifest.graphs:
         return [
@@ -528,7 +528,8 @@ def _runnable(manifest: Manifest, folder: Path) -> list[Finding]:
         return [Finding("error", "both", message)]
     try:
         check_runnable(manifest, folder)
-    except PackageError as exc:
+        load_tokenizers(manifest, folder)
+    except PackageError as exc:  # TokenizerFileError is one
         return [Finding("error", "both", str(exc))]
     return []
 

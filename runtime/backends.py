@@ -235,7 +235,10 @@ class OnnxRuntimeBackend:
         self.name = name
         self.provider = provider
         self.precision = precision
-        self.description = f"onnxruntime {provider} ({self.session.get_providers()[0]}) {precision}{note}"
+        running = self.session.get_providers()[0]
+        if running != PROVIDERS[provider]:  # its own log is silenced: say the fallback here
+            note += f", not on {PROVIDERS[provider]}: ONNX Runtime could not start it (check CUDA and cuDNN)"
+        self.description = f"onnxruntime {provider} ({running}) {precision}{note}"
         self.checker = FeedChecker(name, info)
         self.errors = ort_errors()
         self._outputs = [o.name for o in self.session.get_outputs()]

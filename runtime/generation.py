@@ -269,13 +269,10 @@ def generate_tokens(
     prompt = as_prompt(inputs_embeds)
     min_new = min_new_tokens(options, prompt.shape[1])
     rng = np.random.default_rng(options.seed)
-    # Sampling in float64: a float32 logit divided by a penalty or temperature at its bound (1e-3)
-    # could overflow. Greedy keeps transformers' float32 (its argmax is the same either way).
-    dtype = np.float64 if options.sample else np.float32
     logits, cache = prefill(step, prompt)
     generated: list[int] = []
     while True:
-        scores = process_scores(logits.astype(dtype), np.array([generated], np.int64), options, min_new)
+        scores = process_scores(logits.astype(np.float32), np.array([generated], np.int64), options, min_new)
         token = select_token(scores, options, rng)
         generated.append(token)
         yield token

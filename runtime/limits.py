@@ -21,10 +21,10 @@ from vsal.runtime.prompt import DecodingOptions
 # parameters of the orchestrator's config.pbtxt), beside the decoder's own limits below.
 MAX_UPLOAD_MIB = 256  # MiB, each media file (video, audio)
 MAX_NEW_TOKENS_LIMIT = 512  # new tokens a request may ask for: the release's max_tgt_len
-# Characters one token of the question covers at most. sentencepiece caps a piece at 16 characters
-# (LLaMA's max_sentencepiece_length) and characters outside the vocabulary take a token per byte, so
-# a question of more than T max * 32 characters cannot fit: it is refused by its length, before the
-# tokenizer would spend memory on it (a 50 MB line once reached 2.86 GB of RSS in it).
+# Characters one token of the question covers at most: sentencepiece caps a piece at 16 characters
+# (LLaMA's max_sentencepiece_length; 32 leaves room for other vocabularies), so a question of more
+# than T max * 32 characters cannot fit: it is refused by its length, before the tokenizer would
+# spend memory on it (a 50 MB line once reached 2.86 GB of RSS in it).
 MAX_CHARS_PER_TOKEN = 32
 
 

@@ -102,14 +102,15 @@ def _checked_stat(path: Path) -> os.stat_result:
 
 
 def _on_kernel_file_system(path: Path, info: os.stat_result) -> bool:
-    """Under /proc or /sys once links are resolved, or on the same device as either (mounted
-    elsewhere). /proc/self/fd/N naming a regular file resolves to that file, so it is not refused."""
+    """Under /proc or /sys once links are resolved, or on the same device as either where it is
+    mounted (it may be mounted elsewhere too). /proc/self/fd/N naming a regular file resolves to
+    that file, so it is not refused."""
     real = os.path.realpath(path)
     for folder in _KERNEL_FOLDERS:
         if real == folder or real.startswith(folder + "/"):
             return True
-        try:
-            if os.stat(folder).st_dev == info.st_dev:
+        try:  # only a mounted one: /proc as a plain folder of / (a chroot) shares the root's device
+            if os.path.ismount(folder) and os.stat(folder).st_dev == info.st_dev:
                 return True
         except OSError:  # no such file system here
             continue

@@ -50,6 +50,16 @@ ENGINES = ("onnxruntime", "tensorrt")
 MEDIA_CACHE_SIZE = 4  # clips whose encoder outputs are kept
 
 
+def load_tokenizers(manifest: Manifest, folder: Path) -> tuple[LlamaTokenizer, InstructionTokenizer]:
+    """The package's two tokenizers, checked (size caps, a vocab.txt within the Q-Former's ids)."""
+    llama = LlamaTokenizer(folder / manifest.llm_tokenizer.file)
+    instruction = InstructionTokenizer(
+        folder / manifest.instruction_tokenizer.file,
+        model_vocab=manifest.config["frame_qformer"]["vocab_size"],
+    )
+    return llama, instruction
+
+
 FeedObserver = Callable[[str, dict[str, np.ndarray]], None]  # (graph name, feeds)
 
 
@@ -100,10 +110,7 @@ class Pipeline:
         self.width = cfg["frame_qformer"]["hidden_size"]
         self.alignment = cfg["alignment"]
         self.llm = cfg["llm"]
-        self.llama = LlamaTokenizer(folder / manifest.llm_tokenizer.file)
-        self.instruction = InstructionTokenizer(
-            folder / manifest.instruction_tokenizer.file, model_vocab=cfg["frame_qformer"]["vocab_size"]
-        )
+        self.llama, self.instruction = load_tokenizers(manifest, folder)
         self.embeddings = manifest.load_embeddings(folder)  # [V, H], checked, never unpickled
         self.limits = DecoderLimits.of(manifest.graphs["llm_decoder"])
         self._backends: dict[str, Backend] = {}

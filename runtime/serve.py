@@ -27,6 +27,7 @@ SIGKILL does not end within seconds (uninterruptible sleep in the kernel) is nam
 from __future__ import annotations
 
 import errno
+import fcntl
 import glob
 import importlib.util
 import os
@@ -240,6 +241,7 @@ class Server:
         self.install = install
         self.process: subprocess.Popen | None = None
         self.workdir: Path | None = None
+        self._alive = None  # the lock that tells other pid namespaces this server runs
 
     @property
     def url(self) -> str:
@@ -268,6 +270,7 @@ class Server:
             old = env.get("LD_LIBRARY_PATH")
             env["LD_LIBRARY_PATH"] = os.pathsep.join([*map(str, lib_dirs), *([old] if old else [])])
         self.workdir = Path(tempfile.mkdtemp(prefix=workdir_prefix()))
+        self._alive = _hold_alive_lock(self.workdir)
         (self.workdir / "tmp").mkdir()
         env["TMPDIR"] = str(self.workdir / "tmp")  # the models' temporary files go with the server's
         env["VSAL_STOP_FILE"] = str(self.stop_file)
@@ -381,6 +384,9 @@ class Server:
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
+        if self._alive is not None:
+            self._alive.close()
+            self._alive = None
 
     def _stop_triton(self, group: int) -> None:
         try:
@@ -509,6 +515,31 @@ def workdir_prefix(pid: int | None = None) -> str:
     return f"{WORKDIR_PREFIX}{os.getpid() if pid is None else pid}-"
 
 
+ALIVE_LOCK = ".alive"  # in a server's workdir: locked for as long as it runs
+
+
+def _hold_alive_lock(workdir: Path):
+    """Lock workdir/.alive for the server's life (the file object holds it; closing releases it)."""
+    handle = open(workdir / ALIVE_LOCK, "w")  # noqa: SIM115  (held until stop)
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return handle
+
+
+def _alive_elsewhere(workdir: Path) -> bool:
+    """Whether a running server holds the workdir's lock (its pid may be in another pid namespace)."""
+    try:
+        fd = os.open(workdir / ALIVE_LOCK, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:  # none (an older server's folder) or not a plain file
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def remove_stale_workdirs(folder: str | os.PathLike | None = None) -> list[str]:
     """Remove this user's temporary folders of `vsal serve` processes that no longer run (one killed
     with SIGKILL leaves its own); their names. The rule of remove_stale_shm: our prefix, this
@@ -517,6 +548,8 @@ def remove_stale_workdirs(folder: str | os.PathLike | None = None) -> list[str]:
     removed = []
     for entry, info in _stale_entries(folder, WORKDIR_PREFIX, "-"):
         if not S_ISDIR(info.st_mode):  # a link or a file: not a folder we made
+            continue
+        if _alive_elsewhere(entry):  # a server whose pid this namespace cannot see (a container)
             continue
         shutil.rmtree(entry, ignore_errors=True)
         if not entry.exists():

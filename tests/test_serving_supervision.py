@@ -720,6 +720,18 @@ def test_remove_stale_workdirs_takes_only_our_folders_of_ended_servers(tmp_path)
     assert remove_stale_workdirs(tmp_path / "missing") == []
 
 
+def test_a_workdir_whose_lock_is_held_is_kept_though_its_pid_looks_dead(tmp_path):
+    """A server in another pid namespace sharing /tmp: its pid is not in our /proc, its lock is held."""
+    from vsal.runtime.serve import _hold_alive_lock, remove_stale_workdirs, workdir_prefix
+
+    elsewhere = tmp_path / f"{workdir_prefix(dead_pid())}abc"
+    elsewhere.mkdir()
+    lock = _hold_alive_lock(elsewhere)
+    assert remove_stale_workdirs(tmp_path) == [] and elsewhere.is_dir()
+    lock.close()  # that server stopped without cleaning up: now it is stale
+    assert remove_stale_workdirs(tmp_path) == [elsewhere.name] and not elsewhere.exists()
+
+
 def test_start_removes_stale_workdirs_and_names_its_own_with_its_pid(
     tiny_package, tmp_path, monkeypatch, capsys
 ):
