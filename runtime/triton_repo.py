@@ -260,7 +260,7 @@ def precision_notes(manifest: Manifest, precision: str, package: Path) -> list[s
     lacking = [name for name, info in manifest.graphs.items() if precision not in info.variants]
     if len(lacking) == len(manifest.graphs):
         raise RepositoryError(
-            f"{package}: no graph has a {precision} variant; build them first "
+            f"{package}: no graph has its {precision} variant; build them first "
             f"(`vsal-export build {package} --precision {precision}`) or ask for --precision fp32"
         )
     return [f"{name}: no {precision} variant in the package, ships its fp32 graph" for name in lacking]

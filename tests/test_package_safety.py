@@ -424,40 +424,26 @@ def _fake_fp16_variants(pkg: Path, graphs) -> None:
     _save(pkg, data)
 
 
+def _triton(pkg, out, precision, *extra):
+    return _cli(
+        "vsal-export", "triton", str(pkg), "--output", str(out), "--flavor", "onnxruntime",
+        "--precision", precision, *extra,
+    )  # fmt: skip
+
+
 def test_triton_fp16_ships_the_fp16_files_and_says_which_lack_them(pkg, tmp_path):
     names = list(_data(pkg)["graphs"])
     _fake_fp16_variants(pkg, names[1:])
     out = tmp_path / "repo"
-    done = _cli(
-        "vsal-export",
-        "triton",
-        str(pkg),
-        "--output",
-        str(out),
-        "--flavor",
-        "onnxruntime",
-        "--precision",
-        "fp16",
-    )
+    done = _triton(pkg, out, "fp16")
     assert done.returncode == 0, done.stderr
     shipped = sorted(p.name for p in out.rglob("*.onnx"))
     assert shipped == sorted([f"{names[0]}.onnx", *(f"{n}.fp16.onnx" for n in names[1:])])
     assert f"vsal: note: {names[0]}: no fp16 variant in the package, ships its fp32 graph" in done.stderr
     assert done.stderr.count("no fp16 variant") == 1
-    done = _cli(
-        "vsal-export",
-        "triton",
-        str(pkg),
-        "--output",
-        str(out),
-        "--flavor",
-        "onnxruntime",
-        "--precision",
-        "int8",
-        "--overwrite",
-    )
+    done = _triton(pkg, out, "int8", "--overwrite")
     assert done.returncode == 1 and done.stderr.strip().count("\n") == 0
-    assert "no graph has a int8 variant; build them first" in done.stderr
+    assert "no graph has its int8 variant; build them first" in done.stderr
 
 
 # --- the command lines: exit 1 and one line ---------------------------------------------------------
