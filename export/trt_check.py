@@ -507,7 +507,7 @@ def main_check(folder: str | Path, as_json: bool) -> int:
 def _runnable(manifest: Manifest, folder: Path) -> list[Finding]:
     """What Pipeline.load refuses (the same checks), so that check never passes a package `vsal run`
     cannot run. A package of none of the runtime's graphs is one for TensorRT checks only: a warning."""
-    from vsal.runtime.pipeline import REQUIRED_GRAPHS, load_tokenizers
+    from vsal.runtime.pipeline import REQUIRED_GRAPHS, check_required_graphs, load_tokenizers
 
     if not manifest.graphs:
         return [
@@ -522,11 +522,8 @@ def _runnable(manifest: Manifest, folder: Path) -> list[Finding]:
                 "only, `vsal run` cannot run this package",
             )
         ]
-    missing = [g for g in REQUIRED_GRAPHS if g not in manifest.graphs]
-    if missing:  # checked first, as Pipeline.load does: check_runnable reads these graphs
-        message = f"{folder}: the package lacks graphs {missing} (export them all to run it)"
-        return [Finding("error", "both", message)]
     try:
+        check_required_graphs(manifest, folder)  # first, as Pipeline.load does: check_runnable reads them
         check_runnable(manifest, folder)
         load_tokenizers(manifest, folder)
     except PackageError as exc:  # TokenizerFileError is one

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 from vsal.runtime.errors import VsalError
-from vsal.runtime.limits import MAX_NEW_TOKENS_LIMIT, MAX_UPLOAD_MIB
+from vsal.runtime.limits import MAX_NEW_TOKENS_LIMIT, MAX_UPLOAD_MIB, PORTS
 
 
 def run_cli(group: click.Group, prog: str) -> None:
@@ -231,7 +231,7 @@ def run(
 
 @cli.command(help="Serve a model package (or a `vsal-export triton` repository) with Triton on 127.0.0.1.")
 @click.argument("model_dir", type=click.Path(path_type=Path))
-@click.option("--port", type=click.IntRange(1, 65535), default=8001, show_default=True, help="gRPC port.")
+@click.option("--port", type=click.IntRange(*PORTS), default=8001, show_default=True, help="gRPC port.")
 @click.option(
     "--flavor",
     type=click.Choice(["python", "onnxruntime", "tensorrt"]),

@@ -25,6 +25,7 @@ from dataclasses import asdict
 
 import numpy as np
 from vsal.runtime.errors import ConfigError, LimitError, VsalError
+from vsal.runtime.limits import PORTS
 from vsal.runtime.media import check_media_file
 from vsal.runtime.prompt import DecodingOptions, check_prompt
 from vsal.runtime.triton_repo import ORCHESTRATOR
@@ -192,7 +193,7 @@ def check_url(url: str) -> str:
     ConfigError: gRPC would log its own complaint, or wrap the port modulo 65536."""
     host, _, port = url.rpartition(":") if isinstance(url, str) else ("", "", "")
     number = int(port) if port.isascii() and port.isdigit() else 0
-    if not host.strip("[]").strip() or not 1 <= number <= 65535:
+    if not host.strip("[]").strip() or not PORTS[0] <= number <= PORTS[1]:
         raise ConfigError(
             f"--server {url!r}: expected HOST:PORT with a port from 1 to 65535, as 127.0.0.1:8001"
         )

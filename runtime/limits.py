@@ -19,6 +19,7 @@ from vsal.runtime.prompt import DecodingOptions
 
 # What `vsal serve` takes of one request by default (`--max-upload-mib`, `--max-new-tokens-limit`;
 # parameters of the orchestrator's config.pbtxt), beside the decoder's own limits below.
+PORTS = (1, 65535)  # TCP ports a server can listen on (0 would be one the kernel picks)
 MAX_UPLOAD_MIB = 256  # MiB, each media file (video, audio)
 MAX_NEW_TOKENS_LIMIT = 512  # new tokens a request may ask for: the release's max_tgt_len
 # Characters one token of the question covers at most: sentencepiece caps a piece at 16 characters

@@ -50,6 +50,13 @@ ENGINES = ("onnxruntime", "tensorrt")
 MEDIA_CACHE_SIZE = 4  # clips whose encoder outputs are kept
 
 
+def check_required_graphs(manifest: Manifest, folder: Path) -> None:
+    """PackageError when the package lacks one of the graphs the runtime runs."""
+    missing = [g for g in REQUIRED_GRAPHS if g not in manifest.graphs]
+    if missing:
+        raise PackageError(f"{folder}: the package lacks graphs {missing} (export them all to run it)")
+
+
 def load_tokenizers(manifest: Manifest, folder: Path) -> tuple[LlamaTokenizer, InstructionTokenizer]:
     """The package's two tokenizers, checked (size caps, a vocab.txt within the Q-Former's ids)."""
     llama = LlamaTokenizer(folder / manifest.llm_tokenizer.file)
@@ -163,9 +170,7 @@ class Pipeline:
             raise ConfigError(f"unknown precision {precision!r}; choose fp32, fp16 or int8")
         folder = Path(folder)
         manifest = load_manifest(folder)
-        missing = [g for g in REQUIRED_GRAPHS if g not in manifest.graphs]
-        if missing:
-            raise PackageError(f"{folder}: the package lacks graphs {missing} (export them all to run it)")
+        check_required_graphs(manifest, folder)
         check_runnable(manifest, folder)
         if verify:
             problems = verify_files(manifest, folder)

@@ -47,6 +47,7 @@ from pathlib import Path
 from stat import S_ISDIR
 
 from vsal.runtime.errors import VsalError
+from vsal.runtime.limits import PORTS
 from vsal.runtime.triton_repo import RepoOptions, is_repository, write_repository
 
 PYTRITON = "nvidia-pytriton==0.7.0"  # bundles Triton 2.51
@@ -57,7 +58,6 @@ STUB_EXIT_S = 3.0  # stubs that outlive Triton notice within a second (their par
 KILLED_EXIT_S = 5.0  # a process still there this long after SIGKILL is stuck in the kernel: left
 SHM_PREFIX = "vsal_serve_"  # + pid of `vsal serve` + "_": its Python backend's shared-memory regions
 WORKDIR_PREFIX = "vsal-serve-"  # + pid of `vsal serve` + "-": its temporary folder, in the temp dir
-PORTS = (1, 65535)  # TCP ports a server can listen on (0 would be one the kernel picks)
 SHM_DIR = Path("/dev/shm")
 # Runs Triton with a parent-death signal: prctl(PR_SET_PDEATHSIG, SIGKILL), which execve keeps, then
 # exec (a launcher instead of preexec_fn, which is unsafe in a process with threads). argv: the
