@@ -55,7 +55,7 @@ def session(path: str | os.PathLike, threads: int = 0, optimization: str = "all"
         options.intra_op_num_threads = threads
     source = str(path)
     if as_runtime:
-        from vsal.runtime.qdq_cpu import cpu_int8_graph
+        from vsal.transforms.qdq_cpu import cpu_int8_graph
 
         prepared = cpu_int8_graph(path)
         source = prepared.model if prepared is not None else source

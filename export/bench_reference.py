@@ -54,7 +54,7 @@ def load_model(model_dir: Path, checkpoint: Path | None):
 
     manifest = load_manifest(model_dir)
     if checkpoint is not None:
-        from vsal.export.consolidated import load_consolidated
+        from vsal.export.weights.consolidated import load_consolidated
 
         model = load_consolidated(checkpoint)
         source = f"checkpoint {checkpoint}"
@@ -157,8 +157,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from vsal.export.reference import ReferencePipeline
-    from vsal.runtime.bench import STAGES, peak_rss_bytes, summarize
     from vsal.runtime.manifest import load_manifest
+    from vsal.runtime.tools.bench import STAGES, peak_rss_bytes, summarize
 
     if args.threads:
         torch.set_num_threads(args.threads)

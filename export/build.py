@@ -1,7 +1,7 @@
 """`vsal-export build`: reduced-precision graphs beside the fp32 ones, with an accuracy report.
 
 Precision lives in the ONNX graph (TensorRT 11 builds only strongly typed networks): fp16 is the
-graph converted with fp32 islands (vsal.export.fp16), int8 is explicit Q/DQ calibrated on real
+graph converted with fp32 islands (vsal.transforms.fp16), int8 is explicit Q/DQ calibrated on real
 media (vsal.calib), weight-only for the LLM decoder. Each variant is checked against the fp32
 graph on held-out clips (never the calibration clips) and, end to end, by greedy token agreement
 through the runtime. A build below the thresholds says so and fails unless allowed. Variants are
@@ -363,7 +363,7 @@ class GraphBuild:
 
 def _build_graph(package: Path, manifest, name: str, precision: str, calibration, checks, build_id: str):
     from vsal.export.accuracy import accuracy
-    from vsal.export.onnx_files import external_files
+    from vsal.transforms.onnx_io import external_files
 
     info = manifest.graphs[name]
     src = package / info.file
@@ -372,17 +372,17 @@ def _build_graph(package: Path, manifest, name: str, precision: str, calibration
     dst = package / rel
     start = time.perf_counter()
     if precision == "fp16":
-        from vsal.export.fp16 import convert_fp16
+        from vsal.transforms.fp16 import convert_fp16
 
         details = convert_fp16(src, dst)
         applied = details.casts_added > 0 or details.bytes_after < details.bytes_before
     elif name == "llm_decoder":
-        from vsal.calib.quantize import quantize_weights_int8
+        from vsal.transforms.int8 import quantize_weights_int8
 
         details = quantize_weights_int8(src, dst)
         applied = bool(details.quantized)
     else:
-        from vsal.calib.quantize import quantize_int8
+        from vsal.transforms.int8 import quantize_int8
 
         if not calibration.get(name):
             raise BuildError(

@@ -69,11 +69,11 @@ def _load(preset: str | None, checkpoint: Path | None, checkpoint_dir: Path | No
     assets = ensure_tokenizer_assets()
     llama_dir, bert_dir = assets.llama_dir, assets.bert_vocab.parent
     if checkpoint is not None:
-        from vsal.export.consolidated import load_consolidated
+        from vsal.export.weights.consolidated import load_consolidated
 
         model = load_consolidated(checkpoint)
     elif checkpoint_dir is not None:
-        from vsal.export.release_files import load_release_files
+        from vsal.export.weights.release_files import load_release_files
 
         model, report = load_release_files(checkpoint_dir, presets.get("13b"), progress=True)
         click.echo(report.summary(), err=True)
@@ -201,8 +201,8 @@ def demo(package: Path, prompt: str) -> None:
 )
 def convert(checkpoint_dir: Path, output: Path) -> None:
     from vsal.export import presets
-    from vsal.export.consolidated import convert_release_files
     from vsal.export.package import check_checkpoint_dir
+    from vsal.export.weights.consolidated import convert_release_files
 
     check_checkpoint_dir(checkpoint_dir)
     report = convert_release_files(checkpoint_dir, output, presets.get("13b"), progress=True)
@@ -294,7 +294,7 @@ def _export_source(preset, checkpoint, checkpoint_dir, tmp: Path):
     assets = ensure_tokenizer_assets()
     tokenizers = TokenizerFiles(assets.llama_dir, assets.bert_vocab)
     if checkpoint_dir is not None:
-        from vsal.export.consolidated import convert_release_files
+        from vsal.export.weights.consolidated import convert_release_files
 
         config = presets.get(preset or "13b")
         consolidated = tmp / "consolidated.safetensors"
@@ -305,7 +305,7 @@ def _export_source(preset, checkpoint, checkpoint_dir, tmp: Path):
             tokenizers = TokenizerFiles(vicuna, assets.bert_vocab)
         return ExportSource(config, False, consolidated_filler(consolidated)), tokenizers
     if checkpoint is not None:
-        from vsal.export.consolidated import FORMAT, read_consolidated_config
+        from vsal.export.weights.consolidated import FORMAT, read_consolidated_config
 
         if _is_consolidated(checkpoint, FORMAT):
             return ExportSource(
@@ -337,7 +337,7 @@ def _is_consolidated(path: Path, format_name: str) -> bool:
 
 
 def _read_state_dict(path: Path):
-    from vsal.export.checkpoints import CheckpointError
+    from vsal.export.weights.checkpoints import CheckpointError
 
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -348,7 +348,7 @@ def _read_state_dict(path: Path):
             return load_file(str(path))
         except Exception as exc:
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
-    from vsal.export.release_files import _torch_load
+    from vsal.export.weights.release_files import _torch_load
 
     data = _torch_load(path)
     if isinstance(data, dict) and "model" in data and isinstance(data["model"], dict):
@@ -370,7 +370,7 @@ def check(model_dir: Path, as_json: bool) -> None:
 
 
 def _gpu_ids(ctx, param, value: str | None) -> tuple[int, ...]:
-    from vsal.runtime.triton_repo import RepositoryError, parse_gpus
+    from vsal.runtime.serving.triton_repo import RepositoryError, parse_gpus
 
     try:
         return parse_gpus(value) if value is not None else ()
@@ -431,7 +431,7 @@ def triton(
     orchestrator_instances,
     overwrite,
 ) -> None:
-    from vsal.runtime.triton_repo import RepoOptions, write_repository
+    from vsal.runtime.serving.triton_repo import RepoOptions, write_repository
 
     options = RepoOptions(
         flavor=flavor,

@@ -22,10 +22,10 @@ import numpy as np
 import onnx
 import torch
 from torch import nn
-from vsal.export.onnx_files import save_onnx
 from vsal.export.specs import GraphSpec, TensorSpec
 from vsal.runtime.backends import ORT_LOG_FATAL
 from vsal.runtime.errors import VsalError
+from vsal.transforms.onnx_io import save_onnx
 
 DEFAULT_OPSET = 18
 

@@ -308,7 +308,7 @@ def _copy(src: Path, work: Path, subdir: str) -> FileInfo:
 def check_checkpoint_file(path: Path) -> None:
     """--checkpoint: a readable safetensors file (header read) or torch.save file, checked before
     any model is built."""
-    from vsal.export.checkpoints import CheckpointError
+    from vsal.export.weights.checkpoints import CheckpointError
 
     path = Path(path)
     _check_readable_file(path, "--checkpoint", CheckpointError)
@@ -334,8 +334,8 @@ def check_checkpoint_file(path: Path) -> None:
 def check_checkpoint_dir(folder: Path) -> None:
     """--checkpoint-dir: the six released files and folders all there and readable (one message
     listing every one that is not), checked before any model is built."""
-    from vsal.export.checkpoints import CheckpointError
-    from vsal.export.release_files import RELEASE_SOURCES
+    from vsal.export.weights.checkpoints import CheckpointError
+    from vsal.export.weights.release_files import RELEASE_SOURCES
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -368,7 +368,7 @@ def _check_readable_file(path: Path, option: str, error: type[Exception]) -> Non
 def consolidated_filler(path: Path) -> Callable[[str, nn.Module], None]:
     """Load one part's tensors from a consolidated checkpoint (keys `<part>.*`), strictly."""
     from safetensors import safe_open
-    from vsal.export.checkpoints import CheckpointError, _derived
+    from vsal.export.weights.checkpoints import CheckpointError, _derived
 
     def fill(name: str, module: nn.Module) -> None:
         prefix = name + "."

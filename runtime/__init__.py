@@ -12,7 +12,7 @@ def __getattr__(name: str):
 
         return Pipeline
     if name == "Client":
-        from vsal.runtime.client import Client
+        from vsal.runtime.serving.client import Client
 
         return Client
     raise AttributeError(f"module 'vsal.runtime' has no attribute {name!r}")

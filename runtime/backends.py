@@ -223,7 +223,7 @@ class OnnxRuntimeBackend:
             providers[:0] = [(PROVIDERS["tensorrt"], trt_options), PROVIDERS["cuda"]]
         source, note = str(path), ""
         if provider == "cpu" and precision == "int8":  # x86: re-encoded for this CPU (runtime.qdq_cpu)
-            from vsal.runtime.qdq_cpu import cpu_int8_graph
+            from vsal.transforms.qdq_cpu import cpu_int8_graph
 
             rewritten = cpu_int8_graph(path)
             if rewritten is not None:

@@ -193,7 +193,7 @@ def run(
     if (model_dir is None) == (server is None):
         raise click.UsageError("give MODEL_DIR or --server HOST:PORT")
     if server is not None:
-        from vsal.runtime.client import Client
+        from vsal.runtime.serving.client import Client
 
         if provider or precision or engine != "onnxruntime":
             raise click.UsageError(
@@ -275,8 +275,8 @@ def run(
 def serve(
     model_dir, port, flavor, max_queue_delay_us, decoder, precision, max_upload_mib, max_new_tokens_limit
 ) -> None:
-    from vsal.runtime.serve import Server, serve_forever
-    from vsal.runtime.triton_repo import RepoOptions, is_repository
+    from vsal.runtime.serving.serve import Server, serve_forever
+    from vsal.runtime.serving.triton_repo import RepoOptions, is_repository
 
     limits = {"max_upload_mib": max_upload_mib, "max_new_tokens_limit": max_new_tokens_limit}
     limits = {k: v for k, v in limits.items() if v is not None}
@@ -352,6 +352,6 @@ def chat(
         click.echo()
 
 
-from vsal.runtime.bench import bench_cli  # noqa: E402  (click and numpy only at import)
+from vsal.runtime.tools.bench import bench_cli  # noqa: E402  (click and numpy only at import)
 
 cli.add_command(bench_cli, "bench")

@@ -114,7 +114,7 @@ def run_check(
         past_names,
         present_names,
     )
-    from vsal.export.real_weights import load_smollm2, load_smollm2_tokenizer
+    from vsal.export.weights.real_weights import load_smollm2, load_smollm2_tokenizer
 
     model = load_smollm2()
     tokenizer = load_smollm2_tokenizer()
@@ -156,7 +156,7 @@ def run_check(
     report = Report(export_seconds, graph_bytes, validation, validation_ok)
     int8_session = None
     if int8:
-        from vsal.calib.quantize import quantize_weights_int8
+        from vsal.transforms.int8 import quantize_weights_int8
 
         quantize_weights_int8(path, work / "llm_decoder.int8.onnx")
         int8_session = ort.InferenceSession(

@@ -70,10 +70,10 @@ def main() -> None:
     args = parser.parse_args()
 
     import vsal.runtime.pipeline as pipeline_module
-    from vsal.runtime.client import Client
     from vsal.runtime.pipeline import Pipeline
     from vsal.runtime.prompt import DecodingOptions
-    from vsal.runtime.serve import Server, free_port
+    from vsal.runtime.serving.client import Client
+    from vsal.runtime.serving.serve import Server, free_port
     from vsal.runtime.synthetic import write_clip
 
     levels = [int(c) for c in args.concurrency.split(",")]

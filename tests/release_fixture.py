@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from vsal.export.checkpoints import to_release_layout
+from vsal.export.weights.checkpoints import to_release_layout
 
 LLM = "llama_model.base_model.model."
 

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-from vsal.runtime.bench import STAGES
 from vsal.runtime.cli import cli
+from vsal.runtime.tools.bench import STAGES
 
 from tests.test_runtime import VSAL_WITHOUT_TORCH
 
@@ -116,8 +116,8 @@ def test_bench_refuses_a_thread_count_out_of_range(tiny_package, threads):
 
 
 def test_run_bench_refuses_a_thread_count_out_of_range(tmp_path):
-    from vsal.runtime.bench import run_bench
     from vsal.runtime.errors import ConfigError
+    from vsal.runtime.tools.bench import run_bench
 
     with pytest.raises(ConfigError, match=r"^--threads 5000: expected 0 \(the default\) to 256$"):
         run_bench(tmp_path / "no-package", threads=5000)

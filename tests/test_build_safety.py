@@ -173,7 +173,7 @@ def test_unknown_graphs_and_no_variant_at_all_are_errors(package, monkeypatch):
     before = _state(package)
     with pytest.raises(ConfigError, match="--graphs: nope not in the package"):
         build(package, "fp16", graphs=("nope",), progress=False)
-    import vsal.export.fp16 as fp16
+    import vsal.transforms.fp16 as fp16
 
     real = fp16.convert_fp16
 

@@ -7,8 +7,8 @@ import re
 
 import numpy as np
 import pytest
-from vsal.export.checkpoints import CheckpointError
 from vsal.export.package import check_checkpoint_file
+from vsal.export.weights.checkpoints import CheckpointError
 from vsal.runtime.package_paths import file_problem
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from vsal.export import build_model
-from vsal.export.checkpoints import CheckpointError, to_release_layout
+from vsal.export.weights.checkpoints import CheckpointError, to_release_layout
 
 LLM = "llama_model.base_model.model.model.layers"
 

@@ -33,7 +33,7 @@ def specs(tiny_config):
 @pytest.fixture(scope="module")
 def converted(tiny_package, manifest, tmp_path_factory):
     """name -> (fp32 path, fp16 path, Fp16Report) for the six graphs."""
-    from vsal.export.fp16 import convert_fp16
+    from vsal.transforms.fp16 import convert_fp16
 
     folder = tmp_path_factory.mktemp("fp16")
     out = {}
@@ -178,7 +178,7 @@ def test_rms_norm_island_survives_outliers(converted, specs, tmp_path):
     chain into one fp32 kernel and would hide the overflow). Without the islands it breaks."""
     from onnx.reference import ReferenceEvaluator
     from vsal.export.accuracy import cosine, session
-    from vsal.export.fp16 import convert_fp16
+    from vsal.transforms.fp16 import convert_fp16
 
     src, dst, _ = converted["llm_decoder"]
     spec = specs["llm_decoder"]
@@ -197,7 +197,7 @@ def test_rms_norm_island_survives_outliers(converted, specs, tmp_path):
 def test_external_data_streamed(converted, tmp_path):
     """A graph with external weights converts tensor by tensor, to the same graph as inline."""
     from vsal.export.accuracy import session
-    from vsal.export.fp16 import convert_fp16
+    from vsal.transforms.fp16 import convert_fp16
 
     src, inline_dst, _ = converted["llm_decoder"]
     external = tmp_path / "llm.onnx"
@@ -224,7 +224,7 @@ def test_external_data_streamed(converted, tmp_path):
 
 
 def test_refuses_bad_requests(converted, tmp_path):
-    from vsal.export.fp16 import Fp16Error, convert_fp16
+    from vsal.transforms.fp16 import Fp16Error, convert_fp16
 
     src, dst, _ = converted["vision_encoder"]
     with pytest.raises(Fp16Error, match="overwrite"):
@@ -237,7 +237,7 @@ def test_refuses_bad_requests(converted, tmp_path):
 
 
 def test_keep_nodes_and_report(converted, tmp_path):
-    from vsal.export.fp16 import convert_fp16
+    from vsal.transforms.fp16 import convert_fp16
 
     src, _, report = converted["vision_encoder"]
     model = onnx.load_model(str(src), load_external_data=False)

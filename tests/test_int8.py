@@ -1,9 +1,9 @@
-"""INT8 graphs (vsal.calib.quantize) on the tiny package: explicit symmetric Q/DQ on the encoders,
+"""INT8 graphs (vsal.transforms.int8) on the tiny package: explicit symmetric Q/DQ on the encoders,
 int8 weight-only on the LLM decoder. Calibration feeds come from each graph spec's `make_inputs`
 (random, fast); accuracy is checked on other feeds against the fp32 graph.
 
 Thresholds were measured on the tiny preset (see each constant) and carry a margin; the small
-preset and real-weight measurements behind the defaults are in calib/quantize.py's docstring.
+preset and real-weight measurements behind the defaults are in transforms/int8.py's docstring.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from onnx import numpy_helper
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxruntime.quantization")
 
-from vsal.calib.quantize import (  # noqa: E402
+from vsal.transforms.int8 import (  # noqa: E402
     DEFAULT_EXCLUDE_GROUPS,
     DEFAULT_EXCLUDE_OPS,
     QuantizeError,
@@ -168,7 +168,7 @@ def test_int8_on_cpus_with_and_without_vnni(beats_int8, monkeypatch, tmp_path, v
     """Forced detection: the graph the runtime (and a build's accuracy gate) runs on each kind of x86
     CPU, its fused kernels' weights, and its accuracy."""
     from vsal.export.accuracy import accuracy
-    from vsal.runtime.qdq_cpu import cpu_int8_graph, is_x86
+    from vsal.transforms.qdq_cpu import cpu_int8_graph, is_x86
 
     if not is_x86():
         pytest.skip("the re-encoding is for x86 CPUs only")
@@ -342,7 +342,7 @@ def test_llm_weight_only(tiny_package, tmp_path):
 
 EMULATED = """
 import sys, numpy as np, onnxruntime as ort
-from vsal.runtime.qdq_cpu import cpu_int8_graph
+from vsal.transforms.qdq_cpu import cpu_int8_graph
 src, dst, feeds = sys.argv[1], sys.argv[2], np.load(sys.argv[3])
 run = lambda m: ort.InferenceSession(m, providers=["CPUExecutionProvider"]).run(None, dict(feeds))[0]
 cos = lambda a, b: float(a.ravel() @ b.ravel() / np.linalg.norm(a) / np.linalg.norm(b))

@@ -322,11 +322,11 @@ def options_of(monkeypatch):
     stand_in = types.ModuleType("triton_python_backend_utils")
     monkeypatch.setitem(sys.modules, stand_in.__name__, stand_in)
     for name in ("orchestrator", "dlpack"):  # bound to the stand-in: imported afresh, dropped after
-        monkeypatch.delitem(sys.modules, f"vsal.runtime.triton_models.{name}", raising=False)
-    from vsal.runtime.triton_models.orchestrator import _options
+        monkeypatch.delitem(sys.modules, f"vsal.runtime.serving.triton_models.{name}", raising=False)
+    from vsal.runtime.serving.triton_models.orchestrator import _options
 
     yield _options
-    import vsal.runtime.triton_models as package
+    import vsal.runtime.serving.triton_models as package
 
     for name in ("orchestrator", "dlpack"):  # the module and the package's attribute both go
         sys.modules.pop(f"{package.__name__}.{name}", None)

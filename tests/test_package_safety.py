@@ -18,7 +18,7 @@ from vsal.runtime.errors import PackageError
 from vsal.runtime.manifest import load_manifest, sha256_file, verify_files
 from vsal.runtime.package_paths import MAX_JSON_DEPTH, MAX_MANIFEST_BYTES, place_file
 from vsal.runtime.pipeline import Pipeline
-from vsal.runtime.triton_repo import RepoOptions, RepositoryError, parse_gpus, write_repository
+from vsal.runtime.serving.triton_repo import RepoOptions, RepositoryError, parse_gpus, write_repository
 
 BIN = Path(sys.executable).parent
 

@@ -10,7 +10,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from vsal.runtime.cpu_isa import Vnni  # noqa: E402
-from vsal.runtime.qdq_cpu import cpu_int8_graph, is_x86  # noqa: E402
+from vsal.transforms.qdq_cpu import cpu_int8_graph, is_x86  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not is_x86(), reason="the rewrite is for x86 CPUs only")
 

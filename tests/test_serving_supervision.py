@@ -26,7 +26,7 @@ import pytest
 
 pytest.importorskip("tritonclient.grpc")
 from vsal.runtime.prompt import DecodingOptions  # noqa: E402
-from vsal.runtime.serve import SHM_PREFIX, remove_shm, remove_stale_shm, shm_prefix  # noqa: E402
+from vsal.runtime.serving.serve import SHM_PREFIX, remove_shm, remove_stale_shm, shm_prefix  # noqa: E402
 
 UPLOAD_MIB = 1
 NEW_TOKENS_LIMIT = 512
@@ -97,8 +97,8 @@ def dead_pid() -> int:
 
 def start_serve(package: Path, tmp: Path, *args: str) -> dict:
     """`vsal serve` in a child process on a free port (temporary files under tmp), once ready."""
-    from vsal.runtime.client import Client
-    from vsal.runtime.serve import ServeError, find_triton, free_port, libpython_dir
+    from vsal.runtime.serving.client import Client
+    from vsal.runtime.serving.serve import ServeError, find_triton, free_port, libpython_dir
 
     try:
         find_triton()
@@ -225,7 +225,7 @@ def test_streamed_answer_leaves_no_traceback_in_the_log(server, clip_10s):
 
 
 def test_upload_over_the_limit_is_refused_in_one_line(server, tmp_path):
-    from vsal.runtime.client import Client, ServerError
+    from vsal.runtime.serving.client import Client, ServerError
 
     big = tmp_path / "big.mp4"
     big.write_bytes(os.urandom(UPLOAD_MIB * 1024 * 1024 + 1))
@@ -259,7 +259,7 @@ def raw_ask(server, values: dict[str, bytes]):
     """Ask with the request's tensors as given: a client that checks nothing."""
     import numpy as np
     import tritonclient.grpc as grpcclient
-    from vsal.runtime.client import Client
+    from vsal.runtime.serving.client import Client
 
     inputs = []
     for name, data in values.items():
@@ -284,7 +284,7 @@ def raw_ask(server, values: dict[str, bytes]):
     ids=["utf8", "prompt-size", "nested-json", "eos", "beams", "name"],
 )
 def test_the_server_checks_what_a_client_does_not(served, clip_10s, values, message):
-    from vsal.runtime.client import ServerError
+    from vsal.runtime.serving.client import ServerError
 
     request = {"PROMPT": b"What?", "VIDEO": clip_10s.read_bytes(), "OPTIONS": b'{"num_beams": 1}'} | values
     with pytest.raises(ServerError, match=message) as caught:
@@ -301,7 +301,7 @@ def in_process_refusal(local, prompt: str, options: DecodingOptions, video) -> s
 
 
 def test_a_prompt_past_t_max_is_refused_as_in_process(served, local, clip_10s):
-    from vsal.runtime.client import ServerError
+    from vsal.runtime.serving.client import ServerError
 
     prompt, options = "a " * 3000, DecodingOptions(num_beams=1, max_new_tokens=8)  # 12 KB, 3000 tokens
     expected = in_process_refusal(local, prompt, options, clip_10s)
@@ -313,7 +313,7 @@ def test_a_prompt_past_t_max_is_refused_as_in_process(served, local, clip_10s):
 
 def test_a_request_past_the_context_is_refused_through_the_orchestrator(orchestrator_server, local, clip_10s):
     """Within the server's cap (1024) and T max, yet past the context: input + new tokens > 1536."""
-    from vsal.runtime.client import ServerError
+    from vsal.runtime.serving.client import ServerError
 
     client, prompt = orchestrator_server["client"], "a " * 700  # 896 tokens with the clip
     options = DecodingOptions(num_beams=1, max_new_tokens=1000)
@@ -345,7 +345,7 @@ def test_a_client_that_leaves_cancels_its_generation(server, clip_10s):
     (steps,) = cancelled_steps(server, 1)
     assert steps < NEW_TOKENS_LIMIT
     script = (
-        "import sys\nfrom vsal.runtime.client import Client\n"
+        "import sys\nfrom vsal.runtime.serving.client import Client\n"
         "from vsal.runtime.prompt import DecodingOptions\n"
         f"s = Client('127.0.0.1:{server['port']}').stream('What?', video={str(clip_10s)!r}, "
         f"options=DecodingOptions(num_beams=1, max_new_tokens={NEW_TOKENS_LIMIT}, min_length=4096))\n"
@@ -371,7 +371,7 @@ def test_a_client_that_leaves_cancels_the_orchestrators_own_decoding(orchestrato
 
 def test_sigterm_stops_the_server_with_a_request_in_flight(server, clip_10s):
     import tritonclient.grpc as grpcclient
-    from vsal.runtime.client import ConnectionFailed
+    from vsal.runtime.serving.client import ConnectionFailed
 
     process = server["process"]
     group = group_of_children(process.pid)
@@ -404,7 +404,7 @@ def test_sigterm_stops_the_server_with_a_request_in_flight(server, clip_10s):
 
 def test_sigterm_ends_the_orchestrators_own_decoding_in_flight(orchestrator_server, clip_10s):
     """The decoder in the orchestrator (no BLS call between steps) checks the stop file itself."""
-    from vsal.runtime.client import ConnectionFailed
+    from vsal.runtime.serving.client import ConnectionFailed
 
     process = orchestrator_server["process"]
     group = group_of_children(process.pid)
@@ -479,9 +479,9 @@ def orchestrator(monkeypatch, tmp_path):
         log_info=lambda m: logged.append(("info", m)), log_error=lambda m: logged.append(("error", m))
     )
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
-    monkeypatch.delitem(sys.modules, "vsal.runtime.triton_models.orchestrator", raising=False)
-    monkeypatch.delitem(sys.modules, "vsal.runtime.triton_models.dlpack", raising=False)
-    orchestrator = importlib.import_module("vsal.runtime.triton_models.orchestrator")  # anew, over pb
+    monkeypatch.delitem(sys.modules, "vsal.runtime.serving.triton_models.orchestrator", raising=False)
+    monkeypatch.delitem(sys.modules, "vsal.runtime.serving.triton_models.dlpack", raising=False)
+    orchestrator = importlib.import_module("vsal.runtime.serving.triton_models.orchestrator")  # anew, over pb
 
     model = orchestrator.TritonPythonModel()
     model.max_upload_mib, model.max_new_tokens = UPLOAD_MIB, NEW_TOKENS_LIMIT
@@ -503,7 +503,7 @@ def orchestrator(monkeypatch, tmp_path):
 
     yield types.SimpleNamespace(serve=serve, logged=logged, module=orchestrator)
     for name in ("orchestrator", "dlpack"):  # bound to the stand-in: not for later imports
-        sys.modules.pop(f"vsal.runtime.triton_models.{name}", None)
+        sys.modules.pop(f"vsal.runtime.serving.triton_models.{name}", None)
 
 
 def test_orchestrator_user_mistakes_are_one_line_and_bugs_are_logged_once(orchestrator, tmp_path):
@@ -527,7 +527,7 @@ def test_orchestrator_user_mistakes_are_one_line_and_bugs_are_logged_once(orches
 
 @pytest.fixture
 def short_waits(monkeypatch):
-    from vsal.runtime import serve
+    from vsal.runtime.serving import serve
 
     monkeypatch.setattr(serve, "STUB_EXIT_S", 0.0)
     monkeypatch.setattr(serve, "KILLED_EXIT_S", 0.2)
@@ -602,7 +602,7 @@ _TRITON_USED = b"used_dlpack"  # kept alive: a renamed capsule points at these b
 
 @pytest.fixture
 def dlpack(monkeypatch):
-    """runtime/triton_models/dlpack.py over a stand-in Tensor.from_dlpack that consumes the capsule
+    """runtime/serving/triton_models/dlpack.py over a stand-in Tensor.from_dlpack that consumes the capsule
     as the Python backend does (renamed "used_dlpack", the data freed with the tensor) or copies it
     (the capsule left as it is); records the capsules' names after from_numpy and unraisable errors."""
     import types
@@ -621,11 +621,11 @@ def dlpack(monkeypatch):
     pb = types.ModuleType("triton_python_backend_utils")
     pb.Tensor = types.SimpleNamespace(from_dlpack=from_dlpack)
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
-    monkeypatch.delitem(sys.modules, "vsal.runtime.triton_models.dlpack", raising=False)
+    monkeypatch.delitem(sys.modules, "vsal.runtime.serving.triton_models.dlpack", raising=False)
     monkeypatch.setattr(sys, "unraisablehook", lambda info: seen.unraisable.append(info))
-    module = importlib.import_module("vsal.runtime.triton_models.dlpack")  # anew, over the stand-in
+    module = importlib.import_module("vsal.runtime.serving.triton_models.dlpack")  # anew, over the stand-in
     yield types.SimpleNamespace(module=module, seen=seen)
-    sys.modules.pop("vsal.runtime.triton_models.dlpack", None)  # bound to the stand-in
+    sys.modules.pop("vsal.runtime.serving.triton_models.dlpack", None)  # bound to the stand-in
 
 
 @pytest.mark.parametrize("consume", [True, False], ids=["consumed", "copied"])
@@ -656,14 +656,14 @@ def test_dlpack_capsules_free_their_array_whoever_owns_it(dlpack, consume):
 
 @pytest.mark.parametrize("port", [0, -1, 65536, 99999999999, "8001"])
 def test_server_refuses_a_port_number_no_server_can_listen_on(tiny_package, port):
-    from vsal.runtime.serve import ServeError, Server
+    from vsal.runtime.serving.serve import ServeError, Server
 
     with pytest.raises(ServeError, match=r"^--port .*: expected a port number from 1 to 65535$"):
         Server(tiny_package, port=port, quiet=True).start()
 
 
 def test_server_refuses_a_port_another_program_listens_on(tiny_package):
-    from vsal.runtime.serve import ServeError, Server
+    from vsal.runtime.serving.serve import ServeError, Server
 
     with socket.socket() as other:  # on every address, as a system daemon listens
         other.bind(("0.0.0.0", 0))
@@ -693,7 +693,7 @@ def test_serve_refuses_out_of_range_options_before_starting(tiny_package, args, 
 
 
 def test_remove_stale_workdirs_takes_only_our_folders_of_ended_servers(tmp_path):
-    from vsal.runtime.serve import WORKDIR_PREFIX, remove_stale_workdirs, workdir_prefix
+    from vsal.runtime.serving.serve import WORKDIR_PREFIX, remove_stale_workdirs, workdir_prefix
 
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -722,7 +722,7 @@ def test_remove_stale_workdirs_takes_only_our_folders_of_ended_servers(tmp_path)
 
 def test_a_workdir_whose_lock_is_held_is_kept_though_its_pid_looks_dead(tmp_path):
     """A server in another pid namespace sharing /tmp: its pid is not in our /proc, its lock is held."""
-    from vsal.runtime.serve import _hold_alive_lock, remove_stale_workdirs, workdir_prefix
+    from vsal.runtime.serving.serve import _hold_alive_lock, remove_stale_workdirs, workdir_prefix
 
     elsewhere = tmp_path / f"{workdir_prefix(dead_pid())}abc"
     elsewhere.mkdir()
@@ -738,7 +738,7 @@ def test_start_removes_stale_workdirs_and_names_its_own_with_its_pid(
     """A stand-in for tritonserver records its command line and exits: no Triton is needed."""
     import tempfile
 
-    from vsal.runtime.serve import ServeError, Server, TritonInstall, free_port, workdir_prefix
+    from vsal.runtime.serving.serve import ServeError, Server, TritonInstall, free_port, workdir_prefix
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     stale, live = tmp_path / f"{workdir_prefix(dead_pid())}abc", tmp_path / f"{workdir_prefix()}def"
@@ -763,8 +763,8 @@ def test_start_removes_stale_workdirs_and_names_its_own_with_its_pid(
     "url", ["", ":8001", " :8001", "127.0.0.1", "127.0.0.1:", "127.0.0.1:0", "127.0.0.1:99999", "h:8o01"]
 )
 def test_client_refuses_a_server_address_that_is_not_host_port(url):
-    from vsal.runtime.client import Client
     from vsal.runtime.errors import ConfigError
+    from vsal.runtime.serving.client import Client
 
     with pytest.raises(ConfigError, match=r"^--server .*: expected HOST:PORT with a port from 1 to 65535"):
         Client(url)
@@ -772,7 +772,7 @@ def test_client_refuses_a_server_address_that_is_not_host_port(url):
 
 @pytest.mark.parametrize("url", ["127.0.0.1:8001", "localhost:1", "[::1]:65535"])
 def test_client_takes_host_port(url):
-    from vsal.runtime.client import Client
+    from vsal.runtime.serving.client import Client
 
     assert Client(url).url == url
 

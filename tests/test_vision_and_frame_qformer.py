@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from vsal.export.checkpoints import to_release_layout
+from vsal.export.weights.checkpoints import to_release_layout
 
 from tests.lavis_reading import eva_vit_forward, instructblip_qformer_forward
 

@@ -8,11 +8,11 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from vsal.export import real_weights as rw
 from vsal.export.config import WhisperEncoderConfig
 from vsal.export.models.video_salmonn import build_part
 from vsal.export.onnx_export import _session, export_graph, validate_graph
 from vsal.export.specs import encoder_specs
+from vsal.export.weights import real_weights as rw
 
 from tests.test_real_weights import KEY_WORDS, SPOKEN, _espeak_16k
 
@@ -100,8 +100,8 @@ def test_onnx_encoder_transcribes_like_pytorch(whisper, exported, tmp_path):
 
 def test_int8_encoder_still_transcribes(whisper, exported, tmp_path):
     """The int8 build of a real Whisper encoder (calibrated on other sentences) keeps the transcript."""
-    from vsal.calib.quantize import quantize_int8
     from vsal.export.accuracy import accuracy
+    from vsal.transforms.int8 import quantize_int8
 
     model, tokenizer = whisper
     _, _, _, path = exported

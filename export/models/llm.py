@@ -1,7 +1,7 @@
 """LLM decoder: transformers' LlamaForCausalLM (Vicuna-13B v1.5 in the release).
 
 The release wraps it with peft LoRA (r 32, alpha 32 on q/k/v/o); vsal merges the adapters into
-the base weights when loading (vsal.export.lora), so the decoder is a plain LLaMA.
+the base weights when loading (vsal.export.weights.lora), so the decoder is a plain LLaMA.
 """
 
 from __future__ import annotations

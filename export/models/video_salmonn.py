@@ -59,7 +59,7 @@ class VideoSalmonn(nn.Module):
         Returns a `LoadReport` (missing, unexpected, ignored keys); a shape mismatch raises
         `CheckpointError` naming every offending key with both shapes.
         """
-        from vsal.export.checkpoints import ReleaseLoader
+        from vsal.export.weights.checkpoints import ReleaseLoader
 
         loader = ReleaseLoader(self)
         loader.load(state_dict, source="state dict")

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
-from vsal.export.lora import merge_lora
+from vsal.export.weights.lora import merge_lora
 from vsal.runtime.errors import VsalError
 
 

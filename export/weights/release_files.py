@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from vsal.export.checkpoints import CheckpointError, LoadReport, ReleaseLoader
 from vsal.export.config import BeatsConfig, ModelConfig
+from vsal.export.weights.checkpoints import CheckpointError, LoadReport, ReleaseLoader
 
 
 def _whisper_key(key: str) -> str | None:

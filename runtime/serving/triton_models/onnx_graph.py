@@ -19,8 +19,8 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 from vsal.runtime.backends import ORT_LOG_FATAL  # noqa: E402
-from vsal.runtime.triton_models.dlpack import from_numpy, to_numpy  # noqa: E402
-from vsal.runtime.triton_models.supervision import exit_with_parent  # noqa: E402
+from vsal.runtime.serving.triton_models.dlpack import from_numpy, to_numpy  # noqa: E402
+from vsal.runtime.serving.triton_models.supervision import exit_with_parent  # noqa: E402
 
 
 class TritonPythonModel:

@@ -48,7 +48,7 @@ from stat import S_ISDIR
 
 from vsal.runtime.errors import VsalError
 from vsal.runtime.limits import PORTS
-from vsal.runtime.triton_repo import RepoOptions, is_repository, write_repository
+from vsal.runtime.serving.triton_repo import RepoOptions, is_repository, write_repository
 
 PYTRITON = "nvidia-pytriton==0.7.0"  # bundles Triton 2.51
 START_TIMEOUT_S = 120.0

@@ -431,8 +431,8 @@ def run_bench(
     quick_limits: bool = False,
 ) -> dict:
     """The whole bench as a JSON-ready dict (see the module docstring)."""
-    from vsal.runtime import machine_limits
     from vsal.runtime.manifest import load_manifest
+    from vsal.runtime.tools import machine_limits
 
     model_dir = Path(model_dir)
     check_settings(runs, tokens, threads, reference, checkpoint)

@@ -249,7 +249,7 @@ def _graph_files(name: str, info: GraphInfo, options: RepoOptions, package: Path
 
 
 def _template(name: str) -> str:
-    return resources.files("vsal.runtime.triton_models").joinpath(name).read_text()
+    return resources.files("vsal.runtime.serving.triton_models").joinpath(name).read_text()
 
 
 def precision_notes(manifest: Manifest, precision: str, package: Path) -> list[str]:

@@ -37,14 +37,14 @@ for _folder in os.environ.get("VSAL_SITE_DIRS", "").split(os.pathsep):  # set by
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 from vsal.runtime.backends import FeedChecker  # noqa: E402
-from vsal.runtime.client import ERROR_PREFIX, MIB, STOPPED_PREFIX, upload_limit_message  # noqa: E402
 from vsal.runtime.errors import ConfigError, LimitError, VsalError  # noqa: E402
 from vsal.runtime.generation import GraphDecoderStep  # noqa: E402
 from vsal.runtime.limits import MAX_NEW_TOKENS_LIMIT, MAX_UPLOAD_MIB  # noqa: E402
 from vsal.runtime.pipeline import Pipeline  # noqa: E402
 from vsal.runtime.prompt import DecodingOptions  # noqa: E402
-from vsal.runtime.triton_models.dlpack import from_numpy, to_numpy  # noqa: E402
-from vsal.runtime.triton_models.supervision import exit_with_parent  # noqa: E402
+from vsal.runtime.serving.client import ERROR_PREFIX, MIB, STOPPED_PREFIX, upload_limit_message  # noqa: E402
+from vsal.runtime.serving.triton_models.dlpack import from_numpy, to_numpy  # noqa: E402
+from vsal.runtime.serving.triton_models.supervision import exit_with_parent  # noqa: E402
 
 TEXT_LIMIT = 1 * MIB  # PROMPT, OPTIONS and the file names: far past any prompt the decoder takes
 

@@ -42,8 +42,8 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from vsal.export.onnx_files import EXTERNAL_DATA_THRESHOLD, graph_bytes
 from vsal.runtime.errors import VsalError
+from vsal.transforms.onnx_io import EXTERNAL_DATA_THRESHOLD, graph_bytes
 
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 FP16_MIN_POSITIVE = 5.96e-08  # smallest fp16 subnormal: smaller magnitudes are raised to it

@@ -28,7 +28,7 @@ from vsal.runtime.errors import ConfigError, LimitError, VsalError
 from vsal.runtime.limits import PORTS
 from vsal.runtime.media import check_media_file
 from vsal.runtime.prompt import DecodingOptions, check_prompt
-from vsal.runtime.triton_repo import ORCHESTRATOR
+from vsal.runtime.serving.triton_repo import ORCHESTRATOR
 
 # The orchestrator's marks at the start of an error's message (it imports them from here)
 ERROR_PREFIX = "vsal-error: "  # a user mistake: one line naming the client's file

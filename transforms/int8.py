@@ -57,9 +57,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from vsal.export.onnx_files import EXTERNAL_DATA_THRESHOLD, graph_bytes, save_onnx
 from vsal.runtime.backends import ORT_LOG_FATAL
 from vsal.runtime.errors import BuildError
+from vsal.transforms.onnx_io import EXTERNAL_DATA_THRESHOLD, graph_bytes, save_onnx
 
 QUANTIZED_OPS = ("MatMul", "Conv", "Gemm")  # op types whose inputs get Q/DQ (TensorRT's int8 GEMM/conv)
 
@@ -574,7 +574,7 @@ def _modelopt(src, dst, calibration, names, excluded, method, external) -> None:
     }
     args_path = work / "modelopt.json"
     args_path.write_text(json.dumps(args))
-    code = f"from vsal.calib.quantize import _modelopt_child; _modelopt_child({str(args_path)!r})"
+    code = f"from vsal.transforms.int8 import _modelopt_child; _modelopt_child({str(args_path)!r})"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if done.returncode != 0 or not Path(dst).is_file():
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])

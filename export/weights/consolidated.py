@@ -14,10 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from vsal.export.checkpoints import _LORA, CheckpointError, LoadReport, ReleaseLoader, _derived
 from vsal.export.config import ModelConfig
-from vsal.export.lora import merge_lora
-from vsal.export.release_files import RELEASE_SOURCES, check_release_dir, read_source
+from vsal.export.weights.checkpoints import _LORA, CheckpointError, LoadReport, ReleaseLoader, _derived
+from vsal.export.weights.lora import merge_lora
+from vsal.export.weights.release_files import RELEASE_SOURCES, check_release_dir, read_source
 
 FORMAT = "vsal-consolidated"
 FORMAT_VERSION = "1"

@@ -1,0 +1,1 @@
+"""Weights: the released checkpoint files, consolidated safetensors, LoRA merging, real registry weights."""

@@ -1,0 +1,1 @@
+"""Serving: `vsal serve` (a local Triton server), its model repository writer and the gRPC client."""

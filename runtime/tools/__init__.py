@@ -1,0 +1,1 @@
+"""Performance tools: `vsal bench` and the machine limits (bandwidth, FLOPs) it measures on the spot."""
