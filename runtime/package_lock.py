@@ -21,6 +21,8 @@ import re
 import secrets
 import stat
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -113,19 +115,30 @@ def _same_file(fd: int, path: Path) -> bool:
     return (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino)
 
 
-def write_durable(path: str | os.PathLike, data: bytes | memoryview) -> None:
-    """Replace `path` with `data` atomically and durably (see the module's docstring)."""
+@contextmanager
+def replacing(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary file beside `path` to write by any means (onnx.save, np.save, a stream); when the
+    block ends without an error it replaces `path` atomically and durably, otherwise it is removed.
+    The one atomic write of the project: every writer of a file others trust goes through it."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     fsync_folder(path.parent)
+
+
+def write_durable(path: str | os.PathLike, data: bytes | memoryview) -> None:
+    """Replace `path` with `data` atomically and durably (see the module's docstring)."""
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 def write_json_durable(path: str | os.PathLike, data: Any) -> None:

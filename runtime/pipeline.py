@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from vsal.runtime import media
+from vsal.runtime import media, precisions
 from vsal.runtime.alignment import align_streams, round_up
 from vsal.runtime.backends import Backend, OnnxRuntimeBackend, choose_provider
 from vsal.runtime.errors import ConfigError, MediaError
@@ -166,8 +166,8 @@ class Pipeline:
         engine "tensorrt" runs every graph as a native TensorRT engine (from the package's engine
         cache, built from the ONNX when missing or foreign); "onnxruntime" uses its providers.
         """
-        if precision not in (None, "fp32", "fp16", "int8"):
-            raise ConfigError(f"unknown precision {precision!r}; choose fp32, fp16 or int8")
+        if precision is not None:
+            precisions.get(precision)  # a ConfigError naming the choices
         folder = Path(folder)
         manifest = load_manifest(folder)
         check_required_graphs(manifest, folder)
@@ -189,23 +189,20 @@ class Pipeline:
 
     # --- backends ---------------------------------------------------------------------------------
 
-    def _precision_for(self, name: str) -> tuple[str, str]:
-        """(file, precision) this graph runs at here, and the reason when it is not what was asked."""
+    def _precision_for(self, name: str) -> tuple[str, str, str | None]:
+        """(file, precision) this graph runs at here, and why when it is not what was asked."""
         info = self.manifest.graphs[name]
-        on_gpu = self.provider in ("cuda", "tensorrt")
-        wanted = self.precision or ("fp16" if on_gpu else "int8")
-        if wanted == "fp16" and not on_gpu and not self.exact_precision:
-            wanted = "fp32"  # fp16 graphs are for GPUs: on the CPU they only add casts
-        return info.file_for(wanted)
+        device = "gpu" if self.provider in ("cuda", "tensorrt") else "cpu"
+        chosen, why = precisions.choose(info.variants, self.precision, device, self.exact_precision)
+        file, got = info.file_for(chosen)
+        return file, got, why
 
     def backend(self, name: str) -> Backend:
         if name not in self._backends:
-            file, precision = self._precision_for(name)
+            file, precision, why = self._precision_for(name)
             backend = self._make_backend(name, file, precision)
             if self.verbose:
-                note = ""
-                if self.precision and precision != self.precision:
-                    note = f" (no {self.precision} variant usable here)"
+                note = f" ({why})" if why else ""
                 print(f"vsal: {name}: {backend.description}{note}", file=sys.stderr, flush=True)
             self._backends[name] = backend
         return self._backends[name]
