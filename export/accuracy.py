@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from vsal.runtime.backends import ORT_LOG_FATAL
+from vsal.runtime.backends import ort_session
 
 _ORT_TYPES = {
     "tensor(float)": np.float32,
@@ -23,9 +23,6 @@ _ORT_TYPES = {
     "tensor(double)": np.float64,
     "tensor(bfloat16)": None,  # numpy has none: fed as given
 }
-
-
-OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
 
 def session(path: str | os.PathLike, threads: int = 0, optimization: str = "all", as_runtime: bool = False):
@@ -38,28 +35,13 @@ def session(path: str | os.PathLike, threads: int = 0, optimization: str = "all"
     the graph's ops as written (ORT's fusions, e.g. of an RMSNorm chain into one fp32 kernel, can
     hide what a precision change does to the graph itself).
     """
-    import onnxruntime as ort
-
-    levels = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }
-    if optimization not in levels:
-        raise ValueError(f"optimization {optimization!r}: one of {OPTIMIZATION_LEVELS}")
-    options = ort.SessionOptions()
-    options.log_severity_level = ORT_LOG_FATAL  # its errors come back as exceptions
-    options.graph_optimization_level = levels[optimization]
-    if threads:
-        options.intra_op_num_threads = threads
-    source = str(path)
+    source = path
     if as_runtime:
         from vsal.transforms.qdq_cpu import cpu_int8_graph
 
         prepared = cpu_int8_graph(path)
         source = prepared.model if prepared is not None else source
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    return ort_session(source, threads=threads, optimization=optimization)
 
 
 def _feeds_for(sess, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

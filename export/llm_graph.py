@@ -8,6 +8,9 @@ speculative steps (T > 1, P > 0) and any batch (beams):
            past_key_values.{i}.key, past_key_values.{i}.value [B, kvH, P, head_dim] float32
   outputs  logits [B, T, V], then per layer present.{i}.key, present.{i}.value [B, kvH, P+T, head_dim]
 
+(the names and sizes of the past and present are the LLM's KVLayout, vsal.runtime.graphs; the spec
+is vsal.export.specs.llm_decoder_spec).
+
 The causal + padding mask is built here from the 2D `attention_mask` as one additive 4D bias and
 handed to transformers, which uses a 4D mask as given. That keeps the graph free of transformers'
 mask-building code paths (which branch on tracing, on `cache.get_seq_length()` and on mask values)
@@ -24,35 +27,15 @@ tracing: at T = 1 torch.export relates the mask length to P as P+1 and rejects t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
 
-import numpy as np
 import torch
 from torch import nn
 from transformers import DynamicCache, LlamaForCausalLM
-from vsal.export.config import LlmConfig, ModelConfig
+from vsal.export.config import LlmConfig
 from vsal.export.models.llm import LlmDecoder
-from vsal.export.specs import (
-    MAX_BEAMS,
-    MAX_NEW_TOKENS,
-    MAX_PROMPT_TEXT,
-    MAX_SLOTS,
-    Axis,
-    GraphSpec,
-    TensorSpec,
-    evaluate,
-)
-
-MAX_TEMPLATE_TOKENS = 16  # "USER: <Img>" + "</Img> " + "\nASSISTANT:" around the prompt (~12 tokens)
-PROMPT_ROUNDING = 256  # the longest prompt is rounded up to a multiple of this, for headroom
-
-
-def past_names(num_layers: int) -> list[str]:
-    return [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-
-
-def present_names(num_layers: int) -> list[str]:
-    return [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+from vsal.export.specs import GraphSpec, TensorSpec
+from vsal.runtime.shapes import evaluate
 
 
 def attention_bias(attention_mask: torch.Tensor, query_length: int, dtype: torch.dtype) -> torch.Tensor:
@@ -120,76 +103,13 @@ class LlmDecoderGraph(nn.Module):
 
 
 def llm_config_from_hf(config) -> LlmConfig:
-    """The LlmConfig of a transformers LlamaConfig (e.g. SmolLM2's), for `llm_decoder_spec`."""
-    return LlmConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        max_position_embeddings=config.max_position_embeddings,
-        rms_norm_eps=config.rms_norm_eps,
-        rope_theta=float(config.rope_parameters["rope_theta"]),
-        hidden_act=config.hidden_act,
-        tie_word_embeddings=bool(config.tie_word_embeddings),
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id,
-    )
-
-
-def max_prompt_tokens(config: ModelConfig | LlmConfig) -> int:
-    """Longest LLM input: bos + template + av tokens (3 per slot) + prompt text, rounded up (889 -> 1024)."""
-    per_slot = config.llm_tokens_per_slot if isinstance(config, ModelConfig) else 3
-    longest = 1 + MAX_TEMPLATE_TOKENS + per_slot * MAX_SLOTS + MAX_PROMPT_TEXT
-    return -(-longest // PROMPT_ROUNDING) * PROMPT_ROUNDING
-
-
-def llm_decoder_spec(config: ModelConfig | LlmConfig) -> GraphSpec:
-    """The `llm_decoder` GraphSpec. Axes: B beams, T new tokens, P past tokens.
-
-    T max is the longest prompt (`max_prompt_tokens`); the context holds it plus MAX_NEW_TOKENS
-    (bounded by max_position_embeddings), so P max is one less: the past of the last decode step.
-    Validation: prefill (B=1, T=7, P=0), decode (B=3, T=1, P=9), chunked (B=5, T=4, P=6).
-    """
-    llm = config.llm if isinstance(config, ModelConfig) else config
-    context = min(max_prompt_tokens(config) + MAX_NEW_TOKENS, llm.max_position_embeddings)
-    t_max = min(max_prompt_tokens(config), context)
-    axes = (
-        Axis("B", 1, 1, MAX_BEAMS, export=2, validate=(1, 3, 5)),
-        Axis("T", 1, min(256, t_max), t_max, export=3, validate=(7, 1, 4)),
-        Axis("P", 0, min(512, context - 1), context - 1, export=5, validate=(0, 9, 6)),
-    )
-    kv_shape = ("B", llm.num_key_value_heads, "P", llm.head_dim)
-    present_shape = ("B", llm.num_key_value_heads, "P+T", llm.head_dim)
-    layers = llm.num_hidden_layers
-    inputs = (
-        TensorSpec("inputs_embeds", "float32", ("B", "T", llm.hidden_size)),
-        TensorSpec("attention_mask", "int64", ("B", "P+T")),
-        TensorSpec("position_ids", "int64", ("B", "T")),
-        *(TensorSpec(name, "float32", kv_shape) for name in past_names(layers)),
-    )
-    outputs = (
-        TensorSpec("logits", "float32", ("B", "T", llm.vocab_size)),
-        *(TensorSpec(name, "float32", present_shape) for name in present_names(layers)),
-    )
-
-    def make_inputs(sizes: Mapping[str, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
-        b, t, p = sizes["B"], sizes["T"], sizes["P"]
-        arrays = {
-            "inputs_embeds": rng.standard_normal((b, t, llm.hidden_size)).astype("float32"),
-            "attention_mask": np.ones((b, p + t), dtype="int64"),
-            "position_ids": np.tile(np.arange(p, p + t, dtype="int64"), (b, 1)),
-        }
-        for name in past_names(layers):
-            kv = rng.standard_normal((b, llm.num_key_value_heads, p, llm.head_dim))
-            arrays[name] = kv.astype("float32")
-        return arrays
-
-    spec = GraphSpec("llm_decoder", inputs, outputs, axes, atol=1e-4, rtol=1e-4, make_inputs=make_inputs)
-    spec.check()
-    return spec
+    """The LlmConfig of a transformers LlamaConfig (e.g. SmolLM2's), for `llm_decoder_spec`: the
+    fields of the same names, rope_theta from its rope_parameters."""
+    values = {
+        f.name: getattr(config, f.name) for f in dataclasses.fields(LlmConfig) if f.name != "rope_theta"
+    }
+    values["tie_word_embeddings"] = bool(values["tie_word_embeddings"])
+    return LlmConfig(**values, rope_theta=float(config.rope_parameters["rope_theta"]))
 
 
 def llm_dynamic_shapes(spec: GraphSpec) -> dict[str, object]:

@@ -9,7 +9,6 @@ every output with the PyTorch module, collects every mismatch and raises them to
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import io
 import logging
@@ -23,8 +22,9 @@ import onnx
 import torch
 from torch import nn
 from vsal.export.specs import GraphSpec, TensorSpec
-from vsal.runtime.backends import ORT_LOG_FATAL
+from vsal.runtime.backends import ort_session
 from vsal.runtime.errors import VsalError
+from vsal.runtime.shapes import evaluate, linear
 from vsal.transforms.onnx_io import save_onnx
 
 DEFAULT_OPSET = 18
@@ -80,26 +80,11 @@ class GraphValidation:
 # --- export -----------------------------------------------------------------------------------
 
 
-def _linear(expr: str) -> tuple[str, int, int] | None:
-    """ "S*32" -> ("S", 32, 0); "N" -> ("N", 1, 0); None when the dim depends on several axes."""
-    from vsal.export.specs import evaluate
-
-    tree = ast.parse(expr, mode="eval").body
-    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
-    if len(names) != 1:
-        return None
-    name = names.pop()
-    const = evaluate(expr, {name: 0})
-    coef = evaluate(expr, {name: 1}) - const
-    return name, coef, const
-
-
 def input_dims(spec: GraphSpec) -> list[dict[int, object]]:
     """torch.export Dims per input: one Dim per axis, shared across inputs; multiples as derived
     dims; a dimension over several axes ("P+T") gets a Dim of its own, its range from the axes'
     (torch.export ties it to the expression while tracing; the runtime checks the relation)."""
     from torch.export import Dim
-    from vsal.export.specs import evaluate
 
     base = {}
     for axis in spec.axes:
@@ -116,12 +101,12 @@ def input_dims(spec: GraphSpec) -> list[dict[int, object]]:
         for i, dim in enumerate(tensor.shape):
             if isinstance(dim, int):
                 continue
-            linear = _linear(dim)
-            if linear is None:
+            terms = linear(dim)
+            if terms is None:
                 low, high = max(1, evaluate(dim, lows)), evaluate(dim, highs)
                 dims[i] = Dim(f"{tensor.name.replace('.', '_')}_{i}", min=low, max=high)
                 continue
-            name, coef, const = linear
+            name, coef, const = terms
             dim_obj, mult = base[name]
             scale = coef * mult
             expr = dim_obj if scale == 1 else scale * dim_obj
@@ -208,19 +193,11 @@ def export_graph(spec: GraphSpec, module: nn.Module, path: Path, opset: int = DE
 # --- validation ----------------------------------------------------------------------------------
 
 
-def _session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = ORT_LOG_FATAL  # its errors come back as exceptions
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def validate_graph(spec: GraphSpec, module: nn.Module, path: Path, seed: int = 1) -> GraphValidation:
     """Run ONNX and PyTorch at every validation size; raise ValidationError listing every mismatch."""
     import time
 
-    session = _session(path)
+    session = ort_session(path)
     declared = {i.name for i in session.get_inputs()}
     wanted = {t.name for t in spec.inputs}
     if declared != wanted:

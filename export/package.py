@@ -24,7 +24,17 @@ import torch
 from torch import nn
 from vsal.export.config import ModelConfig
 from vsal.export.onnx_export import DEFAULT_OPSET, ExportError, GraphValidation, export_graph, validate_graph
-from vsal.export.specs import MAX_FRAMES, MAX_NEW_TOKENS, MAX_PROMPT_TEXT, MAX_SLOTS, GraphSpec, encoder_specs
+from vsal.export.specs import (
+    MAX_FRAMES,
+    MAX_NEW_TOKENS,
+    MAX_PROMPT_TEXT,
+    MAX_SLOTS,
+    GraphSpec,
+    graph_specs,
+    llm_decoder_spec,
+)
+from vsal.runtime.graphs import DECODER, GRAPHS
+from vsal.runtime.log import sayer
 from vsal.runtime.manifest import (
     MANIFEST_NAME,
     FileInfo,
@@ -34,38 +44,20 @@ from vsal.runtime.manifest import (
     save_manifest,
     sha256_file,
 )
-from vsal.runtime.package_lock import PackageLock, fsync_folder
+from vsal.runtime.package_lock import PackageLock, fsync_folder, replacing
 from vsal.runtime.package_paths import file_problem
+from vsal.runtime.preprocess import Preprocessing
 from vsal.runtime.prompt import ANSWER_CUT, PROMPT_AFTER, PROMPT_BEFORE, DecodingOptions
 
 import vsal
 
-# Graph name -> the VideoSalmonn part it is exported from.
-GRAPH_PARTS = {
-    "vision_encoder": "vision_encoder",
-    "frame_qformer": "frame_qformer",
-    "whisper_encoder": "whisper_encoder",
-    "beats_encoder": "beats_encoder",
-    "mrc_qformer": "mrc_qformer",
-    "llm_decoder": "llm",
-}
-ALL_GRAPHS = tuple(GRAPH_PARTS)
+ALL_GRAPHS = tuple(GRAPHS)
 INSTRUCTION_BOS = 30522  # [DEC], added to bert-base-uncased's 30522 entries
-
-
-def graph_specs(config: ModelConfig) -> dict[str, GraphSpec]:
-    from vsal.export.llm_graph import llm_decoder_spec
-
-    specs = encoder_specs(config)
-    specs["llm_decoder"] = llm_decoder_spec(config)
-    return specs
 
 
 def decoder_step_feeds(config: ModelConfig, prompt_length: int, seed: int = 0) -> tuple[dict, dict]:
     """(prefill, decode) inputs of the llm_decoder graph at batch 1: a prompt of `prompt_length`
     tokens, then one token after it. No clip records the decoder's inputs; scripts time it on these."""
-    from vsal.export.llm_graph import llm_decoder_spec
-
     spec = llm_decoder_spec(config)
     rng = np.random.default_rng(seed)
     prefill = spec.make_inputs({"B": 1, "T": prompt_length, "P": 0}, rng)
@@ -75,7 +67,7 @@ def decoder_step_feeds(config: ModelConfig, prompt_length: int, seed: int = 0) -
 
 def graph_module(name: str, part: nn.Module) -> nn.Module:
     """The module whose forward takes the graph's inputs in spec order."""
-    if name == "llm_decoder":
+    if name == DECODER:
         from vsal.export.llm_graph import LlmDecoderGraph
 
         return LlmDecoderGraph(part)
@@ -104,11 +96,6 @@ class ExportSource:
 class TokenizerFiles:
     llm_dir: Path  # holds tokenizer.model (+ tokenizer_config.json)
     bert_vocab: Path  # bert-base-uncased vocab.txt
-
-
-def _say(progress: bool, message: str) -> None:
-    if progress:
-        print(f"vsal-export: {message}", flush=True)
 
 
 def check_output(output: Path, overwrite: bool) -> None:
@@ -171,6 +158,7 @@ def export_package(
         raise ExportError(f"unknown graphs {sorted(unknown)}; graphs are {', '.join(ALL_GRAPHS)}")
     config = source.config
     specs = graph_specs(config)
+    say = sayer("vsal-export", enabled=progress, stdout=True)
     work = _prepare_output(output, overwrite)
     try:
         (work / "graphs").mkdir()
@@ -179,12 +167,12 @@ def export_package(
         embeddings = None
         for index, name in enumerate(graphs, 1):
             spec = specs[name]
-            _say(progress, f"[{index}/{len(graphs)}] {name}: building")
-            part = source.part(GRAPH_PARTS[name])
-            if name == "llm_decoder":
+            say(f"[{index}/{len(graphs)}] {name}: building")
+            part = source.part(GRAPHS[name].part)
+            if name == DECODER:
                 embeddings = _write_embeddings(part, work)
             module = graph_module(name, part)
-            entry, validation = _export_one(spec, module, work, opset, slim, progress)
+            entry, validation = _export_one(spec, module, work, opset, slim, say)
             entries[name] = entry
             validations[name] = validation
             del part, module
@@ -217,6 +205,8 @@ def export_package(
             },
             vsal_version=vsal.__version__,
             opset=opset,
+            kv_cache=config.llm.kv_layout().to_dict(),
+            preprocessing=Preprocessing.of_config(config.to_dict()).to_dict(),
         )
         config_src = tokenizers.llm_dir / "tokenizer_config.json"
         if config_src.is_file():
@@ -227,23 +217,25 @@ def export_package(
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    _say(progress, f"package ready: {output}")
+    say(f"package ready: {output}")
     return manifest
 
 
-def _export_one(spec: GraphSpec, module: nn.Module, work: Path, opset: int, slim: bool, progress: bool):
+def _export_one(
+    spec: GraphSpec, module: nn.Module, work: Path, opset: int, slim: bool, say: Callable[[str], None]
+):
     path = work / "graphs" / f"{spec.name}.onnx"
     start = time.perf_counter()
-    _say(progress, f"    exporting (dynamo, opset {opset}, axes {', '.join(a.name for a in spec.axes)})")
+    say(f"    exporting (dynamo, opset {opset}, axes {', '.join(a.name for a in spec.axes)})")
     files = export_graph(spec, module, path, opset)
     export_seconds = time.perf_counter() - start
-    _say(progress, f"    validating against PyTorch at {len(spec.validation_sizes())} sizes")
+    say(f"    validating against PyTorch at {len(spec.validation_sizes())} sizes")
     validation = validate_graph(spec, module, path)
     slimmed = False
     if slim:
-        slimmed, files, validation = _try_slim(spec, module, path, files, validation, progress)
+        slimmed, files, validation = _try_slim(spec, module, path, files, validation, say)
     report = validation.to_dict() | {"export_seconds": round(export_seconds, 2), "slimmed": slimmed}
-    _say(progress, "    " + _validation_line(validation) + (" (onnxslim kept)" if slimmed else ""))
+    say("    " + _validation_line(validation) + (" (onnxslim kept)" if slimmed else ""))
     entry = GraphInfo(
         file=str(path.relative_to(work)),
         sha256=sha256_file(path),
@@ -264,28 +256,24 @@ def _validation_line(validation: GraphValidation) -> str:
     return f"max abs error vs PyTorch: {cases}"
 
 
-def _try_slim(spec, module, path: Path, files, validation, progress):
-    """Simplify with onnxslim; keep the result only if validation still passes."""
+def _try_slim(spec, module, path: Path, files, validation, say: Callable[[str], None]):
+    """Simplify with onnxslim; the result replaces the graph only if validation still passes."""
     try:
         import onnx
         import onnxslim
     except ImportError:
         return False, files, validation
-    from vsal.export.onnx_export import ValidationError, save_onnx
+    from vsal.transforms.onnx_io import save_onnx
 
     if len(files) > 1:
         return False, files, validation  # large graphs: slimming would load all weights into memory twice
-    backup = path.with_name(f".{path.name}.unslimmed")
-    shutil.copyfile(path, backup)
     try:
-        slimmed = onnxslim.slim(onnx.load(str(path)))
-        save_onnx(slimmed, path)
-        checked = validate_graph(spec, module, path)
-    except (ValidationError, Exception) as exc:  # onnxslim failures are not ours to raise
-        _say(progress, f"    onnxslim result dropped ({type(exc).__name__}): keeping the exported graph")
-        os.replace(backup, path)
+        with replacing(path) as slimmed:  # left as it was unless the block ends without an error
+            save_onnx(onnxslim.slim(onnx.load(str(path))), slimmed, external=False)
+            checked = validate_graph(spec, module, slimmed)
+    except Exception as exc:  # a validation mismatch, or onnxslim's own failure: not ours to raise
+        say(f"    onnxslim result dropped ({type(exc).__name__}): keeping the exported graph")
         return False, files, validation
-    backup.unlink()
     return True, files, checked
 
 

@@ -16,6 +16,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vsal.runtime import precisions
 from vsal.runtime.manifest import (
     CALIBRATION_DIR,
     ENGINE_DIR,
@@ -29,10 +30,10 @@ from vsal.runtime.manifest import (
 from vsal.runtime.package_lock import LOCK_NAME, fsync_folder, stale_partial
 from vsal.runtime.package_paths import package_folder
 
-VARIANT_PRECISIONS = ("fp16", "int8")
-# Temporary names of the package's writers: save_onnx's and convert_fp16's `.<name>.partial` /
-# `.<name>.data.partial`, quantize_int8's `.<name>.<random>/` folder, save_calibration's
-# `.<name>.partial.npz`, and the manifest's `.manifest.json.partial` of earlier vsal versions.
+# Temporary names of earlier vsal versions' writers: `.<name>.partial` / `.<name>.data.partial`,
+# save_calibration's `.<name>.partial.npz`, the manifest's `.manifest.json.partial` (today every
+# writer goes through package_lock.replacing, whose names `stale_partial` recognises; and
+# quantize_int8 stages in a `.<name>.<random>/` folder).
 _OLD_PARTIAL = re.compile(r"^\..+\.partial(\.npz)?$")
 
 
@@ -126,10 +127,10 @@ def written_folder(package: Path, name: str) -> Path:
 
 def _variant_pattern(manifest: Manifest) -> re.Pattern:
     """Names our builds give variant files and their temporaries (`<graph>.<precision>[.<id>].onnx`,
-    `.data`, `.partial`, quantize_int8's work folder)."""
+    `.data`, `.partial`, quantize_int8's work folder), for every registered variant precision."""
     graphs = "|".join(re.escape(g) for g in manifest.graphs)
-    precisions = "|".join(VARIANT_PRECISIONS)
-    return re.compile(rf"^({graphs})\.({precisions})(\.[0-9a-f]+)?\.onnx(\.data)?(\.partial|\..+)?$")
+    variants = "|".join(re.escape(p) for p in precisions.variant_names())
+    return re.compile(rf"^({graphs})\.({variants})(\.[0-9a-f]+)?\.onnx(\.data)?(\.partial|\..+)?$")
 
 
 def _remove_variant_file(package: Path, rel: str) -> bool:

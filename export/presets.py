@@ -9,6 +9,8 @@ Whisper input, 128-bin fbank) and shrinks only widths and depths.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from vsal.export.config import (
     BeatsConfig,
     LlmConfig,
@@ -20,39 +22,52 @@ from vsal.export.config import (
 from vsal.runtime.errors import ConfigError
 
 
-def _tiny() -> ModelConfig:
-    width = 32  # frame Q-Former width = video token width; av width is 3x
+def _shrunk(
+    name: str,
+    width: int,
+    heads: int,
+    ffn: int,
+    layers: int,
+    vision: VisionConfig,
+    beats: BeatsConfig,
+    llm: LlmConfig,
+) -> ModelConfig:
+    """The released structure at `width` (frame Q-Former = video token width; the av width is 3x),
+    every Q-Former, Whisper and BEATs with `heads`, `ffn` and `layers` (the MRC Q-Former keeps 2)."""
+
+    def qformer(**kwargs) -> QFormerConfig:
+        return QFormerConfig(hidden_size=width, num_attention_heads=heads, intermediate_size=ffn, **kwargs)
+
     return ModelConfig(
-        name="tiny",
-        vision=VisionConfig(embed_dim=48, depth=2, num_heads=4, mlp_ratio=2.0),
-        frame_qformer=QFormerConfig(
-            hidden_size=width,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            encoder_width=48,
-        ),
+        name=name,
+        vision=vision,
+        frame_qformer=qformer(num_hidden_layers=layers, encoder_width=vision.embed_dim),
         whisper=WhisperEncoderConfig(
-            d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64
+            d_model=width, encoder_layers=layers, encoder_attention_heads=heads, encoder_ffn_dim=ffn
         ),
-        beats=BeatsConfig(
-            embed_dim=24,
-            encoder_layers=2,
-            encoder_embed_dim=32,
-            encoder_ffn_embed_dim=64,
-            encoder_attention_heads=4,
-            conv_pos=16,
-            conv_pos_groups=4,
+        beats=replace(
+            beats,
+            encoder_layers=layers,
+            encoder_embed_dim=width,
+            encoder_ffn_embed_dim=ffn,
+            encoder_attention_heads=heads,
         ),
-        mrc_qformer=QFormerConfig(
-            hidden_size=width,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            num_query_tokens=30,
-            cross_attention_freq=1,
-            encoder_width=3 * width,
+        mrc_qformer=qformer(
+            num_hidden_layers=2, num_query_tokens=30, cross_attention_freq=1, encoder_width=3 * width
         ),
+        llm=llm,
+    )
+
+
+def _tiny() -> ModelConfig:
+    return _shrunk(
+        "tiny",
+        width=32,
+        heads=4,
+        ffn=64,
+        layers=2,
+        vision=VisionConfig(embed_dim=48, depth=2, num_heads=4, mlp_ratio=2.0),
+        beats=BeatsConfig(embed_dim=24, conv_pos=16, conv_pos_groups=4),
         llm=LlmConfig(
             hidden_size=64,
             intermediate_size=128,
@@ -64,39 +79,15 @@ def _tiny() -> ModelConfig:
 
 
 def _small() -> ModelConfig:
-    width = 384
-    return ModelConfig(
-        name="small",
+    return _shrunk(
+        "small",
+        width=384,
+        heads=6,
+        ffn=1536,
+        layers=4,
         vision=VisionConfig(embed_dim=384, depth=6, num_heads=6, mlp_ratio=4.0),
-        frame_qformer=QFormerConfig(
-            hidden_size=width,
-            num_hidden_layers=4,
-            num_attention_heads=6,
-            intermediate_size=1536,
-            encoder_width=384,
-        ),
-        whisper=WhisperEncoderConfig(
-            d_model=384, encoder_layers=4, encoder_attention_heads=6, encoder_ffn_dim=1536
-        ),
-        beats=BeatsConfig(
-            embed_dim=256,
-            encoder_layers=4,
-            encoder_embed_dim=384,
-            encoder_ffn_embed_dim=1536,
-            encoder_attention_heads=6,
-            conv_pos=64,
-            conv_pos_groups=8,
-        ),
-        mrc_qformer=QFormerConfig(
-            hidden_size=width,
-            num_hidden_layers=2,
-            num_attention_heads=6,
-            intermediate_size=1536,
-            num_query_tokens=30,
-            cross_attention_freq=1,
-            encoder_width=3 * width,
-        ),
-        llm=LlmConfig(
+        beats=BeatsConfig(embed_dim=256, conv_pos=64, conv_pos_groups=8),
+        llm=LlmConfig(  # shaped like SmolLM2-135M
             hidden_size=576,
             intermediate_size=1536,
             num_hidden_layers=30,

@@ -3,21 +3,27 @@
 media file -> the release's frame and audio sampling -> reference features (transformers'
 WhisperFeatureExtractor, Kaldi fbank) -> parts -> alignment -> MRC Q-Former -> prompt embeddings
 -> transformers generate (greedy or beam) with the release's decoding settings.
+
+Its stages are timed with the runtime's Stopwatch under the runtime's names (vsal.runtime.observe),
+plus "prompt_embeddings"; observers are told them as the runtime's are, and `Answer.timings` holds
+their sums, so `vsal bench` reads both pipelines the same way.
 """
 
 from __future__ import annotations
 
 import os
+import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from vsal.export.models.alignment import align_streams
 from vsal.runtime import media
-from vsal.runtime.errors import MediaError
 from vsal.runtime.features import beats_fbank
+from vsal.runtime.observe import Observer, Stopwatch, check_observer
 from vsal.runtime.preprocess import pad_audio
 from vsal.runtime.prompt import PROMPT_BEFORE, DecodingOptions, cut_answer, prompt_after
 from vsal.runtime.tokenizers import InstructionTokenizer, LlamaTokenizer
@@ -41,6 +47,23 @@ class Answer:
     text: str
     token_ids: list[int]
     av_tokens: int  # LLM tokens that carry the clip
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+
+class _TokenClock:
+    """A `generate` streamer that notes when each new token arrives (the first put is the prompt)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self.calls = 0
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls > 1:
+            self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
 
 
 def preprocess_frame(frame: np.ndarray, size: int = 224) -> torch.Tensor:
@@ -59,11 +82,19 @@ def preprocess_frame(frame: np.ndarray, size: int = 224) -> torch.Tensor:
 class ReferencePipeline:
     """Answers a prompt about a clip with the PyTorch parts of a `VideoSalmonn`."""
 
-    def __init__(self, model, llama_tokenizer_dir: str | os.PathLike, bert_tokenizer_dir: str | os.PathLike):
+    def __init__(
+        self,
+        model,
+        llama_tokenizer_dir: str | os.PathLike,
+        bert_tokenizer_dir: str | os.PathLike,
+        observers: Iterable[Observer] = (),
+    ):
         """`llama_tokenizer_dir` holds tokenizer.model (+ tokenizer_config.json), as a Vicuna folder does;
-        `bert_tokenizer_dir` holds bert-base-uncased's vocab.txt."""
+        `bert_tokenizer_dir` holds bert-base-uncased's vocab.txt; `observers` are told each stage's
+        seconds (vsal.runtime.observe)."""
         from transformers import WhisperFeatureExtractor
 
+        self.observers = [check_observer(o) for o in observers]
         self.model = model.eval()
         self.config = model.config
         # vsal's sentencepiece/WordPiece tokenizers, not transformers 5's: they give the ids of the
@@ -73,21 +104,30 @@ class ReferencePipeline:
         self.instruction_tokenizer = InstructionTokenizer(bert_tokenizer_dir, max_length=INSTRUCTION_LIMIT)
         self.whisper_features = WhisperFeatureExtractor(feature_size=self.config.whisper.num_mel_bins)
 
+    def observe(self, observer: Observer) -> None:
+        """Tell `observer` each stage's seconds (`stage(name, seconds)`), as Pipeline.observe does."""
+        self.observers.append(check_observer(observer))
+
+    def _watch(self, timings: dict[str, float] | None) -> Stopwatch:
+        return Stopwatch(self.observers, timings)
+
     # --- media -> encoder inputs -------------------------------------------------------------
     def prepare(
-        self, video: str | os.PathLike | None = None, audio: str | os.PathLike | None = None
+        self,
+        video: str | os.PathLike | None = None,
+        audio: str | os.PathLike | None = None,
+        timings: dict[str, float] | None = None,
     ) -> MediaInputs:
         """Decode and preprocess; with only `video`, its own audio track is used when it has one."""
-        if video is None and audio is None:
-            raise MediaError("give a video file, an audio file or both")
-        pixels = None
+        video, audio = media.streams(video, audio)
+        watch = self._watch(timings)
+        pixels = features = fbank = None
         if video is not None:
-            pixels = self.video_pixels(video)
-            if audio is None and media.has_audio(video):
-                audio = video
-        features = fbank = None
+            with watch("decode_video+preprocess"):
+                pixels = self.video_pixels(video)
         if audio is not None:
-            features, fbank = self.audio_features(audio)
+            with watch("decode_audio+features"):
+                features, fbank = self.audio_features(audio)
         return MediaInputs(pixels, features, fbank)
 
     def video_pixels(self, video: str | os.PathLike) -> torch.Tensor:
@@ -126,20 +166,30 @@ class ReferencePipeline:
         return x.to(weight.device, weight.dtype if x.is_floating_point() else x.dtype)
 
     @torch.no_grad()
-    def av_tokens(self, inputs: MediaInputs, prompt: str) -> torch.Tensor:
+    def av_tokens(
+        self, inputs: MediaInputs, prompt: str, timings: dict[str, float] | None = None
+    ) -> torch.Tensor:
         """[1, 3S, llm hidden]: the clip as the LLM reads it."""
         m = self.model
+        watch = self._watch(timings)
         video_tokens = audio_tokens = None
         if inputs.pixel_values is not None:
-            ids, mask = (self._here(t) for t in self.instruction(prompt))
-            frame_tokens = m.frame_qformer(m.vision_encoder(self._here(inputs.pixel_values)), ids, mask)
+            with watch("vision_encoder"):
+                image_embeds = m.vision_encoder(self._here(inputs.pixel_values))
+            with watch("frame_qformer"):
+                ids, mask = (self._here(t) for t in self.instruction(prompt))
+                frame_tokens = m.frame_qformer(image_embeds, ids, mask)
             video_tokens = frame_tokens.reshape(1, -1, frame_tokens.shape[-1])
         if inputs.input_features is not None:
-            speech = m.whisper_encoder(self._here(inputs.input_features))
-            sound = m.beats_encoder(self._here(inputs.fbank))
+            with watch("whisper_encoder"):
+                speech = m.whisper_encoder(self._here(inputs.input_features))
+            with watch("beats_encoder"):
+                sound = m.beats_encoder(self._here(inputs.fbank))
             audio_tokens = torch.cat([speech, sound], dim=-1)
-        av_features, slot_mask = align_streams(video_tokens, audio_tokens, self.config)
-        return m.mrc_qformer(av_features, slot_mask)
+        with watch("alignment"):
+            av_features, slot_mask = align_streams(video_tokens, audio_tokens, self.config)
+        with watch("mrc_qformer"):
+            return m.mrc_qformer(av_features, slot_mask)
 
     def text_ids(self, text: str) -> torch.Tensor:
         return self._here(torch.tensor([self.llama_tokenizer.encode(text)], dtype=torch.long))
@@ -161,26 +211,43 @@ class ReferencePipeline:
 
     # --- generation ------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, inputs_embeds: torch.Tensor, options: DecodingOptions) -> list[int]:
+    def generate(
+        self, inputs_embeds: torch.Tensor, options: DecodingOptions, timings: dict[str, float] | None = None
+    ) -> list[int]:
+        """The generated ids. Stages: "time_to_first_token" (generation start -> first token) and
+        "generate" (-> last token); with beam search (no streaming) both are the whole call.
+        `options.eos_token_id` None runs to max_new_tokens (the model's eos blocked until then)."""
+        watch = self._watch(timings)
+        clock = _TokenClock() if options.num_beams == 1 else None
+        start = time.perf_counter()
         # With only inputs_embeds the repetition penalty sees generated tokens alone; the release
         # generates from inputs_embeds too, so that is the behaviour to keep (transformers warns).
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Passing `repetition_penalty` with `inputs_embeds`")
-            out = self._generate(inputs_embeds, options)
+            out = self._generate(inputs_embeds, options, clock)
+        total = time.perf_counter() - start
+        times = clock.times if clock is not None and clock.times else [start + total]
+        watch.stage("time_to_first_token", times[0] - start)
+        watch.stage("generate", times[-1] - start)
         return out[0].tolist()
 
-    def _generate(self, inputs_embeds: torch.Tensor, options: DecodingOptions) -> torch.Tensor:
+    def _generate(self, inputs_embeds: torch.Tensor, options: DecodingOptions, streamer) -> torch.Tensor:
+        if options.eos_token_id is None:  # a fixed length (the bench's); min_length is then moot
+            length = {"min_new_tokens": options.max_new_tokens}
+        else:
+            length = {"min_length": options.min_length}
         return self.model.llm.model.generate(
             inputs_embeds=inputs_embeds,
             attention_mask=torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device),
             max_new_tokens=options.max_new_tokens,
-            min_length=options.min_length,
+            **length,
             do_sample=False,
             num_beams=options.num_beams,
             repetition_penalty=options.repetition_penalty,
             length_penalty=options.length_penalty,
             eos_token_id=self.config.llm.eos_token_id,
             pad_token_id=self.config.llm.pad_token_id,
+            streamer=streamer,
         )
 
     def ask(
@@ -191,7 +258,11 @@ class ReferencePipeline:
         options: DecodingOptions | None = None,
     ) -> Answer:
         options = options or DecodingOptions()
-        av = self.av_tokens(self.prepare(video=video, audio=audio), prompt)
-        ids = self.generate(self.inputs_embeds(av, prompt), options)
+        timings: dict[str, float] = {}
+        av = self.av_tokens(self.prepare(video, audio, timings), prompt, timings)
+        watch = self._watch(timings)
+        with watch("prompt_embeddings"):
+            embeds = self.inputs_embeds(av, prompt)
+        ids = self.generate(embeds, options, timings)
         text = self.llama_tokenizer.decode(ids, skip_special_tokens=True)
-        return Answer(text=cut_answer(text), token_ids=ids, av_tokens=av.shape[1])
+        return Answer(text=cut_answer(text), token_ids=ids, av_tokens=av.shape[1], timings=timings)

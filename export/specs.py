@@ -1,4 +1,4 @@
-"""One declarative spec per exported graph.
+"""One declarative spec per exported graph: `graph_specs(config)` gives all of them.
 
 Each `GraphSpec` names its inputs and outputs with dtypes and shapes over named axes, gives every
 dynamic axis its min/opt/max (the TensorRT optimisation profile), the size traced at export and two
@@ -15,7 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-from vsal.export.config import ModelConfig
+from vsal.export.config import LlmConfig, ModelConfig
+from vsal.runtime.graphs import DECODER, GRAPHS
 from vsal.runtime.shapes import axis_names, evaluate
 
 # Release limits the profiles follow.
@@ -27,6 +28,8 @@ MAX_NEW_TOKENS = 512  # max_tgt_len
 MAX_AUDIO_BATCH = 4  # 30 s windows per call
 MAX_BEAMS = 5  # the release's beam width
 FBANK_30S = 2998  # fbank frames of 30 s at 10 ms (snip_edges)
+MAX_TEMPLATE_TOKENS = 16  # "USER: <Img>" + "</Img> " + "\nASSISTANT:" around the prompt (~12 tokens)
+PROMPT_ROUNDING = 256  # the longest prompt is rounded up to a multiple of this, for headroom
 
 
 @dataclass(frozen=True)
@@ -124,8 +127,8 @@ def _random_inputs(inputs: tuple[TensorSpec, ...], sizes, rng: np.random.Generat
 # --- the graphs ----------------------------------------------------------------------------------
 
 
-def encoder_specs(config: ModelConfig) -> dict[str, GraphSpec]:
-    """Specs of the five encoder-side graphs (the LLM decoder's spec lives with its wrapper)."""
+def graph_specs(config: ModelConfig) -> dict[str, GraphSpec]:
+    """The spec of every graph in vsal.runtime.graphs.GRAPHS, in its order."""
     v, fq, w = config.vision, config.frame_qformer, config.whisper
     tokens = v.num_tokens
     width = fq.hidden_size
@@ -237,4 +240,60 @@ def encoder_specs(config: ModelConfig) -> dict[str, GraphSpec]:
             make_inputs=lambda s, rng: _random_inputs(mrc_in, s, rng, slot_mask=slot_mask),
         )
     )
+    add(llm_decoder_spec(config))
+    if tuple(specs) != tuple(GRAPHS):
+        raise AssertionError(f"specs {list(specs)} are not vsal.runtime.graphs.GRAPHS {list(GRAPHS)}")
     return specs
+
+
+def max_prompt_tokens(config: ModelConfig | LlmConfig) -> int:
+    """Longest LLM input: bos + template + av tokens (3 per slot) + prompt text, rounded up (889 -> 1024)."""
+    per_slot = config.llm_tokens_per_slot if isinstance(config, ModelConfig) else 3
+    longest = 1 + MAX_TEMPLATE_TOKENS + per_slot * MAX_SLOTS + MAX_PROMPT_TEXT
+    return -(-longest // PROMPT_ROUNDING) * PROMPT_ROUNDING
+
+
+def llm_decoder_spec(config: ModelConfig | LlmConfig) -> GraphSpec:
+    """The `llm_decoder` GraphSpec (its I/O: vsal.export.llm_graph). Axes: B beams, T new tokens,
+    P past tokens; the past and present names and sizes are the LLM's `kv_layout()`.
+
+    T max is the longest prompt (`max_prompt_tokens`); the context holds it plus MAX_NEW_TOKENS
+    (bounded by max_position_embeddings), so P max is one less: the past of the last decode step.
+    Validation: prefill (B=1, T=7, P=0), decode (B=3, T=1, P=9), chunked (B=5, T=4, P=6).
+    """
+    llm = config.llm if isinstance(config, ModelConfig) else config
+    layout = llm.kv_layout()
+    context = min(max_prompt_tokens(config) + MAX_NEW_TOKENS, llm.max_position_embeddings)
+    t_max = min(max_prompt_tokens(config), context)
+    axes = (
+        Axis("B", 1, 1, MAX_BEAMS, export=2, validate=(1, 3, 5)),
+        Axis("T", 1, min(256, t_max), t_max, export=3, validate=(7, 1, 4)),
+        Axis("P", 0, min(512, context - 1), context - 1, export=5, validate=(0, 9, 6)),
+    )
+    kv_shape = ("B", layout.kv_heads, "P", layout.head_dim)
+    present_shape = ("B", layout.kv_heads, "P+T", layout.head_dim)
+    inputs = (
+        TensorSpec("inputs_embeds", "float32", ("B", "T", llm.hidden_size)),
+        TensorSpec("attention_mask", "int64", ("B", "P+T")),
+        TensorSpec("position_ids", "int64", ("B", "T")),
+        *(TensorSpec(name, layout.dtype, kv_shape) for name in layout.past_names()),
+    )
+    outputs = (
+        TensorSpec("logits", "float32", ("B", "T", llm.vocab_size)),
+        *(TensorSpec(name, layout.dtype, present_shape) for name in layout.present_names()),
+    )
+
+    def make_inputs(sizes: Mapping[str, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        b, t, p = sizes["B"], sizes["T"], sizes["P"]
+        arrays = {
+            "inputs_embeds": rng.standard_normal((b, t, llm.hidden_size)).astype("float32"),
+            "attention_mask": np.ones((b, p + t), dtype="int64"),
+            "position_ids": np.tile(np.arange(p, p + t, dtype="int64"), (b, 1)),
+        }
+        for name in layout.past_names():
+            arrays[name] = rng.standard_normal(layout.shape(b, p)).astype(layout.dtype)
+        return arrays
+
+    spec = GraphSpec(DECODER, inputs, outputs, axes, atol=1e-4, rtol=1e-4, make_inputs=make_inputs)
+    spec.check()
+    return spec

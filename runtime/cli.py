@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 from vsal.runtime.errors import VsalError
 from vsal.runtime.limits import MAX_NEW_TOKENS_LIMIT, MAX_UPLOAD_MIB, PORTS
+from vsal.runtime.registry_choice import backend_choice, precision_choice
 
 
 def run_cli(group: click.Group, prog: str) -> None:
@@ -138,14 +139,14 @@ def _generation_options(fn):
             click.option(
                 "--backend",
                 "engine",
-                type=click.Choice(["onnxruntime", "tensorrt"]),
+                type=backend_choice(),
                 default="onnxruntime",
                 show_default=True,
                 help="tensorrt: native TensorRT engines, built into MODEL_DIR/engines on first use.",
             ),
             click.option(
                 "--precision",
-                type=click.Choice(["fp32", "fp16", "int8"]),
+                type=precision_choice(),
                 default=None,
                 help="Graph precision (default: fp16 on a GPU, int8 on the CPU when built, else fp32).",
             ),
@@ -207,17 +208,7 @@ def run(
         )
     if as_json:
         answer = pipeline.ask(prompt, video=video, audio=audio, options=options)
-        click.echo(
-            json.dumps(
-                {
-                    "answer": answer.text,
-                    "token_ids": answer.token_ids,
-                    "av_tokens": answer.av_tokens,
-                    "timings": {k: round(v, 4) for k, v in answer.timings.items()},
-                    "backends": answer.backends,
-                }
-            )
-        )
+        click.echo(json.dumps(answer.to_dict()))
         return
     answer = pipeline.ask(
         prompt, video=video, audio=audio, options=options, on_text=lambda piece: click.echo(piece, nl=False)
@@ -255,7 +246,7 @@ def run(
 )
 @click.option(
     "--precision",
-    type=click.Choice(["fp32", "fp16", "int8"]),
+    type=precision_choice(),
     default="fp32",
     show_default=True,
     help="Which file of each graph (the package's fp16/int8 variants where built).",

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+from vsal.runtime.graphs import KVLayout
 from vsal.runtime.prompt import ANSWER_CUT, DecodingOptions
 
 NEG_INF = np.float32(-np.inf)
@@ -84,35 +85,22 @@ class NumpyKVCache:
         return NumpyKVCache(tuple(np.take(a, beam_indices, axis=0) for a in self.arrays))
 
 
-def past_names(num_layers: int) -> list[str]:
-    """The `llm_decoder` graph's past inputs, in order (key, value per layer)."""
-    return [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-
-
-def present_names(num_layers: int) -> list[str]:
-    """The `llm_decoder` graph's present outputs, in order (key, value per layer)."""
-    return [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-
-
 class GraphDecoderStep:
     """A `DecoderStep` over any runner of the `llm_decoder` graph that takes and returns named
     numpy arrays (`Backend.run`, or `lambda feeds: dict(zip(names, session.run(names, feeds)))`).
-    The past goes round trip through host memory as a `NumpyKVCache`."""
+    The past goes round trip through host memory as a `NumpyKVCache`, named by `layout`
+    (the manifest's `kv_layout()`)."""
 
-    def __init__(
-        self,
-        run: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]],
-        num_layers: int,
-        num_kv_heads: int,
-        head_dim: int,
-    ):
+    def __init__(self, run: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]], layout: KVLayout):
         self.run = run
-        self.num_layers = num_layers
-        self.kv_shape = (num_kv_heads, head_dim)
+        self.layout = layout
+        self.past_names = layout.past_names()
+        self.present_names = layout.present_names()
 
     def empty_cache(self, batch: int) -> NumpyKVCache:
-        shape = (batch, self.kv_shape[0], 0, self.kv_shape[1])  # P = 0
-        return NumpyKVCache(tuple(np.zeros(shape, np.float32) for _ in range(2 * self.num_layers)))
+        shape = self.layout.shape(batch, 0)  # P = 0
+        dtype = np.dtype(self.layout.dtype)
+        return NumpyKVCache(tuple(np.zeros(shape, dtype) for _ in self.past_names))
 
     def __call__(
         self,
@@ -127,9 +115,9 @@ class GraphDecoderStep:
             "attention_mask": attention_mask,
             "position_ids": position_ids,
         }
-        feeds |= dict(zip(past_names(self.num_layers), past.arrays, strict=True))
+        feeds |= dict(zip(self.past_names, past.arrays, strict=True))
         out = self.run(feeds)
-        present = tuple(out[name] for name in present_names(self.num_layers))
+        present = tuple(out[name] for name in self.present_names)
         return out["logits"], NumpyKVCache(present)
 
 
@@ -420,15 +408,6 @@ def beam_search(
         past_length = prompt.shape[1] + length - 1
         logits, cache = decode_one_token(step, embed, beams.running[:, length - 1], cache, past_length)
     return beams.finished[0, : beams.finished_lengths[0]].tolist()
-
-
-def generate(
-    step: DecoderStep, embed: Embed, inputs_embeds: np.ndarray, options: DecodingOptions
-) -> list[int]:
-    """Generated token ids (incl. eos when reached): beam search when num_beams > 1, else greedy/sampled."""
-    if options.num_beams > 1:
-        return beam_search(step, embed, inputs_embeds, options)
-    return list(generate_tokens(step, embed, inputs_embeds, options))
 
 
 # --- text streaming -------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ onnxruntime-genai's genai_config does, and read back by the runtime (`KVLayout`)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+import string
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -26,6 +28,8 @@ class GraphRole:
     calibrated: bool  # static int8 from inputs recorded on clips (vsal.calib.collect)
     recipes: Mapping[str, str] = field(default_factory=dict)  # precision -> quantizer, where not its own
     runtime_axes: tuple[str, ...] = ()  # profile axes the runtime reads (checked at load)
+    # sizes of its first input that the media's preprocessing sets: axis -> Preprocessing field
+    media_dims: Mapping[int, str] = field(default_factory=dict)
 
     def quantizer_for(self, precision) -> str | None:
         """The quantizer that makes this graph's `precision` variant (a `Precision` row)."""
@@ -36,10 +40,23 @@ GRAPHS: Mapping[str, GraphRole] = MappingProxyType(
     {
         role.name: role
         for role in (
-            GraphRole("vision_encoder", "vision_encoder", "N", True, runtime_axes=("N",)),
+            GraphRole(
+                "vision_encoder",
+                "vision_encoder",
+                "N",
+                True,
+                runtime_axes=("N",),
+                media_dims={2: "image_size", 3: "image_size"},
+            ),
             GraphRole("frame_qformer", "frame_qformer", "N", True, runtime_axes=("N",)),
-            GraphRole("whisper_encoder", "whisper_encoder", "B", True),
-            GraphRole("beats_encoder", "beats_encoder", "B", True),
+            GraphRole(
+                "whisper_encoder",
+                "whisper_encoder",
+                "B",
+                True,
+                media_dims={1: "whisper_n_mels", 2: "whisper_n_frames"},
+            ),
+            GraphRole("beats_encoder", "beats_encoder", "B", True, media_dims={2: "beats_n_mels"}),
             GraphRole("mrc_qformer", "mrc_qformer", "B", True),
             GraphRole(
                 "llm_decoder",
@@ -57,10 +74,18 @@ CALIBRATED_GRAPHS = tuple(name for name, role in GRAPHS.items() if role.calibrat
 DECODER = "llm_decoder"
 
 
+KV_DTYPES = ("float32", "float16")  # numpy dtype names the runtime allocates a cache in
+MAX_LAYERS = 1024  # bounds far above any LLM vsal runs (Vicuna-13B: 40 layers, 40 heads of 128)
+MAX_KV_HEADS = 1024
+MAX_HEAD_DIM = 4096
+_KIND = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
+
+
 @dataclass(frozen=True)
 class KVLayout:
     """The llm_decoder graph's KV cache: past inputs and present outputs, key and value per layer,
-    each [B, kv_heads, P, head_dim] of `dtype`."""
+    each [B, kv_heads, P, head_dim] of `dtype`. Names are templates over {layer} and {kind}, as
+    genai_config's "past_key_values.%d.key". ValueError names what is out of bounds."""
 
     layers: int
     kv_heads: int
@@ -69,6 +94,33 @@ class KVLayout:
     past: str = "past_key_values.{layer}.{kind}"
     present: str = "present.{layer}.{kind}"
     kinds: tuple[str, ...] = ("key", "value")
+
+    def __post_init__(self) -> None:
+        problems = list(self._problems())
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def _problems(self) -> Iterator[str]:
+        for name, most in (("layers", MAX_LAYERS), ("kv_heads", MAX_KV_HEADS), ("head_dim", MAX_HEAD_DIM)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+                yield f"{name} is {value!r}, not an integer from 1 to {most}"
+        if self.dtype not in KV_DTYPES:
+            yield f"dtype is {self.dtype!r}, not one of {', '.join(KV_DTYPES)}"
+        for name in ("past", "present"):
+            fields = _template_fields(getattr(self, name))
+            if fields != ["kind", "layer"]:
+                yield (
+                    f"{name} is {getattr(self, name)!r}: a name template holds {{layer}} and {{kind}} "
+                    f"once each and no other field, it has {fields}"
+                )
+        if self.past == self.present:
+            yield "past and present are the same template: an output would take an input's name"
+        if not self.kinds or len(set(self.kinds)) != len(self.kinds):
+            yield f"kinds is {list(self.kinds)}, not distinct names"
+        for kind in self.kinds:
+            if not isinstance(kind, str) or not _KIND.match(kind):
+                yield f"kinds holds {kind!r}, not a name (letters, digits, _)"
 
     @classmethod
     def of_llm(cls, llm: Mapping[str, Any], dtype: str = "float32") -> KVLayout:
@@ -107,3 +159,16 @@ class KVLayout:
 
     def shape(self, batch: int, length: int) -> tuple[int, int, int, int]:
         return (batch, self.kv_heads, length, self.head_dim)
+
+
+def _template_fields(template: str) -> list[str]:
+    """The replacement fields of a name template, sorted ("{layer!r}" or "{0}" count as others)."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError:  # a lone brace
+        return ["a lone brace"]
+    found = []
+    for _, name, spec, conversion in parsed:
+        if name is not None:
+            found.append(name if not spec and conversion is None else f"{name}!{conversion}:{spec}")
+    return sorted(found)

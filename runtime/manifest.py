@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 from vsal.runtime.errors import ConfigError, PackageError
+from vsal.runtime.graphs import DECODER, GRAPHS, KVLayout
 from vsal.runtime.package_lock import write_json_durable
 from vsal.runtime.package_paths import (
     confined,
@@ -27,13 +28,14 @@ from vsal.runtime.package_paths import (
     package_folder,
     read_manifest_json,
 )
+from vsal.runtime.preprocess import Preprocessing
 from vsal.runtime.prompt import DecodingOptions
-from vsal.runtime.shapes import axis_names, evaluate
+from vsal.runtime.shapes import axis_names
 
 MANIFEST_NAME = "manifest.json"
 GRAPH_DIR = "graphs"  # the exported graphs and the variants builds add
 CALIBRATION_DIR = "calibration"  # `vsal-export calibrate`'s recorded inputs and clip list
-ENGINE_DIR = "engines"  # the TensorRT engine cache (vsal.runtime.tensorrt_engines)
+ENGINE_DIR = "engines"  # the TensorRT engine cache (vsal.runtime.backends.tensorrt_engines)
 # Folders the package's writers create files in, glob and clean: real folders, never symlinks.
 WRITTEN_FOLDERS = {
     GRAPH_DIR: "graph folder",
@@ -124,9 +126,30 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     vsal_version: str = ""
     opset: int = 0
+    # KVLayout.to_dict() and Preprocessing.to_dict(); empty in a package written before they were
+    # (kv_layout() and preprocessing_constants() derive them from config then)
+    kv_cache: dict[str, Any] = field(default_factory=dict)
+    preprocessing: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        for key in _DERIVED:  # an older package stays as it was written
+            if not data[key]:
+                del data[key]
+        return data
+
+    def kv_layout(self) -> KVLayout:
+        """The llm_decoder graph's KV cache names and sizes (ValueError when config.llm cannot give
+        them: check_runnable says so first)."""
+        if self.kv_cache:
+            return KVLayout.from_dict(self.kv_cache)
+        return KVLayout.of_llm(self.config["llm"])
+
+    def preprocessing_constants(self) -> Preprocessing:
+        """The sizes and statistics the media's preprocessing uses for this package's encoders."""
+        if self.preprocessing:
+            return Preprocessing.from_dict(self.preprocessing)
+        return Preprocessing.of_config(self.config)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
@@ -208,7 +231,8 @@ def load_manifest(folder: str | os.PathLike) -> Manifest:
     Checked here, so every reader gets it: manifest.json's size, nesting and field types (with the
     keys every reader needs), the prompt template and decoding defaults; graphs/, calibration/ and
     engines/ real folders; every file it names confined to the folder (package_paths); each graph's
-    inputs and outputs against the ONNX file itself; the embedding table's shape and dtype. Missing
+    inputs and outputs against the ONNX file itself; the embedding table's shape and dtype; the KV
+    layout and the preprocessing constants, where declared, against config.llm and the graphs. Missing
     files and sha256 are left to verify_files (they cost a read); what only the runtime reads, to
     check_runnable."""
     folder = Path(folder)
@@ -232,6 +256,8 @@ def load_manifest(folder: str | os.PathLike) -> Manifest:
     _check_interfaces(manifest, folder)
     if (folder / manifest.embeddings.file).is_file():  # missing: verify_files says so
         manifest.load_embeddings(folder)  # its .npy header: shape and dtype, never unpickled
+    _check_kv_cache(manifest, path)
+    _check_preprocessing(manifest, path)
     return manifest
 
 
@@ -336,10 +362,93 @@ def _check_written_folders(folder: Path) -> None:
         confined(folder, f"{ENGINE_DIR}/{entry}", "engine cache")
 
 
+# --- the KV cache and the preprocessing ----------------------------------------------------------
+
+
+def _check_kv_cache(manifest: Manifest, path: Path) -> None:
+    """kv_cache, where the package declares it: a KVLayout within bounds, agreeing with config.llm
+    (where that gives the sizes) and with the llm_decoder graph's past inputs and present outputs."""
+    layout = _declared(manifest, "kv_cache", KVLayout, path)
+    if layout is None:
+        return
+    llm = manifest.config.get("llm")
+    llm = llm if isinstance(llm, dict) else {}
+    hidden, heads = llm.get("hidden_size"), llm.get("num_attention_heads")
+    wanted = {
+        "layers": llm.get("num_hidden_layers"),
+        "kv_heads": llm.get("num_key_value_heads"),
+        "head_dim": hidden // heads if _count(hidden) and _count(heads) else None,
+    }
+    for key, value in wanted.items():
+        if _count(value) and getattr(layout, key) != value:
+            raise PackageError(
+                f"{path}: kv_cache.{key} is {getattr(layout, key)}, config.llm gives {value}: "
+                "re-export the package"
+            )
+    graph = manifest.graphs.get(DECODER)
+    if graph is None:
+        return
+    sizes = {1: layout.kv_heads, 3: layout.head_dim}
+    for kind, tensors, names in (
+        ("inputs", graph.inputs, layout.past_names()),
+        ("outputs", graph.outputs, layout.present_names()),
+    ):
+        by_name = {t.name: t for t in tensors}
+        for name in names:
+            tensor = by_name.get(name)
+            where = f"{path}: graphs.{DECODER}.{kind}"
+            if tensor is None:
+                raise PackageError(f"{where} lacks {name}, which kv_cache names: re-export the package")
+            shape = tensor.shape
+            if (
+                tensor.dtype != layout.dtype
+                or len(shape) != 4
+                or any(shape[axis] != size for axis, size in sizes.items())
+            ):
+                raise PackageError(
+                    f"{where}: {name} is {tensor.dtype} {shape}, kv_cache gives {layout.dtype} "
+                    f"[B, {layout.kv_heads}, length, {layout.head_dim}]: re-export the package"
+                )
+
+
+def _check_preprocessing(manifest: Manifest, path: Path) -> None:
+    """preprocessing, where the package declares it: within bounds, and the sizes it makes those
+    the encoders' inputs declare."""
+    pre = _declared(manifest, "preprocessing", Preprocessing, path)
+    if pre is None:
+        return
+    for name, info in manifest.graphs.items():
+        role = GRAPHS.get(name)
+        if role is None or not role.media_dims or not info.inputs:
+            continue
+        tensor = info.inputs[0]
+        for axis, key in role.media_dims.items():
+            dim = tensor.shape[axis] if axis < len(tensor.shape) else None
+            if dim != getattr(pre, key):
+                raise PackageError(
+                    f"{path}: preprocessing.{key} is {getattr(pre, key)}, graphs.{name}.inputs[0] "
+                    f"({tensor.name}) has {dim} on axis {axis}: re-export the package"
+                )
+
+
+def _declared(manifest: Manifest, key: str, kind: type, path: Path) -> Any:
+    """The package's own `key` as a `kind` (None in a package written before it); PackageError for
+    values out of its bounds."""
+    data = getattr(manifest, key)
+    if not data:
+        return None
+    try:
+        return kind.from_dict(data)
+    except ValueError as exc:
+        raise PackageError(f"{path}: {key}: {exc}") from None
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 # --- what the runtime reads -------------------------------------------------------------------------
 
-# Profile axes the runtime reads by name: DecoderLimits.of (B, T, P) and Pipeline._chunks (N).
-_RUNTIME_AXES = {"llm_decoder": ("B", "T", "P"), "vision_encoder": ("N",), "frame_qformer": ("N",)}
 _MAX_SHAPE_EXPR = 64  # characters; the manifest's longest is "P+T"
 
 
@@ -360,8 +469,9 @@ def check_runnable(manifest: Manifest, folder: str | os.PathLike) -> None:
                 f"config.llm.vocab_size {vocab} (ids 0 to {vocab - 1})"
             )
     for name, info in manifest.graphs.items():
-        _check_profile(info, path, f"graphs.{name}", _RUNTIME_AXES.get(name, ()))
-    _check_decoder_profile(manifest.graphs["llm_decoder"].profile, manifest.config["llm"], path)
+        role = GRAPHS.get(name)
+        _check_profile(info, path, f"graphs.{name}", role.runtime_axes if role else ())
+    _check_decoder_profile(manifest.graphs[DECODER].profile, manifest.config["llm"], path)
 
 
 def _check_decoder_profile(profile: dict[str, dict[str, int]], llm: dict[str, Any], path: Path) -> None:
@@ -416,14 +526,12 @@ def _shape_axes(expr: str, path: Path, where: str) -> set[str]:
     try:
         if len(expr) > _MAX_SHAPE_EXPR:
             raise ValueError(f"longer than {_MAX_SHAPE_EXPR} characters")
-        names = axis_names(expr)
-        evaluate(expr, dict.fromkeys(names, 1))
-    except (SyntaxError, ValueError) as exc:
+        return axis_names(expr)
+    except ValueError as exc:
         raise PackageError(
             f"{path}: {where} has {expr[:40]!r}, not a shape expression (axis names, integers, + and *: "
             f"{exc})"
         ) from None
-    return names
 
 
 def _check_prompt(prompt: dict[str, str], path: Path) -> None:
@@ -503,6 +611,32 @@ _GRAPH = _Record(
     },
 )
 _FILE = _Record({"file": str, "sha256": str})
+_KV_CACHE = _Record(
+    {"layers": COUNT, "kv_heads": COUNT, "head_dim": COUNT, "dtype": str, "past": str, "present": str},
+    {"kinds": [str]},
+)
+_NUMBER = (int, float)
+_PREPROCESSING = _Record(
+    {
+        **dict.fromkeys(
+            (
+                "image_size",
+                "sample_rate",
+                "whisper_n_mels",
+                "whisper_n_fft",
+                "whisper_hop",
+                "whisper_n_frames",
+                "beats_n_mels",
+            ),
+            COUNT,
+        ),
+        "clip_mean": [_NUMBER],
+        "clip_std": [_NUMBER],
+        "min_audio_seconds": _NUMBER,
+        "max_audio_seconds": _NUMBER,
+    }
+)
+_DERIVED = ("kv_cache", "preprocessing")  # optional: derived from config when absent
 _MANIFEST = _Record(
     {
         "preset": str,
@@ -517,7 +651,13 @@ _MANIFEST = _Record(
         "decoding": dict,
         "limits": {"": int},
     },
-    {"format_version": int, "vsal_version": str, "opset": int},
+    {
+        "format_version": int,
+        "vsal_version": str,
+        "opset": int,
+        "kv_cache": _KV_CACHE,
+        "preprocessing": _PREPROCESSING,
+    },
 )
 _KEYS = {"": None, "graph": _GRAPH_KEY, "precision": _PRECISION_KEY}
 

@@ -217,6 +217,16 @@ def has_audio(path: str | os.PathLike) -> bool:
         return bool(container.streams.audio)
 
 
+def streams(video: str | os.PathLike | None, audio: str | os.PathLike | None) -> tuple:
+    """(video, audio) as the release reads them: with no audio file, a video's own audio track
+    (the video file again) when it has one. MediaError when neither is given."""
+    if video is None and audio is None:
+        raise MediaError("give a video file, an audio file or both")
+    if audio is None and has_audio(video):
+        audio = video
+    return video, audio
+
+
 # --- video -------------------------------------------------------------------------------------
 
 

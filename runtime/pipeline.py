@@ -8,10 +8,11 @@
          -> [bos] "USER: <Img>" tokens "</Img> {prompt}\\nASSISTANT:" -> llm_decoder  runtime.generation
 
 A request is checked first (`check_request`: the prompt is text; beams, input and context fit the
-decoder's profile), before any media is decoded. Everything comes from the package's manifest;
-each graph runs on the backend chosen for it, which is printed once. The instruction-independent
-encoder outputs are cached per media file (path, size, mtime), so a second question about the
-same clip skips decoding and the three encoders.
+decoder's profile), before any media is decoded. Everything comes from the package's manifest.
+One backend and provider run every graph (chosen at load: the one asked for, else the best this
+machine has); each graph's precision is chosen for it, and what runs each graph is printed once.
+The instruction-independent encoder outputs are cached per media file (path, size, mtime), so a
+second question about the same clip skips decoding and the three encoders.
 """
 
 from __future__ import annotations
@@ -20,33 +21,31 @@ import os
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 from vsal.runtime import media, precisions
 from vsal.runtime.alignment import align_streams, round_up
-from vsal.runtime.backends import Backend, OnnxRuntimeBackend, choose_provider
-from vsal.runtime.errors import ConfigError, MediaError
-from vsal.runtime.generation import GraphDecoderStep, beam_search, generate_tokens, stream_text
+from vsal.runtime.backends import Runner, backend_provider, check_backend, open_backend
+from vsal.runtime.errors import MediaError
+from vsal.runtime.generation import DecoderStep, beam_search, generate_tokens, stream_text
+from vsal.runtime.graphs import DECODER, REQUIRED_GRAPHS
 from vsal.runtime.limits import DecoderLimits
-from vsal.runtime.manifest import Manifest, PackageError, check_runnable, load_manifest, verify_files
-from vsal.runtime.ort_decoder import BoundDecoderStep
-from vsal.runtime.preprocess import audio_inputs, preprocess_frame
+from vsal.runtime.manifest import (
+    GraphInfo,
+    Manifest,
+    PackageError,
+    check_runnable,
+    load_manifest,
+    verify_files,
+)
+from vsal.runtime.observe import FeedTap, Observer, Stopwatch, check_observer, tell_feeds
 from vsal.runtime.prompt import DecodingOptions, check_prompt, cut_answer
-from vsal.runtime.tensorrt_engines import ENGINE_DIR
 from vsal.runtime.tokenizers import InstructionTokenizer, LlamaTokenizer
 
-REQUIRED_GRAPHS = (
-    "vision_encoder",
-    "frame_qformer",
-    "whisper_encoder",
-    "beats_encoder",
-    "mrc_qformer",
-    "llm_decoder",
-)
-ENGINES = ("onnxruntime", "tensorrt")
 MEDIA_CACHE_SIZE = 4  # clips whose encoder outputs are kept
 
 
@@ -68,6 +67,9 @@ def load_tokenizers(manifest: Manifest, folder: Path) -> tuple[LlamaTokenizer, I
 
 
 FeedObserver = Callable[[str, dict[str, np.ndarray]], None]  # (graph name, feeds)
+# (graph, its manifest entry, the file to run, its precision) -> a backend, or None for the default
+BackendFactory = Callable[[str, GraphInfo, str, str], "Runner | None"]
+StepWrapper = Callable[[DecoderStep], DecoderStep]  # wraps each request's decoder step
 
 
 @dataclass
@@ -78,6 +80,16 @@ class Answer:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     backends: dict[str, str] = field(default_factory=dict)  # graph -> what ran it
     media_cached: bool = False  # encoder outputs came from the cache
+
+    def to_dict(self) -> dict:
+        """The answer as JSON-ready fields (`vsal run --json`, the Triton orchestrator's RESULT)."""
+        return {
+            "answer": self.text,
+            "token_ids": list(self.token_ids),
+            "av_tokens": self.av_tokens,
+            "timings": {k: round(v, 4) for k, v in self.timings.items()},
+            "backends": dict(self.backends),
+        }
 
 
 @dataclass
@@ -102,9 +114,17 @@ class Pipeline:
         verbose: bool = True,
         precision: str | None = None,
         engine: str = "onnxruntime",
+        observers: Iterable[Observer] = (),
+        backend_factory: BackendFactory | None = None,
+        step_wrapper: StepWrapper | None = None,
+        media_cache_size: int = MEDIA_CACHE_SIZE,
     ):
-        if engine not in ENGINES:
-            raise ConfigError(f"unknown backend {engine!r}; choose {' or '.join(ENGINES)}")
+        """`observers` are told each stage's time and each graph's feeds (vsal.runtime.observe);
+        `backend_factory(name, info, file, precision)` opens a graph's backend (None from it: the
+        pipeline's own, chosen by `engine` and `provider`); `step_wrapper(step)` wraps the decoder
+        step of each request (a server's cancellation check); `media_cache_size` clips keep their
+        encoder outputs (0: none, every question encodes its clip)."""
+        check_backend(engine)  # a ConfigError naming the registered backends
         self.folder = folder
         self.engine = engine  # "onnxruntime" (its execution providers) or "tensorrt" (native engines)
         self.manifest = manifest
@@ -119,29 +139,39 @@ class Pipeline:
         self.llm = cfg["llm"]
         self.llama, self.instruction = load_tokenizers(manifest, folder)
         self.embeddings = manifest.load_embeddings(folder)  # [V, H], checked, never unpickled
-        self.limits = DecoderLimits.of(manifest.graphs["llm_decoder"])
-        self._backends: dict[str, Backend] = {}
+        self.limits = DecoderLimits.of(manifest.graphs[DECODER])
+        self.preprocessing = manifest.preprocessing_constants()  # image size, mel bins, ...
+        self._backends: dict[str, Runner] = {}
         self._media_cache: OrderedDict[tuple, MediaFeatures] = OrderedDict()
-        self._feed_observers: list[FeedObserver] = []
+        self._observers: list[Observer] = [check_observer(o) for o in observers]
+        self._backend_factory = backend_factory
+        self._step_wrapper = step_wrapper
+        self._media_cache_size = media_cache_size
 
-    # --- hooks for tools (bench, calibration, scripts): nothing outside reaches into the pipeline ---
+    # --- hooks for tools (bench, calibration, serving, scripts): nothing outside reaches into it ---
+
+    def observe(self, observer: Observer) -> None:
+        """Tell `observer` each stage's seconds (`stage(name, seconds)`, a stage in pieces once per
+        piece) and each graph's feeds before it runs (`feeds(graph, feeds)`, the decoder's steps
+        excepted); either method may be left out."""
+        self._observers.append(check_observer(observer))
 
     def observe_feeds(self, observer: FeedObserver) -> None:
         """Call observer(graph name, feeds) before every graph run by `encode_media` and `av_tokens`
         (the decoder's steps excepted): shapes for the bench's FLOPs, inputs for calibration."""
-        self._feed_observers.append(observer)
+        self.observe(FeedTap(observer))
 
     def clear_cache(self) -> None:
         """Forget the encoded clips: the next question decodes and encodes its media again."""
         self._media_cache.clear()
 
     @property
-    def loaded_backends(self) -> dict[str, Backend]:
+    def loaded_backends(self) -> dict[str, Runner]:
         """The backends loaded so far, by graph name (they load lazily, at a graph's first run)."""
         return dict(self._backends)
 
-    def decoder_step(self) -> BoundDecoderStep | GraphDecoderStep:
-        """A fresh decoder step over the llm_decoder graph (see `_step`)."""
+    def decoder_step(self) -> DecoderStep:
+        """The llm_decoder backend's own decoder step (see `_step`)."""
         return self._step()
 
     @classmethod
@@ -155,6 +185,10 @@ class Pipeline:
         precision: str | None = None,
         exact_precision: bool = False,
         engine: str = "onnxruntime",
+        observers: Iterable[Observer] = (),
+        backend_factory: BackendFactory | None = None,
+        step_wrapper: StepWrapper | None = None,
+        media_cache_size: int = MEDIA_CACHE_SIZE,
     ) -> Pipeline:
         """Read and check a package (sha256 of every file unless verify=False); backends load lazily.
 
@@ -165,6 +199,7 @@ class Pipeline:
 
         engine "tensorrt" runs every graph as a native TensorRT engine (from the package's engine
         cache, built from the ONNX when missing or foreign); "onnxruntime" uses its providers.
+        `observers`, `backend_factory`, `step_wrapper`, `media_cache_size`: see the constructor.
         """
         if precision is not None:
             precisions.get(precision)  # a ConfigError naming the choices
@@ -176,8 +211,14 @@ class Pipeline:
             problems = verify_files(manifest, folder)
             if problems:
                 raise PackageError("; ".join(problems))
-        provider = "cuda" if engine == "tensorrt" else choose_provider(provider)
-        pipeline = cls(folder, manifest, provider, threads, verbose, precision, engine)
+        provider = backend_provider(engine, provider)  # one provider for every graph of the package
+        hooks = {
+            "observers": observers,
+            "backend_factory": backend_factory,
+            "step_wrapper": step_wrapper,
+            "media_cache_size": media_cache_size,
+        }
+        pipeline = cls(folder, manifest, provider, threads, verbose, precision, engine, **hooks)
         pipeline.exact_precision = exact_precision
         if manifest.random_weights and verbose:
             preset = manifest.preset
@@ -197,30 +238,37 @@ class Pipeline:
         file, got = info.file_for(chosen)
         return file, got, why
 
-    def backend(self, name: str) -> Backend:
+    def backend(self, name: str) -> Runner:
         if name not in self._backends:
             file, precision, why = self._precision_for(name)
-            backend = self._make_backend(name, file, precision)
+            backend = None
+            if self._backend_factory is not None:
+                backend = self._backend_factory(name, self.manifest.graphs[name], file, precision)
+            if backend is None:
+                backend = self._make_backend(name, file, precision)
             if self.verbose:
                 note = f" ({why})" if why else ""
                 print(f"vsal: {name}: {backend.description}{note}", file=sys.stderr, flush=True)
             self._backends[name] = backend
         return self._backends[name]
 
-    def _make_backend(self, name: str, file: str, precision: str) -> Backend:
+    def _make_backend(self, name: str, file: str, precision: str) -> Runner:
+        """The pipeline's own runner of `name` (`file` is its graph at `precision`, which the
+        backend finds again from the manifest entry)."""
         info = self.manifest.graphs[name]
-        if self.engine == "tensorrt":
-            from vsal.runtime.tensorrt_backend import TensorRTBackend
-
-            return TensorRTBackend.for_graph(self.folder, name, info, precision, progress=self.verbose)
-        engines = self.folder / ENGINE_DIR
-        return OnnxRuntimeBackend(
-            name, self.folder / file, info, self.provider, self.threads, precision, engines
+        return open_backend(
+            self.engine,
+            self.folder,
+            name,
+            info,
+            precision,
+            provider=self.provider,
+            threads=self.threads,
+            progress=self.verbose,
         )
 
     def _run(self, name: str, **feeds: np.ndarray) -> np.ndarray:
-        for observer in self._feed_observers:
-            observer(name, feeds)
+        tell_feeds(self._observers, name, feeds)
         backend = self.backend(name)
         return backend.run(feeds, [backend.output_names()[0]])[backend.output_names()[0]]
 
@@ -233,26 +281,23 @@ class Pipeline:
     def encode_media(
         self, video: str | os.PathLike | None, audio: str | os.PathLike | None
     ) -> tuple[MediaFeatures, bool]:
-        if video is None and audio is None:
-            raise MediaError("give a video file, an audio file or both")
+        """The clip's encoder outputs, and whether they came from the cache (the observers are told
+        the stages only when they run)."""
         key = (_file_key(video), _file_key(audio))
         if key in self._media_cache:
             self._media_cache.move_to_end(key)
             return self._media_cache[key], True
-        timings: dict[str, float] = {}
-        image_embeds, frames = None, 0
-        if video is not None:
-            image_embeds, frames = self._encode_frames(video, timings)
-            if audio is None and media.has_audio(video):
-                audio = video
-        audio_tokens = self._encode_audio(audio, timings) if audio is not None else None
-        features = MediaFeatures(image_embeds, audio_tokens, frames, timings)
+        video, audio = media.streams(video, audio)
+        watch = Stopwatch(self._observers)
+        image_embeds, frames = self._encode_frames(video, watch) if video is not None else (None, 0)
+        audio_tokens = self._encode_audio(audio, watch) if audio is not None else None
+        features = MediaFeatures(image_embeds, audio_tokens, frames, watch.seconds)
         self._media_cache[key] = features
-        if len(self._media_cache) > MEDIA_CACHE_SIZE:
+        if len(self._media_cache) > self._media_cache_size:
             self._media_cache.popitem(last=False)
         return features, False
 
-    def _encode_frames(self, video, timings: dict[str, float]) -> tuple[np.ndarray, int]:
+    def _encode_frames(self, video, watch: Stopwatch) -> tuple[np.ndarray, int]:
         info = media.probe_media(video, self.alignment["max_clips"])
         if info.video_seconds is None:
             raise MediaError(f"{video}: no video stream (give it as --audio)")
@@ -263,78 +308,65 @@ class Pipeline:
                 file=sys.stderr,
             )
         chunk = self._chunks("vision_encoder", "N")
-        outputs, batch = [], []
-        decode_s = vision_s = 0.0
-        start = time.perf_counter()
-        for frame in media.sample_video_frames(video, self.alignment["max_clips"]):
-            batch.append(preprocess_frame(frame))
-            if len(batch) == chunk:
-                decode_s += time.perf_counter() - start
-                t = time.perf_counter()
-                outputs.append(self._run("vision_encoder", pixel_values=np.stack(batch)))
-                vision_s += time.perf_counter() - t
-                batch = []
-                start = time.perf_counter()
-        decode_s += time.perf_counter() - start
-        if batch:
-            t = time.perf_counter()
-            outputs.append(self._run("vision_encoder", pixel_values=np.stack(batch)))
-            vision_s += time.perf_counter() - t
-        timings["decode_video+preprocess"] = decode_s
-        timings["vision_encoder"] = vision_s
+        frames = media.sample_video_frames(video, self.alignment["max_clips"])
+        outputs = []
+        while True:  # decoding and the encoder take turns, a chunk of frames at a time
+            with watch("decode_video+preprocess"):
+                batch = [self.preprocessing.frame(frame) for frame in islice(frames, chunk)]
+            if batch:
+                with watch("vision_encoder"):
+                    outputs.append(self._run("vision_encoder", pixel_values=np.stack(batch)))
+            if len(batch) < chunk:
+                break
         embeds = np.concatenate(outputs)
         return embeds, embeds.shape[0]
 
-    def _encode_audio(self, path, timings: dict[str, float]) -> np.ndarray:
-        start = time.perf_counter()
-        wave = media.load_audio(path, self.alignment["sample_rate"])
-        log_mel, fbank = audio_inputs(wave)
-        timings["decode_audio+features"] = time.perf_counter() - start
-        start = time.perf_counter()
-        speech = self._run("whisper_encoder", input_features=log_mel[None])
-        timings["whisper_encoder"] = time.perf_counter() - start
-        start = time.perf_counter()
-        sound = self._run("beats_encoder", fbank=fbank[None])
-        timings["beats_encoder"] = time.perf_counter() - start
+    def _encode_audio(self, path, watch: Stopwatch) -> np.ndarray:
+        with watch("decode_audio+features"):
+            wave = media.load_audio(path, self.alignment["sample_rate"])
+            log_mel, fbank = self.preprocessing.audio(wave)
+        with watch("whisper_encoder"):
+            speech = self._run("whisper_encoder", input_features=log_mel[None])
+        with watch("beats_encoder"):
+            sound = self._run("beats_encoder", fbank=fbank[None])
         return np.concatenate([speech, sound], axis=-1)
 
     # --- prompt-dependent graphs ----------------------------------------------------------------------
 
-    def av_tokens(self, features: MediaFeatures, prompt: str, timings: dict[str, float]) -> np.ndarray:
-        """[1, 3S, H]: the clip as the LLM reads it."""
+    def av_tokens(
+        self, features: MediaFeatures, prompt: str, timings: dict[str, float] | None = None
+    ) -> np.ndarray:
+        """[1, 3S, H]: the clip as the LLM reads it; its stages' seconds are added to `timings`."""
+        watch = Stopwatch(self._observers, timings)
         video_tokens = None
         if features.image_embeds is not None:
             ids, mask = self.instruction.encode(prompt)
-            start = time.perf_counter()
             chunk = self._chunks("frame_qformer", "N")
-            parts = [
-                self._run(
-                    "frame_qformer",
-                    image_embeds=features.image_embeds[i : i + chunk],
-                    instruction_ids=ids,
-                    instruction_mask=mask,
-                )
-                for i in range(0, features.image_embeds.shape[0], chunk)
-            ]
-            timings["frame_qformer"] = time.perf_counter() - start
+            with watch("frame_qformer"):
+                parts = [
+                    self._run(
+                        "frame_qformer",
+                        image_embeds=features.image_embeds[i : i + chunk],
+                        instruction_ids=ids,
+                        instruction_mask=mask,
+                    )
+                    for i in range(0, features.image_embeds.shape[0], chunk)
+                ]
             frame_tokens = np.concatenate(parts)  # [N, 32, W]
             video_tokens = frame_tokens.reshape(1, -1, frame_tokens.shape[-1])
-        start = time.perf_counter()
         a = self.alignment
-        av, slot_mask = align_streams(
-            video_tokens,
-            features.audio_tokens,
-            width=self.width,
-            tokens_per_frame=a["tokens_per_frame"],
-            audio_frames_per_slot=a["audio_frames_per_slot"],
-            audio_slots=a["audio_slots"],
-            window=a["high_window"],
-        )
-        timings["alignment"] = time.perf_counter() - start
-        start = time.perf_counter()
-        out = self._run("mrc_qformer", av_features=av, slot_mask=slot_mask)
-        timings["mrc_qformer"] = time.perf_counter() - start
-        return out
+        with watch("alignment"):
+            av, slot_mask = align_streams(
+                video_tokens,
+                features.audio_tokens,
+                width=self.width,
+                tokens_per_frame=a["tokens_per_frame"],
+                audio_frames_per_slot=a["audio_frames_per_slot"],
+                audio_slots=a["audio_slots"],
+                window=a["high_window"],
+            )
+        with watch("mrc_qformer"):
+            return self._run("mrc_qformer", av_features=av, slot_mask=slot_mask)
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return np.asarray(self.embeddings[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
@@ -360,6 +392,10 @@ class Pipeline:
 
     # --- asking ---------------------------------------------------------------------------------------
 
+    def default_options(self) -> DecodingOptions:
+        """The release's decoding options, from the manifest (with the package's eos token)."""
+        return self._options(None)
+
     def _options(self, options: DecodingOptions | None) -> DecodingOptions:
         if options is None:
             defaults = {
@@ -368,19 +404,15 @@ class Pipeline:
             options = DecodingOptions(**defaults)
         return replace(options, eos_token_id=self.manifest.special_tokens["eos"])
 
-    def _step(self) -> BoundDecoderStep | GraphDecoderStep:
-        """The decoder step. On ONNX Runtime, with IO binding: the KV cache stays inside it between
-        tokens. Other backends take and return numpy arrays (the cache goes through the host)."""
-        llm = self.llm
-        backend = self.backend("llm_decoder")
-        shape = (
-            llm["num_hidden_layers"],
-            llm["num_key_value_heads"],
-            llm["hidden_size"] // llm["num_attention_heads"],
-        )
-        if isinstance(backend, OnnxRuntimeBackend):
-            return BoundDecoderStep(backend, *shape)
-        return GraphDecoderStep(backend.run, *shape)
+    def _request_step(self) -> DecoderStep:
+        """A request's decoder step, through the step wrapper when there is one."""
+        step = self._step()
+        return step if self._step_wrapper is None else self._step_wrapper(step)
+
+    def _step(self) -> DecoderStep:
+        """The decoder backend's own step: on ONNX Runtime (IO binding) and TensorRT (device buffers)
+        the KV cache stays on the device between tokens; other runners go through the host."""
+        return self.backend(DECODER).decoder_step(self.manifest.kv_layout())
 
     def check_request(self, prompt: str | bytes, options: DecodingOptions | None = None, video=None) -> str:
         """The prompt as text when the request fits the decoder, else a PromptError or LimitError.
@@ -416,7 +448,7 @@ class Pipeline:
     def _prepare(self, prompt, video, audio, options: DecodingOptions) -> tuple[np.ndarray, Answer]:
         prompt = self.check_request(prompt, options, video)
         features, cached = self.encode_media(video, audio)
-        timings = {} if cached else dict(features.timings)
+        timings = {} if cached else dict(features.timings)  # a cached clip's encoders did not run
         av = self.av_tokens(features, prompt, timings)
         embeds = self.inputs_embeds(av, prompt)
         # The token count as the decoder will see it (the estimate above comes from the header).
@@ -430,7 +462,7 @@ class Pipeline:
         """Text pieces as tokens come (one beam); with beam search, the answer in one piece at the end."""
         options = self._options(options)
         embeds, answer = self._prepare(prompt, video, audio, options)
-        step = self._step()
+        step = self._request_step()
         if options.num_beams > 1:
             ids = beam_search(step, self.embed, embeds, options)
             yield cut_answer(self.llama.decode(ids))
@@ -450,7 +482,8 @@ class Pipeline:
         any media is decoded."""
         options = self._options(options)
         embeds, answer = self._prepare(prompt, video, audio, options)
-        step = self._step()
+        step = self._request_step()
+        watch = Stopwatch(self._observers, answer.timings)
         start = time.perf_counter()
         first = None
         if options.num_beams > 1:
@@ -472,8 +505,8 @@ class Pipeline:
                 if on_text is not None:
                     on_text(piece)
         total = time.perf_counter() - start
-        answer.timings["time_to_first_token"] = first if first is not None else total
-        answer.timings["generate"] = total
+        watch.stage("time_to_first_token", first if first is not None else total)
+        watch.stage("generate", total)
         answer.token_ids = list(ids)
         answer.text = cut_answer(self.llama.decode(ids))
         answer.backends = {name: b.description for name, b in self._backends.items()}

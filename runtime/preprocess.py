@@ -15,12 +15,18 @@ and clipped to 0..255, losing the bicubic overshoot): 0.2 off. The taps here agr
 
 Audio: zero-padded to the release's 3 s minimum; Whisper's log-mel as transformers'
 WhisperFeatureExtractor computes it; BEATs' Kaldi fbank over the waveform truncated to 30 s.
+
+The sizes and statistics are the package's (`Preprocessing`, the manifest's "preprocessing", read
+by `Manifest.preprocessing_constants()`); the module constants are the released model's, the
+defaults of every function.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 from vsal.runtime.features import beats_fbank
@@ -40,6 +46,109 @@ WHISPER_N_MELS = 80  # large-v2
 WHISPER_FMAX = 8000.0  # Hz
 LOG_FLOOR = 1e-10  # mel power floor before log10
 DYNAMIC_RANGE = 8.0  # log10 units kept below the clip's maximum
+BEATS_N_MELS = 128  # fbank bins of the released BEATs
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What the encoders expect of the media: the manifest's "preprocessing", written at export
+    from the ModelConfig. ValueError names a field out of its bounds."""
+
+    image_size: int = IMAGE_SIZE  # px, square frames into vision_encoder
+    clip_mean: tuple[float, float, float] = CLIP_MEAN  # RGB, on [0, 1] pixels
+    clip_std: tuple[float, float, float] = CLIP_STD
+    sample_rate: int = SAMPLE_RATE  # Hz; the features are written for 16 kHz
+    whisper_n_mels: int = WHISPER_N_MELS
+    whisper_n_fft: int = WHISPER_N_FFT  # samples per STFT window
+    whisper_hop: int = WHISPER_HOP  # samples between frames
+    whisper_n_frames: int = WHISPER_SAMPLES // WHISPER_HOP  # log-mel frames of one window (3000)
+    beats_n_mels: int = BEATS_N_MELS
+    min_audio_seconds: float = MIN_AUDIO_SECONDS  # shorter audio is zero-padded
+    max_audio_seconds: float = MAX_AUDIO_SECONDS  # Whisper's window; BEATs reads no further
+
+    def __post_init__(self) -> None:
+        problems = [f"{name} {why}" for name, why in self._problems()]
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def _problems(self) -> Iterator[tuple[str, str]]:
+        for name, (low, high) in _BOUNDS.items():
+            value = getattr(self, name)
+            if not low <= value <= high:
+                yield name, f"is {value}, not within {low} to {high}"
+        if any(not 0.0 <= m <= 1.0 for m in self.clip_mean) or len(self.clip_mean) != 3:
+            yield "clip_mean", f"is {list(self.clip_mean)}, not 3 values within 0 to 1"
+        if any(not 0.0 < s <= 10.0 for s in self.clip_std) or len(self.clip_std) != 3:
+            yield "clip_std", f"is {list(self.clip_std)}, not 3 values within 0 (excluded) to 10"
+        if self.sample_rate != SAMPLE_RATE:
+            yield "sample_rate", f"is {self.sample_rate} Hz; vsal's audio features read {SAMPLE_RATE} Hz"
+        if self.whisper_hop > self.whisper_n_fft:
+            yield "whisper_hop", f"is {self.whisper_hop}, more than whisper_n_fft {self.whisper_n_fft}"
+        if self.min_audio_seconds > self.max_audio_seconds:
+            yield "min_audio_seconds", f"is more than max_audio_seconds {self.max_audio_seconds}"
+        if self.whisper_n_frames * self.whisper_hop != round(self.max_audio_seconds * self.sample_rate):
+            yield (
+                "whisper_n_frames",
+                (
+                    f"x whisper_hop is {self.whisper_n_frames * self.whisper_hop} samples, not "
+                    f"max_audio_seconds x sample_rate (Whisper's window)"
+                ),
+            )
+
+    @property
+    def whisper_samples(self) -> int:
+        """Samples of Whisper's window (480000: 30 s at 16 kHz)."""
+        return self.whisper_n_frames * self.whisper_hop
+
+    @classmethod
+    def of_config(cls, config: Mapping[str, Any]) -> Preprocessing:
+        """From a ModelConfig.to_dict() (at export, and for a package written before the manifest
+        carried these); CLIP's statistics and Whisper's STFT are the released model's."""
+        align, whisper = config["alignment"], config["whisper"]
+        return cls(
+            image_size=config["vision"]["img_size"],
+            sample_rate=align.get("sample_rate", SAMPLE_RATE),
+            whisper_n_mels=whisper["num_mel_bins"],
+            whisper_n_frames=2 * whisper["max_source_positions"],  # the stride-2 conv halves them
+            beats_n_mels=config["beats"].get("n_mels", BEATS_N_MELS),
+            min_audio_seconds=align.get("min_audio_seconds", MIN_AUDIO_SECONDS),
+            max_audio_seconds=align.get("max_audio_seconds", MAX_AUDIO_SECONDS),
+        )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Preprocessing:
+        data = dict(data)
+        for key in ("clip_mean", "clip_std"):
+            data[key] = tuple(data[key])
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"clip_mean": list(self.clip_mean), "clip_std": list(self.clip_std)}
+
+    def frame(self, frame: np.ndarray) -> np.ndarray:
+        """RGB uint8 [H, W, 3] -> float32 [3, image_size, image_size] (`preprocess_frame`)."""
+        return preprocess_frame(frame, self.image_size, self.clip_mean, self.clip_std)
+
+    def audio(self, waveform: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """16 kHz float32 [samples] -> (Whisper log-mel, BEATs fbank) (`audio_inputs`)."""
+        return audio_inputs(waveform, self)
+
+
+FIELDS = tuple(f.name for f in fields(Preprocessing))
+# Bounds of the sizes (inclusive), far above the released model's, so a hostile manifest cannot make
+# the runtime allocate gigabytes per frame.
+_BOUNDS = {
+    "image_size": (1, 4096),
+    "sample_rate": (1, 192000),
+    "whisper_n_mels": (1, 512),
+    "whisper_n_fft": (2, 8192),
+    "whisper_hop": (1, 8192),
+    "whisper_n_frames": (1, 1 << 20),
+    "beats_n_mels": (1, 512),
+    "min_audio_seconds": (0.0, 3600.0),
+    "max_audio_seconds": (0.1, 3600.0),
+}
+RELEASED = Preprocessing()  # the released model's constants
 
 
 # --- frames ------------------------------------------------------------------------------------
@@ -90,18 +199,24 @@ def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
     return matrix
 
 
-@lru_cache(maxsize=1)
-def _clip_affine() -> tuple[np.ndarray, np.ndarray]:
+@lru_cache(maxsize=4)
+def _clip_affine(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
     """(gain, offset) [3, 1, 1] with (x / 255 - mean) / std = x * gain + offset for 0..255 pixels."""
-    mean = np.asarray(CLIP_MEAN, dtype=np.float64)
-    std = np.asarray(CLIP_STD, dtype=np.float64)
+    mean = np.asarray(mean, dtype=np.float64)
+    std = np.asarray(std, dtype=np.float64)
     gain = 1.0 / (255.0 * std)
     offset = -mean / std
     return gain.astype(np.float32)[:, None, None], offset.astype(np.float32)[:, None, None]
 
 
-def preprocess_frame(frame: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
-    """RGB uint8 [H, W, 3] -> float32 [3, size, size]: bicubic resize as torch, then CLIP normalisation.
+def preprocess_frame(
+    frame: np.ndarray,
+    size: int = IMAGE_SIZE,
+    mean: tuple[float, float, float] = CLIP_MEAN,
+    std: tuple[float, float, float] = CLIP_STD,
+) -> np.ndarray:
+    """RGB uint8 [H, W, 3] -> float32 [3, size, size]: bicubic resize as torch, then normalisation by
+    the RGB `mean` and `std` (CLIP's).
 
     Separable: rows first, then columns, each a 4-tap weighted sum over gathered lines. That is
     bicubic_matrix applied as a matmul without the zeros: a dense [224, 1080] @ [1080, 5760]
@@ -124,7 +239,7 @@ def preprocess_frame(frame: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
     for k in range(4):
         resized += col_weights[:, k, None, None] * columns[col_taps[:, k]]
     pixels = np.ascontiguousarray(resized.transpose(2, 1, 0))  # [channel, y, x]
-    gain, offset = _clip_affine()
+    gain, offset = _clip_affine(tuple(mean), tuple(std))
     pixels *= gain
     pixels += offset
     return pixels
@@ -165,12 +280,12 @@ def _mel_to_hz_slaney(mels: np.ndarray) -> np.ndarray:
 
 
 @lru_cache(maxsize=4)
-def whisper_mel_filters(n_mels: int = WHISPER_N_MELS) -> np.ndarray:
-    """Slaney-normalised triangular mel filters over 0..8 kHz, float64 [n_mels, WHISPER_N_FFT // 2 + 1].
+def whisper_mel_filters(n_mels: int = WHISPER_N_MELS, n_fft: int = WHISPER_N_FFT) -> np.ndarray:
+    """Slaney-normalised triangular mel filters over 0..8 kHz, float64 [n_mels, n_fft // 2 + 1].
 
     transformers' mel_filter_bank(norm="slaney", mel_scale="slaney"), which is librosa's.
     """
-    n_bins = WHISPER_N_FFT // 2 + 1
+    n_bins = n_fft // 2 + 1
     edges = _mel_to_hz_slaney(np.linspace(0.0, _hz_to_mel_slaney(WHISPER_FMAX), n_mels + 2))  # Hz
     bins = np.linspace(0, SAMPLE_RATE // 2, n_bins)  # Hz
     widths = np.diff(edges)
@@ -182,16 +297,20 @@ def whisper_mel_filters(n_mels: int = WHISPER_N_MELS) -> np.ndarray:
     return filters
 
 
-@lru_cache(maxsize=1)
-def _hann_window() -> np.ndarray:
-    n = np.arange(WHISPER_N_FFT)
-    return 0.5 - 0.5 * np.cos(2 * np.pi * n / WHISPER_N_FFT)  # periodic Hann, as torch.hann_window
+@lru_cache(maxsize=2)
+def _hann_window(n_fft: int) -> np.ndarray:
+    n = np.arange(n_fft)
+    return 0.5 - 0.5 * np.cos(2 * np.pi * n / n_fft)  # periodic Hann, as torch.hann_window
 
 
 def whisper_log_mel(
-    waveform: np.ndarray, n_mels: int = WHISPER_N_MELS, n_samples: int = WHISPER_SAMPLES
+    waveform: np.ndarray,
+    n_mels: int = WHISPER_N_MELS,
+    n_samples: int = WHISPER_SAMPLES,
+    n_fft: int = WHISPER_N_FFT,
+    hop: int = WHISPER_HOP,
 ) -> np.ndarray:
-    """float32 [samples] at 16 kHz -> Whisper's log-mel float32 [n_mels, n_samples // 160] (3000 for 30 s).
+    """float32 [samples] at 16 kHz -> Whisper's log-mel float32 [n_mels, n_samples // hop] (3000 for 30 s).
 
     As WhisperFeatureExtractor: zero-pad or truncate to n_samples, centred STFT (reflect padding),
     power spectrum, last frame dropped, slaney mel filters, log10 floored at 1e-10, clamped to
@@ -202,26 +321,37 @@ def whisper_log_mel(
         raise ValueError(f"expected a mono waveform [samples], got shape {wave.shape}")
     wave = wave[:n_samples].astype(np.float64)  # float64 spectra: well inside torch's float32 rounding
     wave = np.pad(wave, (0, n_samples - wave.shape[0]))
-    wave = np.pad(wave, WHISPER_N_FFT // 2, mode="reflect")
-    n_frames = n_samples // WHISPER_HOP  # the STFT gives one more; Whisper drops it
-    frames = np.lib.stride_tricks.sliding_window_view(wave, WHISPER_N_FFT)[::WHISPER_HOP][:n_frames]
-    power = np.abs(np.fft.rfft(frames * _hann_window(), axis=1)) ** 2  # [frames, 201]
-    mel = whisper_mel_filters(n_mels) @ power.T  # [n_mels, frames]
+    wave = np.pad(wave, n_fft // 2, mode="reflect")
+    n_frames = n_samples // hop  # the STFT gives one more; Whisper drops it
+    frames = np.lib.stride_tricks.sliding_window_view(wave, n_fft)[::hop][:n_frames]
+    power = np.abs(np.fft.rfft(frames * _hann_window(n_fft), axis=1)) ** 2  # [frames, n_fft // 2 + 1]
+    mel = whisper_mel_filters(n_mels, n_fft) @ power.T  # [n_mels, frames]
     log_spec = np.log10(np.maximum(mel, LOG_FLOOR))
     log_spec = np.maximum(log_spec, log_spec.max() - DYNAMIC_RANGE)
     return ((log_spec + 4.0) / 4.0).astype(np.float32)
 
 
-def beats_input(waveform: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """float32 [samples] -> BEATs' normalised fbank float32 [frames, 128] of the first 30 s (not padded)."""
-    wave = np.asarray(waveform, dtype=np.float32)[: int(MAX_AUDIO_SECONDS * sample_rate)]
-    return beats_fbank(wave, sample_rate)
+def beats_input(
+    waveform: np.ndarray,
+    sample_rate: int = SAMPLE_RATE,
+    max_seconds: float = MAX_AUDIO_SECONDS,
+    n_mels: int = BEATS_N_MELS,
+) -> np.ndarray:
+    """float32 [samples] -> BEATs' normalised fbank float32 [frames, n_mels] of the first
+    `max_seconds` (not padded)."""
+    wave = np.asarray(waveform, dtype=np.float32)[: int(max_seconds * sample_rate)]
+    return beats_fbank(wave, sample_rate, n_mels)
 
 
-def audio_inputs(waveform: np.ndarray, n_mels: int = WHISPER_N_MELS) -> tuple[np.ndarray, np.ndarray]:
-    """16 kHz float32 [samples] -> (Whisper log-mel [n_mels, 3000], BEATs fbank [frames, 128]).
+def audio_inputs(waveform: np.ndarray, pre: Preprocessing = RELEASED) -> tuple[np.ndarray, np.ndarray]:
+    """16 kHz float32 [samples] -> (Whisper log-mel [n_mels, 3000], BEATs fbank [frames, 128]),
+    the sizes `pre`'s.
 
     The release's order: pad to 3 s first, then both encoders read the padded waveform.
     """
-    wave = pad_audio(waveform)
-    return whisper_log_mel(wave, n_mels), beats_input(wave)
+    wave = pad_audio(waveform, pre.min_audio_seconds, pre.sample_rate)
+    log_mel = whisper_log_mel(
+        wave, pre.whisper_n_mels, pre.whisper_samples, pre.whisper_n_fft, pre.whisper_hop
+    )
+    fbank = beats_input(wave, pre.sample_rate, pre.max_audio_seconds, pre.beats_n_mels)
+    return log_mel, fbank

@@ -55,12 +55,13 @@ def one(name: str, out: Path, frames: int, audio_seconds: float, runs: int, thre
     from vsal.export import presets
     from vsal.export.models.video_salmonn import build_part
     from vsal.export.onnx_export import export_graph
-    from vsal.export.specs import encoder_specs
+    from vsal.export.specs import graph_specs
+    from vsal.runtime.backends import ort_session
 
     if threads:
         torch.set_num_threads(threads)
     config = presets.get("13b")
-    spec = encoder_specs(config)[name]
+    spec = graph_specs(config)[name]
     sizes = {"vision_encoder": {"N": frames}, "whisper_encoder": {"B": 1}}.get(name)
     if name == "beats_encoder":  # Kaldi fbank frames of `audio_seconds` at 16 kHz (25 ms window, 10 ms hop)
         sizes = {"B": 1, "F": 1 + (int(audio_seconds * 16000) - 400) // 160}
@@ -82,13 +83,8 @@ def one(name: str, out: Path, frames: int, audio_seconds: float, runs: int, thre
     module = inputs = None  # free the weights before ONNX Runtime loads its copy
     gc.collect()
     print(f"{name}: timing ONNX Runtime", file=sys.stderr, flush=True)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        options.intra_op_num_threads = threads
     start = time.perf_counter()
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort_session(path, threads=threads, log_fatal=False)
     load_s = time.perf_counter() - start
     ort_s, got = timed(lambda: session.run(None, feeds)[0], runs)
     a, b = got.reshape(-1).astype(np.float64), expected.reshape(-1).astype(np.float64)

@@ -105,16 +105,10 @@ def greedy_onnx(session, names, table: np.ndarray, ids: list[int], steps: int, e
 def run_check(
     work: Path, new_tokens: int = 32, prompts: tuple[str, ...] = PROMPTS, int8: bool = False
 ) -> Report:
-    import onnxruntime as ort
-    from vsal.export.llm_graph import (
-        LlmDecoderGraph,
-        export_kwargs,
-        llm_config_from_hf,
-        llm_decoder_spec,
-        past_names,
-        present_names,
-    )
+    from vsal.export.llm_graph import LlmDecoderGraph, export_kwargs, llm_config_from_hf
+    from vsal.export.specs import llm_decoder_spec
     from vsal.export.weights.real_weights import load_smollm2, load_smollm2_tokenizer
+    from vsal.runtime.backends import ort_session
 
     model = load_smollm2()
     tokenizer = load_smollm2_tokenizer()
@@ -136,9 +130,7 @@ def run_check(
     export_seconds = time.perf_counter() - start
     graph_bytes = sum(f.stat().st_size for f in work.iterdir() if f.name.startswith(path.name))
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort_session(path, log_fatal=False)
 
     # The spec's validation sizes: prefill, decode, chunked.
     validation, validation_ok = {}, True
@@ -156,14 +148,13 @@ def run_check(
     report = Report(export_seconds, graph_bytes, validation, validation_ok)
     int8_session = None
     if int8:
-        from vsal.transforms.int8 import quantize_weights_int8
+        from vsal.transforms.weight_only import quantize_weights_int8
 
         quantize_weights_int8(path, work / "llm_decoder.int8.onnx")
-        int8_session = ort.InferenceSession(
-            str(work / "llm_decoder.int8.onnx"), options, providers=["CPUExecutionProvider"]
-        )
+        int8_session = ort_session(work / "llm_decoder.int8.onnx", log_fatal=False)
     table = table_param.detach().numpy()
-    names = (past_names(config.num_hidden_layers), present_names(config.num_hidden_layers))
+    layout = config.kv_layout()
+    names = (layout.past_names(), layout.present_names())
     names += (config.num_key_value_heads, config.head_dim)
     eos = model.generation_config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos

@@ -23,10 +23,10 @@ def one(name: str, out: Path) -> dict:
     from vsal.export import presets
     from vsal.export.models.video_salmonn import build_part
     from vsal.export.onnx_export import export_graph, validate_graph
-    from vsal.export.specs import encoder_specs
+    from vsal.export.specs import graph_specs
 
     config = presets.get("13b")
-    spec = encoder_specs(config)[name]
+    spec = graph_specs(config)[name]
     start = time.perf_counter()
     module = build_part(config, name)
     build_s = time.perf_counter() - start

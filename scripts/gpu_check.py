@@ -36,12 +36,12 @@ import traceback
 from pathlib import Path
 
 import numpy as np
+from vsal.runtime.log import sayer
 
 PARITY_MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.99}
 
 
-def say(message: str) -> None:
-    print(f"gpu_check: {message}", file=sys.stderr, flush=True)
+say = sayer("gpu_check")
 
 
 def machine() -> dict:
@@ -97,7 +97,7 @@ class Skip(Exception):
 
 
 def need_tensorrt() -> None:
-    from vsal.runtime.tensorrt_engines import EngineError, compute_capability, import_tensorrt
+    from vsal.runtime.backends.tensorrt_engines import EngineError, compute_capability, import_tensorrt
 
     try:
         import_tensorrt()
@@ -117,17 +117,12 @@ def torch_device():
 
 def vsal_backend(folder: Path, name: str, precision: str, backend: str):
     """The graph as vsal runs it: a TensorRT engine, or ONNX Runtime (CUDA where it has it)."""
-    from vsal.runtime.backends import OnnxRuntimeBackend, available_providers
+    from vsal.runtime.backends import available_providers, open_backend
     from vsal.runtime.manifest import load_manifest
 
     info = load_manifest(folder).graphs[name]
-    if backend == "tensorrt":
-        from vsal.runtime.tensorrt_backend import TensorRTBackend
-
-        return TensorRTBackend.for_graph(folder, name, info, precision)
-    file, got = info.file_for(precision)
-    provider = "cuda" if "cuda" in available_providers() else "cpu"
-    return OnnxRuntimeBackend(name, folder / file, info, provider, precision=got)
+    provider = "cuda" if "cuda" in available_providers() else "cpu"  # ONNX Runtime's; TensorRT's own
+    return open_backend(backend, folder, name, info, precision, provider=provider)
 
 
 # --- steps -----------------------------------------------------------------------------------------
@@ -174,8 +169,8 @@ def polygraphy_layers(folder: Path, name: str, precision: str) -> str:
     import shutil
     import subprocess
 
+    from vsal.runtime.backends.tensorrt_engines import input_profiles
     from vsal.runtime.manifest import load_manifest
-    from vsal.runtime.tensorrt_engines import input_profiles
 
     exe = shutil.which("polygraphy", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
     if exe is None:
@@ -236,7 +231,8 @@ def graph_speed(folder: Path, preset: str, precision: str, feeds: dict, runs: in
         need_tensorrt()
     torch, device, dtype = torch_device()
     from vsal.export import presets
-    from vsal.export.package import GRAPH_PARTS, ExportSource, graph_module
+    from vsal.export.package import ExportSource, graph_module
+    from vsal.runtime.graphs import GRAPHS
     from vsal.runtime.manifest import load_manifest
 
     manifest = load_manifest(folder)
@@ -246,7 +242,7 @@ def graph_speed(folder: Path, preset: str, precision: str, feeds: dict, runs: in
     for case, inputs in feeds.items():
         name = case.split(".")[0]
         runner = vsal_backend(folder, name, precision, backend)
-        module = graph_module(name, source.part(GRAPH_PARTS[name])).to(device, dtype).eval()
+        module = graph_module(name, source.part(GRAPHS[name].part)).to(device, dtype).eval()
         order = [t.name for t in manifest.graphs[name].inputs]
 
         def torch_run(module=module, inputs=inputs, order=order):

@@ -19,6 +19,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from vsal.runtime.log import sayer
+
+say = sayer("int8_cpu_table")
 
 
 def decoder_cases(package: Path) -> dict[str, list[dict[str, np.ndarray]]]:
@@ -46,7 +49,7 @@ def median_ms(backend, feeds: list[dict[str, np.ndarray]], repeats: int) -> floa
 def main() -> int:
     from vsal.calib.collect import collect
     from vsal.export.accuracy import compare, worst_cosine
-    from vsal.runtime.backends import OnnxRuntimeBackend
+    from vsal.runtime.backends.onnx_runtime import OnnxRuntimeBackend
     from vsal.runtime.manifest import load_manifest
     from vsal.runtime.synthetic import write_clip
 
@@ -77,7 +80,7 @@ def main() -> int:
         info = manifest.graphs[name]
         fp32 = args.package / info.file
         int8 = args.package / info.variants["int8"].file
-        print(f"{case}: timing fp32 and int8 over {len(feeds)} input(s)", file=sys.stderr, flush=True)
+        say(f"{case}: timing fp32 and int8 over {len(feeds)} input(s)")
         # As the runtime runs them (on x86 the int8 graph's activations are re-encoded to uint8).
         b32 = OnnxRuntimeBackend(name, fp32, info, "cpu", args.threads, "fp32")
         b8 = OnnxRuntimeBackend(name, int8, info, "cpu", args.threads, "int8")

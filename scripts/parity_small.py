@@ -74,7 +74,7 @@ def main() -> None:
         again = runtime.ask("And what can be heard?", options=options, **media)
         second_s = time.perf_counter() - start
         features, _ = runtime.encode_media(media.get("video"), media.get("audio"))
-        embeds = runtime.inputs_embeds(runtime.av_tokens(features, prompt, {}), prompt)
+        embeds = runtime.inputs_embeds(runtime.av_tokens(features, prompt), prompt)
         results[case] = {
             "tokens_equal": got.token_ids == want.token_ids,
             "tokens": len(got.token_ids),

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -69,13 +68,14 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
-    import vsal.runtime.pipeline as pipeline_module
+    from vsal.runtime.log import sayer
     from vsal.runtime.pipeline import Pipeline
     from vsal.runtime.prompt import DecodingOptions
     from vsal.runtime.serving.client import Client
     from vsal.runtime.serving.serve import Server, free_port
     from vsal.runtime.synthetic import write_clip
 
+    say = sayer("serving_load")
     levels = [int(c) for c in args.concurrency.split(",")]
     options = DecodingOptions(num_beams=1, max_new_tokens=args.max_new_tokens)
     prompt = "What happens in the video?"
@@ -87,10 +87,8 @@ def main() -> None:
         rows = []
         modes = args.modes.split(",")
         if "in-process" in modes:
-            pipeline_module.MEDIA_CACHE_SIZE = (
-                0  # every request decodes and encodes its clip, as the server does
-            )
-            pipeline = Pipeline.load(args.package, provider="cpu", verbose=False)
+            # media_cache_size 0: every request decodes and encodes its clip, as the server does
+            pipeline = Pipeline.load(args.package, provider="cpu", verbose=False, media_cache_size=0)
             pipeline.ask(prompt, video=clips[0], options=options)  # warm-up: sessions load
 
             def ask_local(clip):
@@ -98,7 +96,7 @@ def main() -> None:
 
             for n in levels:
                 rows.append({"mode": "in-process"} | measure(ask_local, clips, n, args.requests))
-                print(rows[-1], file=sys.stderr, flush=True)
+                say(str(rows[-1]))
         if "server" in modes:
             with Server(args.package, port=free_port(), quiet=True) as server:
                 Client(server.url).ask(prompt, video=clips[0], options=options)  # warm-up
@@ -110,7 +108,7 @@ def main() -> None:
                     rows.append(
                         {"mode": "vsal serve (Triton)"} | measure(ask_server, clips, n, args.requests)
                     )
-                    print(rows[-1], file=sys.stderr, flush=True)
+                    say(str(rows[-1]))
     print("| runtime | clients | requests | req/s | p50 latency | p90 latency |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:

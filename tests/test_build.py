@@ -1,4 +1,5 @@
-"""`vsal-export build`: fp16 and int8 variants of the tiny package, their report, the runtime using them."""
+"""`vsal-export build`: fp16 and int8 variants of the tiny package, their report, the runtime using
+them; the calibration inputs `vsal-export calibrate` stored; the package hashed once per build."""
 
 from __future__ import annotations
 
@@ -6,13 +7,19 @@ import json
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
-from vsal.export.build import Thresholds, build
+from vsal.export.build import Thresholds, build, calibrate
+from vsal.runtime.errors import PackageError
+from vsal.runtime.graphs import CALIBRATED_GRAPHS
 from vsal.runtime.manifest import load_manifest, verify_files
 from vsal.runtime.pipeline import Pipeline
 from vsal.runtime.prompt import DecodingOptions
+
+GRAPH = "mrc_qformer"  # the fastest graph to rebuild
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +103,113 @@ def test_a_build_below_threshold_fails_loudly(built, tmp_path):
         and "below its accuracy thresholds" in out.stderr
         and "Traceback" not in out.stderr
     )
+
+
+# --- a build hashes each file once --------------------------------------------------------------------
+
+
+@pytest.fixture
+def hashes(monkeypatch):
+    """Every sha256_file call of every vsal module, counted per file (resolved path)."""
+    from vsal.runtime import manifest
+
+    counts: Counter[str] = Counter()
+    real = manifest.sha256_file
+
+    def counted(path):
+        counts[str(Path(path).resolve())] += 1
+        return real(path)
+
+    for module in list(sys.modules.values()):
+        if (
+            getattr(module, "__name__", "").startswith("vsal.")
+            and getattr(module, "sha256_file", None) is real
+        ):
+            monkeypatch.setattr(module, "sha256_file", counted)
+    return counts
+
+
+def test_a_build_hashes_each_file_once(tiny_package, tmp_path, hashes):
+    """Before: an int8 build hashed the exported files 3 times (both clip collections and the token
+    agreement's reference loaded the package verified), fp16 twice."""
+    folder = tmp_path / "pkg"
+    shutil.copytree(tiny_package, folder)
+    report = build(folder, "int8", graphs=(GRAPH,), progress=False)
+    assert report.recorded
+    files = {str((folder / f).resolve()) for f in load_manifest(folder).files()}
+    assert set(hashes) == files and max(hashes.values()) == 1, hashes
+
+
+# --- calibrate stores the inputs, build reads them -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    from vsal.calib.collect import synthetic_media
+
+    return synthetic_media(tmp_path_factory.mktemp("clips"), count=3)  # 2 to calibrate, 1 held out
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_package, tmp_path_factory, clips):
+    folder = tmp_path_factory.mktemp("calibrated") / "tiny"
+    shutil.copytree(tiny_package, folder)
+    paths = calibrate(folder, clips, progress=False)
+    assert sorted(paths) == sorted(CALIBRATED_GRAPHS)
+    return folder
+
+
+@pytest.fixture
+def package(calibrated, tmp_path):
+    copy = tmp_path / "pkg"
+    shutil.copytree(calibrated, copy)
+    return copy
+
+
+@pytest.fixture
+def collected(monkeypatch):
+    """The labels of the clip sets the fp32 pipeline ran over."""
+    import vsal.calib.collect as collect
+
+    labels, real = [], collect.collect
+
+    def spy(package, clips, progress=True, label="calibration clips", verify=True):
+        labels.append(label)
+        return real(package, clips, progress, label, verify)
+
+    monkeypatch.setattr(collect, "collect", spy)
+    return labels
+
+
+def test_build_reads_the_stored_calibration_inputs(package, collected):
+    stored = build(package, "int8", graphs=(GRAPH,), progress=False)
+    assert stored.recorded and collected == ["held-out clips"]  # the calibration clips did not run again
+    assert f"calibration inputs from {package / 'calibration'} (recorded by `vsal-export calibrate`)" in (
+        stored.notes
+    )
+    variant = load_manifest(package).graphs[GRAPH].variants["int8"]
+    index = package / "calibration" / "inputs.json"
+    data = json.loads(index.read_text())
+    data["recorded_on"]["graphs/vision_encoder.onnx"] = "0" * 64  # as if re-exported since
+    index.write_text(json.dumps(data))
+    collected.clear()
+    again = build(package, "int8", graphs=(GRAPH,), progress=False)
+    assert collected == ["calibration clips", "held-out clips"]
+    assert any("recorded on other graphs or by another vsal" in n for n in again.notes)
+    assert load_manifest(package).graphs[GRAPH].variants["int8"].sha256 == variant.sha256  # the same inputs
+
+
+@pytest.mark.parametrize("damage", ["not a zip", "foreign array"])
+def test_a_broken_calibration_store_is_refused(package, damage):
+    path = package / "calibration" / f"{GRAPH}.npz"
+    if damage == "not a zip":
+        path.write_bytes(b"PK\x03\x04 cut short")
+        want = "not a calibration set"
+    else:
+        np.savez(path, **{"0/av_features": np.zeros((1, 2), np.float32), "0/payload": np.zeros(3)})
+        want = "array '0/payload' is not <feed>/<input> of mrc_qformer's"
+    manifest_before = (package / "manifest.json").read_text()
+    with pytest.raises(PackageError) as caught:
+        build(package, "int8", graphs=(GRAPH,), progress=False)
+    assert str(caught.value).startswith(f"{path}: {want}"), caught.value
+    assert (package / "manifest.json").read_text() == manifest_before

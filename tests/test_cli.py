@@ -84,7 +84,8 @@ def test_runtime_imports_without_torch():
     code = (
         "import sys, vsal.runtime, vsal.runtime.media, vsal.runtime.features, vsal.runtime.prompt, "
         "vsal.runtime.cli, vsal.runtime.synthetic, vsal.runtime.tokenizers, vsal.runtime.pipeline, "
-        "vsal.runtime.backends, vsal.runtime.preprocess, vsal.runtime.generation, vsal.runtime.ort_decoder, "
+        "vsal.runtime.backends, vsal.runtime.preprocess, vsal.runtime.generation, "
+        "vsal.runtime.backends.onnx_runtime, vsal.runtime.backends.tensorrt, "
         "vsal.runtime.manifest, vsal.runtime.alignment, vsal.runtime.shapes\n"
         "from vsal.runtime import Pipeline\n"
         "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\n"

@@ -22,12 +22,9 @@ def manifest(tiny_package):
 
 @pytest.fixture(scope="module")
 def specs(tiny_config):
-    from vsal.export.llm_graph import llm_decoder_spec
-    from vsal.export.specs import encoder_specs
+    from vsal.export.specs import graph_specs
 
-    out = dict(encoder_specs(tiny_config))
-    out["llm_decoder"] = llm_decoder_spec(tiny_config)
-    return out
+    return graph_specs(tiny_config)
 
 
 @pytest.fixture(scope="module")
@@ -215,8 +212,8 @@ def test_external_data_streamed(converted, tmp_path):
     assert sorted(p.name for p in dst.parent.iterdir()) == ["llm.fp16.onnx", "llm.fp16.onnx.data"]
     assert report.bytes_after < 0.55 * report.bytes_before
     rng = np.random.default_rng(6)
-    from vsal.export.llm_graph import llm_decoder_spec
     from vsal.export.presets import get
+    from vsal.export.specs import llm_decoder_spec
 
     feeds = llm_decoder_spec(get("tiny")).make_inputs({"B": 2, "T": 3, "P": 4}, rng)
     for a, b in zip(session(dst).run(None, feeds), session(inline_dst).run(None, feeds), strict=True):

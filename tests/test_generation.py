@@ -28,13 +28,13 @@ from vsal.runtime.generation import (
     apply_temperature,
     beam_search,
     block_eos,
-    generate,
     generate_tokens,
     select_token,
     stream_text,
     top_k_filter,
     top_p_filter,
 )
+from vsal.runtime.graphs import KVLayout
 from vsal.runtime.prompt import ANSWER_CUT, BOUNDS, DecodingOptions, cut_answer
 
 MAX_NEW = 20
@@ -95,6 +95,13 @@ def hf_run(lm, inputs_embeds: np.ndarray, options: DecodingOptions) -> tuple[lis
             output_scores=True,  # one entry per step: beam search's stopping step is compared too
         )
     return out.sequences[0].tolist(), len(out.scores)
+
+
+def decode(step, embed, inputs_embeds: np.ndarray, options: DecodingOptions) -> list[int]:
+    """The runtime's tokens: beam search when num_beams > 1, else greedy or sampled."""
+    if options.num_beams > 1:
+        return beam_search(step, embed, inputs_embeds, options)
+    return list(generate_tokens(step, embed, inputs_embeds, options))
 
 
 def hf_generate(lm, inputs_embeds: np.ndarray, options: DecodingOptions) -> list[int]:
@@ -218,7 +225,7 @@ def repetitive_prompt(lm) -> np.ndarray:
     repetition penalty changes the answer (on most random prompts the tiny LLM never repeats)."""
     for seed in range(20):
         x = (np.random.default_rng(seed).standard_normal((1, PROMPT_LENGTH, 64)) * 0.02).astype(np.float32)
-        plain = generate(TorchStep(lm), embedder(lm), x, options(repetition_penalty=1.0))
+        plain = decode(TorchStep(lm), embedder(lm), x, options(repetition_penalty=1.0))
         if len(set(plain)) < len(plain):
             return x
     raise AssertionError("no prompt on which greedy decoding repeats itself")
@@ -233,7 +240,7 @@ def repetitive_prompt(lm) -> np.ndarray:
 def test_greedy_matches_transformers(lm, prompt, repetitive_prompt, which, changes):
     x = prompt if which == "random" else repetitive_prompt
     opts = options(**changes)
-    got = generate(TorchStep(lm), embedder(lm), x, opts)
+    got = decode(TorchStep(lm), embedder(lm), x, opts)
     assert len(got) == MAX_NEW
     assert got == hf_generate(lm, x, opts)
 
@@ -242,8 +249,8 @@ def test_repetition_penalty_changes_the_tokens(lm, repetitive_prompt):
     """Guards the tests above and below: on this prompt the penalty matters."""
     for num_beams in (1, 5):
         plain = options(num_beams=num_beams, repetition_penalty=1.0)
-        plain = generate(TorchStep(lm), embedder(lm), repetitive_prompt, plain)
-        penalised = generate(TorchStep(lm), embedder(lm), repetitive_prompt, options(num_beams=num_beams))
+        plain = decode(TorchStep(lm), embedder(lm), repetitive_prompt, plain)
+        penalised = decode(TorchStep(lm), embedder(lm), repetitive_prompt, options(num_beams=num_beams))
         assert plain != penalised, num_beams
         assert len(set(penalised)) == len(penalised), num_beams
 
@@ -251,9 +258,9 @@ def test_repetition_penalty_changes_the_tokens(lm, repetitive_prompt):
 @pytest.mark.parametrize("eos_at", [0, 2, 5])
 def test_greedy_stops_at_eos_as_transformers(lm, prompt, eos_at):
     """eos = the token greedy decoding picks at step `eos_at`: generation ends there, eos included."""
-    free = generate(TorchStep(lm), embedder(lm), prompt, options(eos_token_id=None))
+    free = decode(TorchStep(lm), embedder(lm), prompt, options(eos_token_id=None))
     opts = options(eos_token_id=free[eos_at])
-    got = generate(TorchStep(lm), embedder(lm), prompt, opts)
+    got = decode(TorchStep(lm), embedder(lm), prompt, opts)
     assert got == free[: eos_at + 1]
     assert got == hf_generate(lm, prompt, opts)
 
@@ -261,12 +268,12 @@ def test_greedy_stops_at_eos_as_transformers(lm, prompt, eos_at):
 def test_min_length_counts_the_prompt_embeddings(lm, prompt):
     """transformers' min_length with inputs_embeds counts the prompt: with eos = the first greedy
     token, min_length = prompt + 3 blocks eos for 3 generated tokens; min_length = prompt, none."""
-    first = generate(TorchStep(lm), embedder(lm), prompt, options(eos_token_id=None, max_new_tokens=1))[0]
+    first = decode(TorchStep(lm), embedder(lm), prompt, options(eos_token_id=None, max_new_tokens=1))[0]
     unblocked = options(eos_token_id=first, min_length=PROMPT_LENGTH)
-    got = generate(TorchStep(lm), embedder(lm), prompt, unblocked)
+    got = decode(TorchStep(lm), embedder(lm), prompt, unblocked)
     assert got == [first] == hf_generate(lm, prompt, unblocked)
     blocked = options(eos_token_id=first, min_length=PROMPT_LENGTH + 3)
-    got = generate(TorchStep(lm), embedder(lm), prompt, blocked)
+    got = decode(TorchStep(lm), embedder(lm), prompt, blocked)
     assert first not in got[:3] and len(got) > 3
     assert got == hf_generate(lm, prompt, blocked)
 
@@ -286,20 +293,20 @@ def test_beam_search_matches_transformers(
     got = run_beams(lm, x, opts)
     assert len(got[0]) == MAX_NEW
     assert got == hf_run(lm, x, opts)
-    assert generate(TorchStep(lm), embedder(lm), x, opts) == got[0]
+    assert decode(TorchStep(lm), embedder(lm), x, opts) == got[0]
 
 
 def test_beam_search_differs_from_greedy(lm, prompt):
     """Guards the beam tests: with this model and prompt the beams find another answer."""
-    greedy = generate(TorchStep(lm), embedder(lm), prompt, options())
-    assert generate(TorchStep(lm), embedder(lm), prompt, options(num_beams=5)) != greedy
+    greedy = decode(TorchStep(lm), embedder(lm), prompt, options())
+    assert decode(TorchStep(lm), embedder(lm), prompt, options(num_beams=5)) != greedy
 
 
 @pytest.mark.parametrize("eos_at", [0, 2, 5])
 @pytest.mark.parametrize("length_penalty", [1.0, 0.5, 0.0])
 def test_beam_search_with_eos_matches_transformers(lm, prompt, length_penalty, eos_at):
     """eos = the token the beams pick at step `eos_at` without eos: finished hypotheses compete."""
-    free = generate(TorchStep(lm), embedder(lm), prompt, options(num_beams=3, eos_token_id=None))
+    free = decode(TorchStep(lm), embedder(lm), prompt, options(num_beams=3, eos_token_id=None))
     opts = options(num_beams=3, length_penalty=length_penalty, eos_token_id=free[eos_at])
     got, steps = run_beams(lm, prompt, opts)
     assert (got, steps) == hf_run(lm, prompt, opts)
@@ -319,7 +326,7 @@ def test_eos_biased_model_matches_transformers(eos_biased_lm, prompt):
             assert (got, steps) == hf_run(lm, prompt, opts), (num_beams, length_penalty)
             stopped_early.append(steps < MAX_NEW)
         else:
-            got = generate(TorchStep(lm), embedder(lm), prompt, opts)
+            got = decode(TorchStep(lm), embedder(lm), prompt, opts)
             assert got == hf_generate(lm, prompt, opts)
         ends_with_eos.append(got[-1] == EOS)
     # guards: the cases cover eos reached early, the heuristic stopping the search, and max length
@@ -339,12 +346,12 @@ def test_beam_search_runs_the_prompt_once(lm, prompt):
 def test_sampling_is_seeded(lm, prompt):
     def sample(**changes):
         opts = options(sample=True, **changes)
-        return generate(TorchStep(lm), embedder(lm), prompt, opts)
+        return decode(TorchStep(lm), embedder(lm), prompt, opts)
 
     assert sample(seed=1) == sample(seed=1)
     assert sample(seed=1) != sample(seed=2)
     assert sample(seed=1, temperature=0.5) != sample(seed=1)
-    greedy = generate(TorchStep(lm), embedder(lm), prompt, options())
+    greedy = decode(TorchStep(lm), embedder(lm), prompt, options())
     assert sample(seed=3, top_k=1) == greedy
     assert sample(seed=3, top_p=1e-6) == greedy
     assert sample(seed=3, top_p=1e-6, temperature=2.0) == greedy
@@ -356,7 +363,7 @@ def test_generate_tokens_streams(lm, prompt):
     tokens = generate_tokens(step, embedder(lm), prompt, options())
     first = [next(tokens) for _ in range(3)]
     assert step.calls == 3
-    assert first == generate(TorchStep(lm), embedder(lm), prompt, options())[:3]
+    assert first == decode(TorchStep(lm), embedder(lm), prompt, options())[:3]
 
 
 def test_options_are_checked_in_one_place():
@@ -419,7 +426,7 @@ def test_stream_text_concatenates_to_the_answer(llama_tokenizer, seed):
 
 def test_stream_text_of_generated_tokens(lm, prompt, llama_tokenizer):
     tokens = generate_tokens(TorchStep(lm), embedder(lm), prompt, options(max_new_tokens=30))
-    ids = generate(TorchStep(lm), embedder(lm), prompt, options(max_new_tokens=30))
+    ids = decode(TorchStep(lm), embedder(lm), prompt, options(max_new_tokens=30))
     assert "".join(stream_text(tokens, llama_tokenizer)) == cut_answer(llama_tokenizer.decode(ids))
     assert ANSWER_CUT == "\n#"
 
@@ -443,8 +450,10 @@ def test_onnx_graph_generation_matches_transformers(tiny_config, lm, prompt, tmp
     """Greedy (with repetition penalty) and 3-beam search through ONNX Runtime = transformers."""
     ort = pytest.importorskip("onnxruntime")
     llm_graph = pytest.importorskip("vsal.export.llm_graph")
+    from vsal.export.specs import llm_decoder_spec
+
     graph = llm_graph.LlmDecoderGraph(copy.deepcopy(lm))
-    spec = llm_graph.llm_decoder_spec(tiny_config)
+    spec = llm_decoder_spec(tiny_config)
     arrays = spec.make_inputs(spec.export_sizes(), np.random.default_rng(0))
     path = tmp_path / "llm_decoder.onnx"
     with warnings.catch_warnings(), torch.no_grad():
@@ -459,12 +468,35 @@ def test_onnx_graph_generation_matches_transformers(tiny_config, lm, prompt, tmp
     def run(feeds):
         return dict(zip(names, session.run(names, feeds), strict=True))
 
-    llm = tiny_config.llm
-    step = GraphDecoderStep(run, llm.num_hidden_layers, llm.num_key_value_heads, llm.head_dim)
+    step = GraphDecoderStep(run, tiny_config.llm.kv_layout())
     for opts in (options(), options(num_beams=3)):
-        got = generate(step, embedder(lm), prompt, opts)
+        got = decode(step, embedder(lm), prompt, opts)
         assert len(got) == MAX_NEW
         assert got == hf_generate(lm, prompt, opts), opts.num_beams
+
+
+def test_graph_decoder_step_names_the_cache_by_its_layout():
+    """The past and present names and the empty past's shape and dtype are the layout's (the
+    manifest's kv_cache), not spelled by the step."""
+    layout = KVLayout(2, 3, 4, "float16", past="in_{kind}_{layer}", present="out/{layer}/{kind}")
+    seen = {}
+
+    def run(feeds):
+        seen.update(feeds)
+        b, t = feeds["inputs_embeds"].shape[:2]
+        grown = layout.shape(b, feeds["attention_mask"].shape[1])
+        return {"logits": np.zeros((b, t, 5), np.float32)} | {
+            name: np.full(grown, i, np.float16) for i, name in enumerate(layout.present_names())
+        }
+
+    step = GraphDecoderStep(run, layout)
+    x = np.zeros((1, 2, 8), np.float32)
+    _, cache = step(x, np.ones((1, 2), np.int64), np.arange(2)[None], None)
+    assert sorted(k for k in seen if k.startswith("in_")) == sorted(layout.past_names())
+    assert all(seen[n].shape == (1, 3, 0, 4) and seen[n].dtype == np.float16 for n in layout.past_names())
+    assert [a[0, 0, 0, 0] for a in cache.arrays] == [0, 1, 2, 3] and cache.length == 2
+    step(x[:, :1], np.ones((1, 3), np.int64), np.full((1, 1), 2), cache)
+    assert [seen[n][0, 0, 0, 0] for n in layout.past_names()] == [0, 1, 2, 3]  # presents fed back as pasts
 
 
 # --- decoding options at their bounds: refused outside, robust inside ------------------------------
@@ -553,7 +585,7 @@ def test_decoding_at_the_bounds_gives_an_answer_without_warnings(changes, scale)
     opts = options(seed=0, max_new_tokens=30, **changes)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        tokens = generate(step, step.embed, prompt, opts)
+        tokens = decode(step, step.embed, prompt, opts)
     assert 1 <= len(tokens) <= 30 and all(0 <= t < 40 for t in tokens)
     assert EOS not in tokens[:-1]
 
@@ -563,12 +595,10 @@ def test_huge_integers_that_are_valid_run():
     eos blocked, so generation runs to max_new_tokens."""
     step = LargeLogitsStep(1.0)  # flat enough for two seeds to differ
     prompt = np.random.default_rng(2).standard_normal((1, 5, 8)).astype(np.float32)
-    sampled = [generate(step, step.embed, prompt, options(sample=True, seed=10**40)) for _ in range(2)]
+    sampled = [decode(step, step.embed, prompt, options(sample=True, seed=10**40)) for _ in range(2)]
     assert sampled[0] == sampled[1]
-    assert generate(step, step.embed, prompt, options(sample=True, seed=10**40 + 1)) != sampled[0]
-    eos = generate(step, step.embed, prompt, options(max_new_tokens=1))[0]  # the greedy first token
-    assert generate(step, step.embed, prompt, options(eos_token_id=eos)) == [eos]
-    tokens = generate(
-        step, step.embed, prompt, options(eos_token_id=eos, min_length=10**30, max_new_tokens=25)
-    )
+    assert decode(step, step.embed, prompt, options(sample=True, seed=10**40 + 1)) != sampled[0]
+    eos = decode(step, step.embed, prompt, options(max_new_tokens=1))[0]  # the greedy first token
+    assert decode(step, step.embed, prompt, options(eos_token_id=eos)) == [eos]
+    tokens = decode(step, step.embed, prompt, options(eos_token_id=eos, min_length=10**30, max_new_tokens=25))
     assert len(tokens) == 25 and eos not in tokens

@@ -24,8 +24,8 @@ from vsal.transforms.int8 import (  # noqa: E402
     QuantizeError,
     node_groups,
     quantize_int8,
-    quantize_weights_int8,
 )
+from vsal.transforms.weight_only import quantize_weights_int8  # noqa: E402
 
 ENCODERS = ("vision_encoder", "frame_qformer", "whisper_encoder", "beats_encoder", "mrc_qformer")
 # Small sizes per graph: calibration and held-out feeds are drawn at these.
@@ -45,9 +45,9 @@ QDQ = ("QuantizeLinear", "DequantizeLinear")
 @pytest.fixture(scope="module")
 def specs():
     from vsal.export import presets
-    from vsal.export.specs import encoder_specs
+    from vsal.export.specs import graph_specs
 
-    return encoder_specs(presets.get("tiny"))
+    return graph_specs(presets.get("tiny"))
 
 
 def feeds(spec, sizes, count, seed):
@@ -266,7 +266,7 @@ MIN_TOP1_AGREEMENT = 0.9
 
 
 def test_llm_weight_only(tiny_package, tmp_path):
-    from vsal.runtime.generation import GraphDecoderStep, decode_one_token, generate, prefill
+    from vsal.runtime.generation import GraphDecoderStep, decode_one_token, generate_tokens, prefill
     from vsal.runtime.manifest import load_manifest
     from vsal.runtime.prompt import DecodingOptions
 
@@ -302,16 +302,12 @@ def test_llm_weight_only(tiny_package, tmp_path):
     def embed(ids):
         return table[np.asarray(ids, np.int64)].astype(np.float32)
 
+    layout = manifest.kv_layout()
+
     def step(path):
         s = session(path)
         names = [o.name for o in s.get_outputs()]
-        head_dim = llm["hidden_size"] // llm["num_attention_heads"]
-        return GraphDecoderStep(
-            lambda f: dict(zip(names, s.run(names, f), strict=True)),
-            llm["num_hidden_layers"],
-            llm["num_key_value_heads"],
-            head_dim,
-        )
+        return GraphDecoderStep(lambda f: dict(zip(names, s.run(names, f), strict=True)), layout)
 
     options = DecodingOptions(num_beams=1, max_new_tokens=32, repetition_penalty=1.0, eos_token_id=None)
     rng = np.random.default_rng(3)
@@ -319,8 +315,8 @@ def test_llm_weight_only(tiny_package, tmp_path):
     agreement = []
     for length in (5, 17, 40):
         prompt = embed(rng.integers(3, llm["vocab_size"], length))[None]
-        ref = generate(fp32, embed, prompt, options)
-        got = generate(int8, embed, prompt, options)
+        ref = list(generate_tokens(fp32, embed, prompt, options))
+        got = list(generate_tokens(int8, embed, prompt, options))
         assert len(got) == 32
         # teacher-forced along the fp32 tokens: logits close, same argmax unless fp32 is near a tie
         (a, cache_a), (b, cache_b) = prefill(fp32, prompt), prefill(int8, prompt)

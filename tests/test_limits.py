@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from vsal.runtime.backends import BackendError
+from vsal.runtime.backends.onnx_runtime import OrtKVCache
 from vsal.runtime.errors import ConfigError, LimitError, PromptError
+from vsal.runtime.graphs import KVLayout
 from vsal.runtime.limits import MAX_CHARS_PER_TOKEN
-from vsal.runtime.ort_decoder import BoundDecoderStep, OrtKVCache
 from vsal.runtime.pipeline import Pipeline
 from vsal.runtime.prompt import DecodingOptions, check_prompt
 
@@ -140,11 +141,9 @@ def test_a_request_filling_the_context_exactly_runs(pipeline, media):
 @pytest.fixture(scope="module")
 def bound_step(pipeline):
     llm = pipeline.llm
-    head_dim = llm["hidden_size"] // llm["num_attention_heads"]
-    step = BoundDecoderStep(
-        pipeline.backend("llm_decoder"), llm["num_hidden_layers"], llm["num_key_value_heads"], head_dim
-    )
-    return step, llm["hidden_size"], (llm["num_key_value_heads"], head_dim)
+    layout = KVLayout.of_llm(llm)
+    step = pipeline.backend("llm_decoder").decoder_step(layout)  # ONNX Runtime's: IO binding
+    return step, llm["hidden_size"], (layout.kv_heads, layout.head_dim)
 
 
 def _feeds(t: int, hidden: int, past: int = 0):

@@ -17,15 +17,10 @@ import onnx
 import pytest
 import torch
 from transformers import DynamicCache
-from vsal.export.llm_graph import (
-    LlmDecoderGraph,
-    attention_bias,
-    export_kwargs,
-    llm_decoder_spec,
-    past_names,
-    present_names,
-)
+from vsal.export.llm_graph import LlmDecoderGraph, attention_bias, export_kwargs
 from vsal.export.models.llm import LlmDecoder
+from vsal.export.specs import llm_decoder_spec
+from vsal.runtime.graphs import KVLayout
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -73,14 +68,15 @@ def greedy_onnx(
     embeds [B, T, H], mask [B, T] (left padding as zeros), table [V, H] -> tokens [B, steps].
     Positions as transformers' generate: cumsum(mask) - 1 (0 on padding), then +1 per step."""
     b = embeds.shape[0]
-    names = past_names((len(spec.inputs) - 3) // 2)
     _, kv_heads, _, head_dim = spec.inputs[3].shape
+    layout = KVLayout((len(spec.inputs) - 3) // 2, kv_heads, head_dim)
+    names = layout.past_names()
     positions = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 0).astype(np.int64)  # [B, T]
-    feeds = {n: np.zeros((b, kv_heads, 0, head_dim), np.float32) for n in names}  # P = 0
+    feeds = {n: np.zeros(layout.shape(b, 0), np.float32) for n in names}  # P = 0
     feeds |= {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
     tokens = []
     for _ in range(steps):
-        logits, *presents = sess.run(["logits", *present_names(len(names) // 2)], feeds)
+        logits, *presents = sess.run(["logits", *layout.present_names()], feeds)
         token = logits[:, -1].argmax(-1)  # [B]
         tokens.append(token)
         mask = np.concatenate([mask, np.ones((b, 1), np.int64)], axis=1)  # [B, P+T+1]
@@ -147,7 +143,7 @@ def test_wrapper_matches_transformers_mask_and_cache(variant, b, t, p, pad):
     arrays = case_inputs(spec, b, t, p, pad)
     got = torch_outputs(graph, spec, arrays)
     tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
-    past = [tensors[n] for n in past_names(graph.num_layers)]
+    past = [tensors[n] for n in KVLayout(graph.num_layers, graph.num_kv_heads, graph.head_dim).past_names()]
     cache = DynamicCache(ddp_cache_data=list(zip(past[0::2], past[1::2], strict=True)))
     with torch.no_grad():
         out = graph.lm(

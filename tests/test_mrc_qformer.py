@@ -96,26 +96,39 @@ def test_slot_causal_mask_is_release_block_mask() -> None:
     assert slot_causal_mask(1, 32).all()  # a 1-slot (low) window is not masked at all
 
 
+def _with_slot_perturbed(model: MrcQFormer, module, slots: int, k: int, capture) -> list[torch.Tensor]:
+    """What `capture(args, out)` takes from `module` (None: skip) when the model runs on random
+    `slots` slots, then on the same with slot k perturbed: [before, after]."""
+    captured: list[torch.Tensor] = []
+
+    def hook(m, args, out):
+        taken = capture(args, out)
+        if taken is not None:
+            captured.append(taken)
+
+    handle = module.register_forward_hook(hook)
+    x = torch.randn(1, slots * 32, E)
+    xp = x.clone()
+    xp[:, k * 32 : (k + 1) * 32] += torch.randn(1, 32, E)
+    try:
+        with torch.no_grad():
+            model(x, torch.ones(1, slots))
+            model(xp, torch.ones(1, slots))
+    finally:
+        handle.remove()
+    return captured
+
+
 @pytest.mark.parametrize("layer", [0, 1])
 @pytest.mark.parametrize("k", [0, 4, 9])
 def test_causal_attention_slot_i_sees_slots_from_i_on(model: MrcQFormer, k: int, layer: int) -> None:
     """Perturbing slot k of a 10-slot window changes the causal encoder attention output (as the
     model's forward computes it, in every layer) of slots <= k only."""
-    outputs: list[torch.Tensor] = []
     attn = model.qformer.encoder.layer[layer].encoder_causal_attention
-    hook = attn.register_forward_hook(
-        lambda m, args, out: outputs.append(out) if out.shape[1] == 320 else None
+    before, after = _with_slot_perturbed(
+        model, attn, 10, k, lambda args, out: out if out.shape[1] == 320 else None
     )
-    x = torch.randn(1, 320, E)
-    xp = x.clone()
-    xp[:, k * 32 : (k + 1) * 32] += torch.randn(1, 32, E)
-    try:
-        with torch.no_grad():
-            model(x, torch.ones(1, 10))
-            model(xp, torch.ones(1, 10))
-    finally:
-        hook.remove()
-    diff = (outputs[1] - outputs[0]).abs().amax(-1).reshape(10, 32).amax(-1)
+    diff = (after - before).abs().amax(-1).reshape(10, 32).amax(-1)
     changed = [i for i in range(10) if diff[i] > 1e-6]
     assert changed == list(range(k + 1))
 
@@ -135,19 +148,9 @@ def test_causal_attention_block(model: MrcQFormer) -> None:
 def test_low_first_and_window_layout(model: MrcQFormer) -> None:
     """llama_proj input = [low | high]: perturbing slot k moves the low half only at its 3 tokens,
     the high half at the 30 tokens of its 10-slot window."""
-    captured = []
-    hook = model.llama_proj.register_forward_hook(lambda m, args, out: captured.append(args[0]))
-    x = torch.randn(1, 20 * 32, E)
-    xp = x.clone()
     k = 13
-    xp[:, k * 32 : (k + 1) * 32] += torch.randn(1, 32, E)
-    try:
-        with torch.no_grad():
-            model(x, torch.ones(1, 20))
-            model(xp, torch.ones(1, 20))
-    finally:
-        hook.remove()
-    diff = (captured[1] - captured[0]).abs()[0]  # [60, 2D]
+    before, after = _with_slot_perturbed(model, model.llama_proj, 20, k, lambda args, out: args[0])
+    diff = (after - before).abs()[0]  # [60, 2D]
     low_changed = (diff[:, :D].amax(-1) > 1e-6).nonzero().flatten().tolist()
     high_changed = (diff[:, D:].amax(-1) > 1e-6).nonzero().flatten().tolist()
     assert low_changed == [3 * k, 3 * k + 1, 3 * k + 2]

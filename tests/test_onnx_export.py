@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 from vsal.export.onnx_export import ValidationError, export_graph, input_dims, validate_graph
-from vsal.export.specs import Axis, GraphSpec, TensorSpec, encoder_specs, evaluate
+from vsal.export.specs import Axis, GraphSpec, TensorSpec, evaluate, graph_specs
 
 
 @pytest.fixture(scope="module")
 def specs(tiny_config):
-    return encoder_specs(tiny_config)
+    return graph_specs(tiny_config)
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from vsal.export import presets
 from vsal.export.onnx_export import ExportError
 from vsal.export.package import ExportSource, TokenizerFiles, export_package
 from vsal.runtime.manifest import load_manifest, verify_files
+from vsal.runtime.preprocess import Preprocessing
 
 
 def test_package_is_complete_and_self_describing(tiny_package, tiny_model, tiny_config):
@@ -37,6 +38,26 @@ def test_package_is_complete_and_self_describing(tiny_package, tiny_model, tiny_
         assert len(report["cases"]) >= 2, name
         assert all(e < 1e-4 for c in report["cases"] for e in c["max_abs_error"].values()), name
     assert not list(tiny_package.parent.glob("*.partial-*"))
+
+
+def test_manifest_carries_the_kv_layout_and_the_preprocessing(tiny_package, tiny_config):
+    """Written from the config at export; the decoder's past/present and the encoders' media inputs
+    are those the layout and the preprocessing give."""
+    manifest = load_manifest(tiny_package)
+    layout = manifest.kv_layout()
+    assert manifest.kv_cache == tiny_config.llm.kv_layout().to_dict()
+    assert manifest.kv_cache["past"] == "past_key_values.{layer}.{kind}" and layout.layers == 2
+    decoder = manifest.graphs["llm_decoder"]
+    assert [t.name for t in decoder.inputs[3:]] == layout.past_names()
+    assert [t.name for t in decoder.outputs[1:]] == layout.present_names()
+    pre = manifest.preprocessing_constants()
+    assert pre == Preprocessing() and manifest.preprocessing == pre.to_dict()  # tiny keeps the media sizes
+    assert manifest.graphs["vision_encoder"].inputs[0].shape[2:] == [pre.image_size] * 2
+    assert manifest.graphs["whisper_encoder"].inputs[0].shape[1:] == [
+        pre.whisper_n_mels,
+        pre.whisper_n_frames,
+    ]
+    assert manifest.graphs["beats_encoder"].inputs[0].shape[2] == pre.beats_n_mels
 
 
 def test_a_changed_file_is_detected(tiny_package, tmp_path):

@@ -15,7 +15,8 @@ import numpy as np
 import onnx
 import pytest
 from vsal.runtime.errors import PackageError
-from vsal.runtime.manifest import load_manifest, sha256_file, verify_files
+from vsal.runtime.graphs import KVLayout
+from vsal.runtime.manifest import load_manifest, save_manifest, sha256_file, verify_files
 from vsal.runtime.package_paths import MAX_JSON_DEPTH, MAX_MANIFEST_BYTES, place_file
 from vsal.runtime.pipeline import Pipeline
 from vsal.runtime.serving.triton_repo import RepoOptions, RepositoryError, parse_gpus, write_repository
@@ -604,6 +605,73 @@ def _drop(pkg: Path, keys: str) -> None:
 def test_missing_fields_every_reader_needs(pkg, keys, match):
     _drop(pkg, keys)
     _refused(pkg, match)
+
+
+@pytest.mark.parametrize(
+    ("keys", "value", "match"),
+    [
+        ("kv_cache.past", "past.{layer}", r"kv_cache: past is 'past.\{layer\}': .* it has \['layer'\]"),
+        ("kv_cache.present", "p.{layer}.{kind}.{0}", r"kv_cache: present .* it has \['0', 'kind', 'layer'\]"),
+        ("kv_cache.present", "p.{layer!r}.{kind}", r"kv_cache: present .* no other field"),
+        ("kv_cache.present", "past_key_values.{layer}.{kind}", "past and present are the same template"),
+        ("kv_cache.kinds", ["key", "key"], r"kv_cache: kinds is \['key', 'key'\], not distinct names"),
+        ("kv_cache.dtype", "int8", "kv_cache: dtype is 'int8', not one of float32, float16"),
+        ("kv_cache.layers", 0, "kv_cache.layers must be a positive integer, got 0"),
+        ("kv_cache.layers", 4096, "kv_cache: layers is 4096, not an integer from 1 to 1024"),
+        ("kv_cache.layers", 3, "kv_cache.layers is 3, config.llm gives 2"),
+        ("kv_cache.head_dim", 8, "kv_cache.head_dim is 8, config.llm gives 16"),
+        ("kv_cache.present", "present_{layer}_{kind}", "graphs.llm_decoder.outputs lacks present_0_key"),
+        (
+            "kv_cache.dtype",
+            "float16",
+            r"graphs.llm_decoder.inputs: past_key_values.0.key is float32 .*float16",
+        ),
+        (
+            "preprocessing.image_size",
+            "224",
+            r"preprocessing.image_size must be a positive integer, got \"224\"",
+        ),
+        ("preprocessing.image_size", 10**6, "preprocessing: image_size is 1000000, not within 1 to 4096"),
+        (
+            "preprocessing.image_size",
+            64,
+            r"preprocessing.image_size is 64, graphs.vision_encoder.inputs\[0\]",
+        ),
+        ("preprocessing.whisper_n_mels", 128, r"preprocessing.whisper_n_mels is 128, .*has 80 on axis 1"),
+        ("preprocessing.beats_n_mels", 80, "preprocessing.beats_n_mels is 80"),
+        (
+            "preprocessing.sample_rate",
+            8000,
+            "preprocessing: sample_rate is 8000 Hz; vsal's audio features read",
+        ),
+        (
+            "preprocessing.clip_std",
+            [0.2, 0.0, 0.2],
+            r"preprocessing: clip_std is \[0.2, 0.0, 0.2\], not 3 values",
+        ),
+        ("preprocessing.clip_mean", [0.5, 0.5], "preprocessing: clip_mean is .* not 3 values"),
+        ("preprocessing.whisper_hop", 320, "preprocessing: whisper_n_frames x whisper_hop is 960000 samples"),
+        ("preprocessing.min_audio_seconds", 60, "preprocessing: min_audio_seconds is more than max_audio"),
+        ("preprocessing.extra", 1, r"preprocessing has unknown fields \['extra'\]"),
+    ],
+)
+def test_kv_cache_and_preprocessing_are_checked_at_load(pkg, keys, value, match):
+    _set(pkg, keys, value)
+    _refused(pkg, match)
+
+
+def test_a_package_written_before_kv_cache_and_preprocessing_derives_them(pkg):
+    """Without the keys the layout and the constants come from config, as the runtime did before;
+    saving the manifest (a build does) leaves the package as it was written."""
+    written = load_manifest(pkg)
+    _drop(pkg, "kv_cache")
+    _drop(pkg, "preprocessing")
+    manifest = load_manifest(pkg)
+    assert manifest.kv_layout() == written.kv_layout() == KVLayout.of_llm(manifest.config["llm"])
+    assert manifest.preprocessing_constants() == written.preprocessing_constants()
+    save_manifest(manifest, pkg)
+    assert not {"kv_cache", "preprocessing"} & set(_data(pkg))
+    Pipeline.load(pkg, verbose=False, verify=False)
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from vsal.runtime.features import beats_fbank
 from vsal.runtime.preprocess import (
+    Preprocessing,
     audio_inputs,
     beats_input,
     bicubic_matrix,
@@ -183,6 +184,31 @@ def test_audio_inputs_pad_to_3s_first(whisper_extractor):
     assert np.abs(log_mel - reference_log_mel(whisper_extractor, padded)).max() <= 1e-4
     assert fbank.shape == (1 + (3 * SR - 400) // 160, 128)
     np.testing.assert_array_equal(fbank, beats_fbank(padded))
+
+
+def test_preprocessing_follows_the_package_constants():
+    """The manifest's sizes and statistics reach the arrays; the released ones are the defaults."""
+    frame = np.random.default_rng(5).integers(0, 256, (90, 160, 3), dtype=np.uint8)
+    released = Preprocessing()
+    np.testing.assert_array_equal(released.frame(frame), preprocess_frame(frame))
+    small = Preprocessing(image_size=64, clip_mean=(0.5, 0.5, 0.5), clip_std=(0.25, 0.25, 0.25))
+    pixels = small.frame(frame)
+    resized = torch_bicubic(frame.transpose(2, 0, 1).astype(np.float32) / 255, 64)
+    np.testing.assert_allclose(pixels, (resized - 0.5) / 0.25, atol=1e-4)
+    wave = np.random.default_rng(6).normal(0, 0.2, SR).astype(np.float32)
+    for got, want in zip(released.audio(wave), audio_inputs(wave), strict=True):
+        np.testing.assert_array_equal(got, want)
+    short = Preprocessing(
+        whisper_n_mels=40,
+        whisper_n_frames=1000,
+        beats_n_mels=64,
+        min_audio_seconds=1.0,
+        max_audio_seconds=10.0,
+    )
+    log_mel, fbank = short.audio(wave[: SR // 2])
+    assert log_mel.shape == (40, 1000) and fbank.shape == (1 + (SR - 400) // 160, 64)  # padded to 1 s
+    with pytest.raises(ValueError, match="image_size is 0"):
+        Preprocessing(image_size=0)
 
 
 def test_runtime_module_does_not_import_torch():

@@ -40,7 +40,7 @@ def parse_config(path: Path) -> model_config_pb2.ModelConfig:
 
 
 def fake_engines(package: Path, folder: Path) -> Path:
-    """A copy of the package with an engine cache entry per graph (as runtime.tensorrt_engines writes)."""
+    """A copy of the package with an engine cache entry per graph (as backends.tensorrt_engines writes)."""
     shutil.copytree(package, folder)
     manifest = load_manifest(folder)
     (folder / "engines").mkdir()

@@ -9,8 +9,8 @@ import json
 
 import numpy as np
 import pytest
-from vsal.runtime import tensorrt_engines as te
-from vsal.runtime.backends import tensorrt_ep_options
+from vsal.runtime.backends import tensorrt_engines as te
+from vsal.runtime.backends.onnx_runtime import tensorrt_ep_options
 from vsal.runtime.errors import VsalError
 from vsal.runtime.manifest import load_manifest
 
@@ -155,7 +155,7 @@ def test_ort_tensorrt_provider_session_arguments(manifest, tiny_package, monkeyp
     """With provider tensorrt, the session gets ONNX Runtime's SessionOptions and the TensorRT EP
     (with its options) before CUDA and the CPU (checked on a stand-in session: no GPU here)."""
     import onnxruntime as ort
-    from vsal.runtime.backends import OnnxRuntimeBackend
+    from vsal.runtime.backends.onnx_runtime import OnnxRuntimeBackend
 
     seen = {}
 

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from vsal.export.trt_check import TRT10, TRT11, check_package, main_check
+from vsal.export.check import TRT10, TRT11, check_package, main_check
 from vsal.runtime.manifest import (
     FileInfo,
     GraphInfo,
@@ -423,7 +423,8 @@ def _rehash(folder: Path) -> None:
 def test_external_weights_past_the_end_of_their_file(tmp_path, capfd, damage):
     """A side file cut short (its sha256 fixed after) or a tensor declaring more bytes than the file
     has: ONNX Runtime cannot load the graph, and check says so, naming the tensor and the sizes."""
-    from vsal.runtime.backends import BackendError, OnnxRuntimeBackend
+    from vsal.runtime.backends import BackendError
+    from vsal.runtime.backends.onnx_runtime import OnnxRuntimeBackend
 
     folder = _external_block(tmp_path)
     data = folder / "block.onnx.data"

@@ -10,9 +10,10 @@ import pytest
 import torch
 from vsal.export.config import WhisperEncoderConfig
 from vsal.export.models.video_salmonn import build_part
-from vsal.export.onnx_export import _session, export_graph, validate_graph
-from vsal.export.specs import encoder_specs
+from vsal.export.onnx_export import export_graph, validate_graph
+from vsal.export.specs import graph_specs
 from vsal.export.weights import real_weights as rw
+from vsal.runtime.backends import ort_session as _session
 
 from tests.test_real_weights import KEY_WORDS, SPOKEN, _espeak_16k
 
@@ -54,7 +55,7 @@ def exported(whisper, tiny_config, tmp_path_factory):
     with torch.no_grad():
         part.speech_pre_qformer_proj.weight.copy_(torch.eye(config.whisper.d_model))
         part.speech_pre_qformer_proj.bias.zero_()
-    spec = encoder_specs(config)["whisper_encoder"]
+    spec = graph_specs(config)["whisper_encoder"]
     path = export_graph(spec, part, tmp_path_factory.mktemp("whisper") / "whisper_encoder.onnx")[0]
     return config, part, spec, path
 

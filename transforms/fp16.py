@@ -30,10 +30,9 @@ complete. Torch-free: the build step runs it without the export extra.
 from __future__ import annotations
 
 import contextlib
-import heapq
 import os
 import time
-from collections import Counter, defaultdict, deque
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,7 +42,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 from vsal.runtime.errors import VsalError
-from vsal.transforms.onnx_io import EXTERNAL_DATA_THRESHOLD, graph_bytes
+from vsal.transforms.graph_index import (
+    GraphIndex,
+    drop_unread,
+    name_nodes,
+    node_inputs,
+    rename_inputs,
+    toposort,
+)
+from vsal.transforms.onnx_io import StoredData, graph_bytes, is_external, save_onnx, stash_data
 
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 FP16_MIN_POSITIVE = 5.96e-08  # smallest fp16 subnormal: smaller magnitudes are raised to it
@@ -101,39 +108,16 @@ class Fp16Report:
 
 
 @dataclass
-class _Graph:
-    """Maps over one (top-level) graph: producers, consumers, types and small constant values."""
+class _Graph(GraphIndex):
+    """The graph index, with the float tests and the small constant values the planning reads."""
 
-    model: onnx.ModelProto
-    producer: dict[str, onnx.NodeProto] = field(default_factory=dict)
-    consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=lambda: defaultdict(list))
-    types: dict[str, int] = field(default_factory=dict)
-    constants: dict[str, TensorProto] = field(default_factory=dict)  # initializers + Constant outputs
-    inputs: set[str] = field(default_factory=set)
-    weights: Mapping[str, Any] = field(default_factory=dict)  # name -> data held outside the proto
+    weights: Mapping[str, StoredData] = field(default_factory=dict)  # data held outside the proto
     _out_of_range: dict[str, bool] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, model: onnx.ModelProto, weights: Mapping[str, Any] | None = None) -> _Graph:
-        g = cls(model, weights=weights or {})
-        graph = model.graph
-        for value in (*graph.input, *graph.output, *graph.value_info):
-            if value.type.HasField("tensor_type"):
-                g.types[value.name] = value.type.tensor_type.elem_type
-        g.inputs = {v.name for v in graph.input}
-        for tensor in graph.initializer:
-            g.types[tensor.name] = tensor.data_type
-            g.constants[tensor.name] = tensor
-        for node in graph.node:
-            for name in node.output:
-                g.producer[name] = node
-            for name in _node_inputs(node):
-                g.consumers[name].append(node)
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-                for attr in node.attribute:
-                    if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-                        g.constants[node.output[0]] = attr.t
-                        g.types[node.output[0]] = attr.t.data_type
+    def build(cls, model: onnx.ModelProto, weights: Mapping[str, StoredData] | None = None) -> _Graph:
+        g = cls.of(model.graph)
+        g.weights = weights or {}
         return g
 
     def is_float(self, name: str) -> bool:
@@ -142,42 +126,25 @@ class _Graph:
     def touches_float(self, node: onnx.NodeProto) -> bool:
         return any(self.is_float(n) for n in (*node.input, *node.output) if n)
 
-    def constant_values(self, name: str) -> np.ndarray | None:
+    def small_values(self, name: str) -> np.ndarray | None:
         """A float32 constant's values when small enough to be a mask or a scalar (<= 1M values)."""
-        tensor = self.constants.get(name)
+        tensor = self.constant_values.get(name)
         if tensor is None or tensor.data_type != _FLOAT:
             return None
         if int(np.prod(tensor.dims, dtype=np.int64)) > _CONSTANT_ELEMENTS:
             return None
         if name in self.weights:
             return self.weights[name].array()
-        if _is_external(tensor):
+        if is_external(tensor):
             return None
         return numpy_helper.to_array(tensor)
 
     def out_of_fp16(self, name: str) -> bool:
         """A float32 constant holding a value fp16 cannot (|v| > 65504, inf, NaN)."""
         if name not in self._out_of_range:
-            values = self.constant_values(name) if name else None
+            values = self.small_values(name) if name else None
             self._out_of_range[name] = values is not None and _out_of_fp16(values)
         return self._out_of_range[name]
-
-
-def _node_inputs(node: onnx.NodeProto) -> Iterator[str]:
-    """A node's inputs, and those its subgraphs read from the enclosing scope."""
-    yield from (n for n in node.input if n)
-    for attr in node.attribute:
-        for sub in (attr.g, *attr.graphs) if attr.type in (5, 10) else ():
-            local = {v.name for v in (*sub.input, *sub.initializer)}
-            for inner in sub.node:
-                for name in _node_inputs(inner):
-                    if name not in local:
-                        yield name
-                local.update(inner.output)
-
-
-def _is_external(tensor: TensorProto) -> bool:
-    return tensor.data_location == TensorProto.EXTERNAL
 
 
 def _out_of_fp16(values: np.ndarray) -> bool:
@@ -189,10 +156,10 @@ def plan_fp32_islands(
     keep_fp32: Iterable[str] = DEFAULT_KEEP_FP32,
     patterns: Iterable[str] = PATTERNS,
     keep_nodes: Iterable[str] = (),
-    weights: Mapping[str, Any] | None = None,
+    weights: Mapping[str, StoredData] | None = None,
 ) -> dict[str, str]:
     """Node name -> why it stays float32. `model` must carry types (shape inference run);
-    `weights`: initializers whose data is held outside the proto (name -> object with `.array()`)."""
+    `weights`: initializers whose data is held outside the proto (`onnx_io.stash_data`)."""
     patterns = set(patterns)
     unknown = patterns - set(PATTERNS)
     if unknown:
@@ -215,7 +182,7 @@ def plan_fp32_islands(
 
 
 def _plan_rms_norm(g: _Graph, plan: dict[str, str]) -> None:
-    for node in g.model.graph.node:
+    for node in g.graph.node:
         if node.op_type not in _REDUCTIONS or not node.input or not g.is_float(node.input[0]):
             continue
         square = g.producer.get(node.input[0])
@@ -242,14 +209,14 @@ def _is_square(g: _Graph, node: onnx.NodeProto) -> bool:
     if node.op_type == "Mul":
         return len(node.input) == 2 and node.input[0] == node.input[1]
     if node.op_type == "Pow" and len(node.input) == 2:
-        exponent = g.constant_values(node.input[1])
+        exponent = g.small_values(node.input[1])
         return exponent is not None and exponent.size == 1 and float(exponent.ravel()[0]) == 2.0
     return False
 
 
 def _plan_masks(g: _Graph, plan: dict[str, str], keep_fp32: set[str]) -> None:
     seeds = []
-    for node in g.model.graph.node:
+    for node in g.graph.node:
         if node.op_type == "Constant":
             if g.out_of_fp16(node.output[0]):
                 plan.setdefault(node.name, "mask")
@@ -276,14 +243,14 @@ def _plan_rotary(g: _Graph, plan: dict[str, str]) -> None:
     """Sin/Cos, and the float nodes before them that depend on no float graph input (positions)."""
     # A tensor is index-derived when it depends on constants and non-float inputs only; the graph's
     # nodes are topologically sorted, so one pass settles every tensor.
-    derived = {name: True for name in g.constants}
+    derived = {name: True for name in g.constant_values}
     derived.update({name: not g.is_float(name) for name in g.inputs})
-    for node in g.model.graph.node:
-        value = all(derived.get(i, False) for i in _node_inputs(node))
+    for node in g.graph.node:
+        value = all(derived.get(i, False) for i in node_inputs(node))
         for out in node.output:
             derived[out] = value
 
-    for node in g.model.graph.node:
+    for node in g.graph.node:
         if node.op_type not in ("Sin", "Cos"):
             continue
         plan.setdefault(node.name, "rotary")
@@ -322,14 +289,6 @@ def _shape_only_value_info() -> Iterator[Any]:
         float16.make_value_info_from_tensor = original
 
 
-def _name_nodes(graph: onnx.GraphProto) -> None:
-    seen: set[str] = set()
-    for i, node in enumerate(graph.node):
-        if not node.name or node.name in seen:
-            node.name = f"{node.op_type}_fp16_{i}"
-        seen.add(node.name)
-
-
 def _infer(model: onnx.ModelProto, strict: bool = False) -> onnx.ModelProto:
     try:
         return onnx.shape_inference.infer_shapes(model, check_type=strict, strict_mode=strict)
@@ -364,26 +323,14 @@ def _remove_cast_pairs(model: onnx.ModelProto) -> None:
             node.input[0] = source
         else:
             rename[node.output[0]] = source
-    if rename:
-        for node in graph.node:
-            for i, name in enumerate(node.input):
-                if name in rename:
-                    node.input[i] = rename[name]
-            _rename_in_subgraphs(node, rename)
-    # drop Casts (and only Casts) whose output nothing reads, until none is left
-    while True:
-        used = {name for node in graph.node for name in _node_inputs(node)} | outputs
-        dead = [n for n in graph.node if n.op_type == "Cast" and not any(o in used for o in n.output)]
-        if not dead:
-            break
-        for node in dead:
-            graph.node.remove(node)
+    rename_inputs(graph, rename)
+    drop_unread(graph, lambda node: node.op_type == "Cast")
 
 
 def _saturate_mask_exits(model: onnx.ModelProto, mask_nodes: set[str]) -> int:
     """A float32 mask (finfo.min) cast to float16 would be -inf: clip it to +-65504 first."""
     graph = model.graph
-    producer = {name: node for node in graph.node for name in node.output}
+    producer = GraphIndex.of(graph).producer
     low, high = "fp16_saturate_min", "fp16_saturate_max"
     count = 0
     for node in list(graph.node):
@@ -407,107 +354,14 @@ def _saturate_mask_exits(model: onnx.ModelProto, mask_nodes: set[str]) -> int:
     return count
 
 
-def _rename_in_subgraphs(node: onnx.NodeProto, rename: dict[str, str]) -> None:
-    for attr in node.attribute:
-        for sub in (attr.g, *attr.graphs) if attr.type in (5, 10) else ():
-            for inner in sub.node:
-                for i, name in enumerate(inner.input):
-                    if name in rename:
-                        inner.input[i] = rename[name]
-                _rename_in_subgraphs(inner, rename)
-
-
 def _toposort(graph: onnx.GraphProto) -> None:
-    """Kahn's algorithm, keeping the existing order where it is already valid."""
-    nodes = list(graph.node)
-    produced = {name: i for i, node in enumerate(nodes) for name in node.output if name}
-    deps: list[set[int]] = []
-    users: dict[int, list[int]] = defaultdict(list)
-    for i, node in enumerate(nodes):
-        needs = {produced[n] for n in _node_inputs(node) if n in produced and produced[n] != i}
-        deps.append(needs)
-        for j in needs:
-            users[j].append(i)
-    ready = [i for i, d in enumerate(deps) if not d]
-    heapq.heapify(ready)
-    order = []
-    remaining = [len(d) for d in deps]
-    while ready:
-        i = heapq.heappop(ready)
-        order.append(i)
-        for j in users[i]:
-            remaining[j] -= 1
-            if remaining[j] == 0:
-                heapq.heappush(ready, j)
-    if len(order) != len(nodes):
-        raise Fp16Error("the converted graph has a cycle")
-    del graph.node[:]
-    graph.node.extend(nodes[i] for i in order)
-
-
-def _external_info(tensor: TensorProto) -> dict[str, str]:
-    return {e.key: e.value for e in tensor.external_data}
+    try:
+        toposort(graph)
+    except ValueError:
+        raise Fp16Error("the converted graph has a cycle") from None
 
 
 _STASH_BYTES = 1 << 16  # weights this large leave the proto while the graph is converted
-_CHUNK = 1 << 22  # elements converted at a time
-
-
-@dataclass
-class _Weight:
-    """An initializer's data, held outside the proto: inline bytes, or a place in a data file."""
-
-    data_type: int
-    dims: tuple[int, ...]
-    raw: bytes | None = None
-    path: Path | None = None
-    offset: int = 0
-
-    def chunks(self) -> Iterator[np.ndarray]:
-        """The values, flat, `_CHUNK` at a time (a file is read a chunk at a time)."""
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(self.data_type))
-        count = int(np.prod(self.dims, dtype=np.int64))
-        if self.raw is not None:
-            values = np.frombuffer(self.raw, dtype=dtype, count=count)
-            for begin in range(0, count, _CHUNK):
-                yield values[begin : begin + _CHUNK]
-            return
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            for begin in range(0, count, _CHUNK):
-                size = min(_CHUNK, count - begin)
-                values = np.fromfile(f, dtype=dtype, count=size)
-                if values.size != size:
-                    raise Fp16Error(f"{self.path}: external tensor shorter than its dims {list(self.dims)}")
-                yield values
-
-    def array(self) -> np.ndarray:
-        parts = list(self.chunks())
-        dtype = helper.tensor_dtype_to_np_dtype(self.data_type)
-        return (np.concatenate(parts) if parts else np.empty(0, dtype)).reshape(self.dims)
-
-
-def _stash_weights(model: onnx.ModelProto, folder: Path) -> dict[str, _Weight]:
-    """Take large initializers' data out of the proto (external ones are only located), so that
-    type inference and the converter, which copy the proto, handle its structure only."""
-    stash = {}
-    for tensor in model.graph.initializer:
-        if _is_external(tensor):
-            info = _external_info(tensor)
-            if "location" not in info:
-                raise Fp16Error(f"initializer {tensor.name}: external data without a location")
-            stash[tensor.name] = _Weight(
-                tensor.data_type,
-                tuple(tensor.dims),
-                path=folder / info["location"],
-                offset=int(info.get("offset", 0)),
-            )
-            del tensor.external_data[:]
-            tensor.data_location = TensorProto.DEFAULT
-        elif tensor.HasField("raw_data") and len(tensor.raw_data) >= _STASH_BYTES:
-            stash[tensor.name] = _Weight(tensor.data_type, tuple(tensor.dims), raw=tensor.raw_data)
-            tensor.ClearField("raw_data")
-    return stash
 
 
 def _to_fp16(values: np.ndarray) -> tuple[np.ndarray, int]:
@@ -551,10 +405,10 @@ def convert_fp16(
     casts_before = sum(1 for n in model.graph.node if n.op_type == "Cast")
     if any(t.data_type == _HALF for t in model.graph.initializer):
         raise Fp16Error(f"{src}: already holds float16 initializers (converted before?)")
-    external_source = any(_is_external(t) for t in model.graph.initializer)
-    stash = _stash_weights(model, src.parent)
+    external_source = any(is_external(t) for t in model.graph.initializer)
+    stash = stash_data(model, src.parent, _STASH_BYTES)
 
-    _name_nodes(model.graph)
+    name_nodes(model.graph)
     # The converter keeps the types of what it does not convert from value_info: start clean.
     del model.graph.value_info[:]
     model = _infer(model)
@@ -594,13 +448,9 @@ def convert_fp16(
     clamped = sum(clamp_small.get(t.name, 0) for t in model.graph.initializer if t.data_type == _HALF)
     nodes_after = len(model.graph.node)
     casts_after = sum(1 for n in model.graph.node if n.op_type == "Cast")
-    try:
-        more_clamped, external_out = _write(model, dst, stash, external_source)
-    except BaseException:
-        for leftover in (f".{dst.name}.partial", f".{dst.name}.data.partial"):
-            with contextlib.suppress(FileNotFoundError):
-                (dst.parent / leftover).unlink()
-        raise
+    more_clamped = [0]
+    data = _retyped(model, stash, more_clamped)
+    files = save_onnx(model, dst, data, external=True if external_source else None)
     if check:
         try:
             onnx.checker.check_model(str(dst))
@@ -617,66 +467,44 @@ def convert_fp16(
         casts_added=casts_after - casts_before,
         bytes_before=bytes_before,
         bytes_after=graph_bytes(dst),
-        external_data=external_out,
-        clamped_values=clamped + more_clamped,
+        external_data=len(files) > 1,
+        clamped_values=clamped + more_clamped[0],
         seconds=time.perf_counter() - start,
         fp32_nodes=[n.name for n in fp32_nodes],
     )
 
 
-def _weight_chunks(tensor: TensorProto, weight: _Weight, clamped: list[int]) -> Iterator[bytes]:
-    """The tensor's data in its (possibly converted) type, chunk by chunk; counts clamped values."""
-    convert = weight.data_type == _FLOAT and tensor.data_type == _HALF
-    if not convert and weight.data_type != tensor.data_type:
-        raise Fp16Error(
-            f"initializer {tensor.name}: unexpected retyping {weight.data_type} -> {tensor.data_type}"
-        )
-    for chunk in weight.chunks():
-        if convert:
-            chunk, count = _to_fp16(chunk)
-            clamped[0] += count
-        yield chunk.tobytes()
+@dataclass(frozen=True)
+class _AsFp16:
+    """A float32 weight written as float16, clamped as the converter clamps; counts the clamped."""
+
+    source: StoredData
+    clamped: list[int]  # one counter shared by every weight
+
+    @property
+    def nbytes(self) -> int:
+        return self.source.count * 2
+
+    def chunks(self) -> Iterator[bytes]:
+        for values in self.source.arrays():
+            half, count = _to_fp16(values)
+            self.clamped[0] += count
+            yield half.tobytes()
 
 
-def _write(model: onnx.ModelProto, dst: Path, stash: dict[str, _Weight], external: bool) -> tuple[int, bool]:
-    """Save `model` to `dst` under temporary names, weights filled back in from `stash` (into a side
-    file `<dst name>.data` when `external` or large). Returns (values clamped, side file written)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.partial")
-    data = dst.with_name(dst.name + ".data")
-    tmp_data = data.with_name(f".{data.name}.partial")
-    by_name = {t.name: t for t in model.graph.initializer}
-    itemsize = {_HALF: 2, _FLOAT: 4}
-    planned = sum(
-        int(np.prod(w.dims, dtype=np.int64)) * itemsize.get(by_name[n].data_type, 8) for n, w in stash.items()
-    )
-    clamped = [0]
-    if not external and planned + model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
-        for name, weight in stash.items():
-            by_name[name].raw_data = b"".join(_weight_chunks(by_name[name], weight, clamped))
-        onnx.save_model(model, tmp)
-        os.replace(tmp, dst)
-        with contextlib.suppress(FileNotFoundError):
-            data.unlink()  # a stale side file from an earlier, larger conversion
-        return clamped[0], False
-    offset = 0
-    with open(tmp_data, "wb") as out:
-        for tensor in model.graph.initializer:
-            if tensor.name in stash:
-                pieces = _weight_chunks(tensor, stash.pop(tensor.name), clamped)
-            elif tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024:
-                pieces = iter([tensor.raw_data])
-            else:
-                continue  # small tensors stay in the graph file
-            offset += out.write(b"\0" * ((-offset) % 4096))  # page-aligned, as onnx's writer does
-            length = sum(out.write(piece) for piece in pieces)
-            tensor.ClearField("raw_data")
-            tensor.data_location = TensorProto.EXTERNAL
-            for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(length))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
-            offset += length
-    onnx.save_model(model, tmp)
-    os.replace(tmp_data, data)
-    os.replace(tmp, dst)
-    return clamped[0], True
+def _retyped(model: onnx.ModelProto, stash: Mapping[str, StoredData], clamped: list[int]) -> dict:
+    """The stashed weights' data for the converted graph: float16 where the converter made them so."""
+    data = {}
+    for tensor in model.graph.initializer:
+        stored = stash.get(tensor.name)
+        if stored is None:
+            continue
+        if stored.data_type == tensor.data_type:
+            data[tensor.name] = stored
+        elif stored.data_type == _FLOAT and tensor.data_type == _HALF:
+            data[tensor.name] = _AsFp16(stored, clamped)
+        else:
+            raise Fp16Error(
+                f"initializer {tensor.name}: unexpected retyping {stored.data_type} -> {tensor.data_type}"
+            )
+    return data

@@ -1,7 +1,8 @@
 """INT8 graphs for TensorRT 10/11 and ONNX Runtime: explicit Q/DQ from calibration, int8 weight-only.
 
 TensorRT 11 builds only strongly typed networks, so int8 lives in the ONNX graph as
-QuantizeLinear/DequantizeLinear nodes (design.md, "Precision"). Two forms:
+QuantizeLinear/DequantizeLinear nodes (design.md, "Precision"). Two forms (the second is
+vsal.transforms.weight_only's):
 
 * `quantize_int8` (the five encoder graphs): static PTQ with ONNX Runtime's `quantize_static`
   (QDQ format), calibrated on feeds recorded from real media (`vsal.calib.collect`). Q/DQ go on the
@@ -57,9 +58,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from vsal.runtime.backends import ORT_LOG_FATAL
+import onnx
 from vsal.runtime.errors import BuildError
-from vsal.transforms.onnx_io import EXTERNAL_DATA_THRESHOLD, graph_bytes, save_onnx
+from vsal.transforms.graph_index import (
+    GraphIndex,
+    drop_unread,
+    drop_unread_initializers,
+    feed_inputs,
+    name_nodes,
+)
+from vsal.transforms.onnx_io import (
+    EXTERNAL_DATA_THRESHOLD,
+    graph_bytes,
+    is_external,
+    move_into,
+    save_onnx,
+)
 
 QUANTIZED_OPS = ("MatMul", "Conv", "Gemm")  # op types whose inputs get Q/DQ (TensorRT's int8 GEMM/conv)
 
@@ -125,6 +139,24 @@ class Int8Report:
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
+    @classmethod
+    def written(cls, src: Path, dst: Path, files: Iterable[Path], start: float, **fields) -> Int8Report:
+        """The report of a graph written to `dst` (`files`), with its census and sizes."""
+        structure = onnx.load(str(dst), load_external_data=False)
+        quantized, qdq, kept = _census(structure, fields.pop("exclude_ops", ()))
+        return cls(
+            src=str(src),
+            dst=str(dst),
+            quantized=quantized,
+            qdq=qdq,
+            kept_float_ops=kept,
+            src_bytes=graph_bytes(src),
+            dst_bytes=graph_bytes(dst),
+            files=[str(f) for f in files],
+            seconds=time.perf_counter() - start,
+            **fields,
+        )
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -139,12 +171,6 @@ class Int8Report:
 
 
 # --- graph analysis ----------------------------------------------------------------------------------
-
-
-def _constants(model) -> set[str]:
-    names = {t.name for t in model.graph.initializer}
-    names |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
-    return names
 
 
 def _is_weighted(node, constants: set[str]) -> bool:
@@ -162,70 +188,48 @@ def node_groups(model) -> dict[str, list[str]]:
     mlp_down      weighted nodes whose input comes from an activation function (GELU's Erf,
                   SiLU's Sigmoid, ...): the MLP down projections (fc2)
     """
-    constants = _constants(model)
-    nodes = list(model.graph.node)
-    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
-    consumers: dict[str, list[int]] = {}
-    for i, n in enumerate(nodes):
-        for name in n.input:
-            consumers.setdefault(name, []).append(i)
-    quantizable = [i for i, n in enumerate(nodes) if n.op_type in QUANTIZED_OPS]
-    weighted = {i for i in quantizable if _is_weighted(nodes[i], constants)}
+    index = GraphIndex.of(model.graph)
+    quantizable = [n for n in model.graph.node if n.op_type in QUANTIZED_OPS]
+    weighted = [n for n in quantizable if _is_weighted(n, index.constants)]
+    weighted_ids = {id(n) for n in weighted}
 
-    def reaches(start: int, step, targets: set[int]) -> bool:
+    def reaches(start, step) -> bool:  # a weighted node up- or downstream of `start`
         seen, stack = set(), list(step(start))
         while stack:
-            i = stack.pop()
-            if i in seen:
+            node = stack.pop()
+            if id(node) in seen:
                 continue
-            seen.add(i)
-            if i in targets:
+            seen.add(id(node))
+            if id(node) in weighted_ids:
                 return True
-            stack.extend(step(i))
+            stack.extend(step(node))
         return False
-
-    def ups(i: int) -> list[int]:
-        return [producer[x] for x in nodes[i].input if x in producer]
-
-    def downs(i: int) -> list[int]:
-        return [c for o in nodes[i].output for c in consumers.get(o, [])]
 
     activations = {"Erf", "Sigmoid", "Tanh", "Relu", "Gelu", "Softplus"}
     passthrough = {"Mul", "Div", "Add", "Reshape", "Cast", "Transpose"}
 
-    def after_activation(i: int) -> bool:  # input 0 computed from an activation function
-        frontier, depth = [nodes[i].input[0]], 0
+    def after_activation(node) -> bool:  # input 0 computed from an activation function
+        frontier, depth = [node.input[0]], 0
         while frontier and depth < 4:
-            found = [producer[x] for x in frontier if x in producer]
-            if any(nodes[j].op_type in activations for j in found):
+            found = [index.producer[x] for x in frontier if x in index.producer]
+            if any(n.op_type in activations for n in found):
                 return True
-            frontier = [x for j in found if nodes[j].op_type in passthrough for x in nodes[j].input]
+            frontier = [x for n in found if n.op_type in passthrough for x in n.input]
             depth += 1
         return False
 
-    first = [i for i in sorted(weighted) if not reaches(i, ups, weighted)]
+    first = [n for n in weighted if not reaches(n, index.sources)]
     return {
-        "attention": [nodes[i].name for i in quantizable if i not in weighted],
-        "mlp_down": [nodes[i].name for i in sorted(weighted) if after_activation(i)],
-        "first_layer": [nodes[i].name for i in first],
-        "first_conv": [nodes[i].name for i in first if nodes[i].op_type == "Conv"],
-        "last_layer": [nodes[i].name for i in sorted(weighted) if not reaches(i, downs, weighted)],
+        "attention": [n.name for n in quantizable if id(n) not in weighted_ids],
+        "mlp_down": [n.name for n in weighted if after_activation(n)],
+        "first_layer": [n.name for n in first],
+        "first_conv": [n.name for n in first if n.op_type == "Conv"],
+        "last_layer": [n.name for n in weighted if not reaches(n, index.users)],
     }
 
 
-def _name_nodes(model) -> None:
-    """Give unnamed nodes unique names (the quantizer selects nodes by name)."""
-    used = {n.name for n in model.graph.node if n.name}
-    for i, n in enumerate(model.graph.node):
-        if not n.name:
-            name = f"{n.op_type}_{i}"
-            while name in used:
-                name += "_"
-            n.name = name
-            used.add(name)
-
-
-def _match(name: str, patterns: Iterable[str]) -> bool:
+def match_any(name: str, patterns: Iterable[str]) -> bool:
+    """`name` is one of `patterns` or fully matches one as a regular expression."""
     return any(name == p or re.fullmatch(p, name) for p in patterns)
 
 
@@ -238,7 +242,7 @@ def _keep_float_inputs(model, quantized: set[str]) -> int:
     (DequantizeLinear(QuantizeLinear(x))) to read x; drop the Q/DQ left without consumers.
     Returns the number of inputs rewired."""
     graph = model.graph
-    producer = {o: n for n in graph.node for o in n.output}
+    producer = GraphIndex.of(graph).producer
     source = {}  # DQ output -> float tensor it approximates
     for n in graph.node:
         if n.op_type == "DequantizeLinear":
@@ -247,36 +251,24 @@ def _keep_float_inputs(model, quantized: set[str]) -> int:
                 source[n.output[0]] = q.input[0]
     rewired = 0
     for n in graph.node:
-        if n.op_type in ("QuantizeLinear", "DequantizeLinear") or n.name in quantized:
+        if _is_qdq(n) or n.name in quantized:
             continue
         for i, name in enumerate(n.input):
             if name in source:
                 n.input[i] = source[name]
                 rewired += 1
-    outputs = {o.name for o in graph.output}
-    while True:  # remove Q/DQ nodes whose outputs nothing reads
-        used = {x for n in graph.node for x in n.input} | outputs
-        dead = [_is_qdq(n) and not any(o in used for o in n.output) for n in graph.node]
-        if not any(dead):
-            break
-        keep_nodes = [n for n, d in zip(graph.node, dead, strict=True) if not d]
-        del graph.node[:]
-        graph.node.extend(keep_nodes)
-    used = {x for n in graph.node for x in n.input}
-    keep = [t for t in graph.initializer if t.name in used]
-    if len(keep) != len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
+    drop_unread(graph, _is_qdq)
+    drop_unread_initializers(graph)
     return rewired
 
 
 def _census(model, exclude_ops: Iterable[str]) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
     """Op type -> nodes with a DequantizeLinear input; Q/DQ counts; op type -> float exclude_ops nodes."""
-    producer = {o: n for n in model.graph.node for o in n.output}
+    producer = GraphIndex.of(model.graph).producer
     quantized, qdq, kept = Counter(), Counter(), Counter()
     exclude_ops = set(exclude_ops)
     for n in model.graph.node:
-        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+        if _is_qdq(n):
             qdq[n.op_type] += 1
             continue
         if any(x in producer and producer[x].op_type == "DequantizeLinear" for x in n.input):
@@ -286,32 +278,16 @@ def _census(model, exclude_ops: Iterable[str]) -> tuple[dict[str, int], dict[str
     return dict(quantized), dict(qdq), dict(kept)
 
 
-# --- saving --------------------------------------------------------------------------------------------
-
-
-def _has_external_data(model) -> bool:
-    return any(t.data_location == 1 for t in model.graph.initializer)
-
-
-def _commit(staged: list[Path], folder: Path) -> list[Path]:
-    """Move a graph (and its data file) from a staging folder on the same file system into
-    `folder`: data first, the graph last, each by an atomic rename."""
-    final = [Path(folder) / p.name for p in staged]
-    for src, dst in reversed(list(zip(staged, final, strict=True))):
-        os.replace(src, dst)
-    return final
+# --- checking ------------------------------------------------------------------------------------------
 
 
 def check_graph(path: Path, reference: Path | None = None) -> None:
     """onnx.checker, ONNX Runtime CPU loads it, and (given the fp32 graph) the same inputs/outputs."""
-    import onnx
-    import onnxruntime as ort
+    from vsal.runtime.backends import ort_session
 
     path = Path(path)
     onnx.checker.check_model(str(path))
-    options = ort.SessionOptions()
-    options.log_severity_level = ORT_LOG_FATAL  # its errors come back as exceptions
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort_session(path)
     if reference is not None:
         ref = onnx.load(str(reference), load_external_data=False)
         got = onnx.load(str(path), load_external_data=False)
@@ -357,7 +333,7 @@ class _Feeds:
 
 
 def _check_calibration(model, calibration: Sequence[Mapping[str, np.ndarray]], src: Path) -> list[str]:
-    names = [i.name for i in model.graph.input if i.name not in _constants(model)]
+    names = [v.name for v in feed_inputs(model.graph)]
     if not calibration:
         raise QuantizeError(f"{src}: no calibration feeds (give at least one feed dict)")
     for k, feed in enumerate(calibration):
@@ -402,7 +378,6 @@ def quantize_int8(
     Calibration feeds are run one at a time (ranges/histograms merged), so memory is bounded by
     one feed's activations.
     """
-    import onnx
 
     src, dst = Path(src), Path(dst)
     if method not in METHODS:
@@ -410,7 +385,7 @@ def quantize_int8(
     start = time.perf_counter()
     model = onnx.load(str(src), load_external_data=True)
     names = _check_calibration(model, calibration, src)
-    _name_nodes(model)
+    name_nodes(model.graph)
     exclude_ops = list(exclude_ops)
     groups = node_groups(model)
     unknown = set(exclude) - set(groups)
@@ -425,17 +400,17 @@ def quantize_int8(
     for n in candidates:
         if n.op_type in exclude_ops:
             reasons.setdefault(n.name, DEFAULT_EXCLUDE_OPS.get(n.op_type, "excluded op type"))
-        elif _match(n.name, exclude_nodes):
+        elif match_any(n.name, exclude_nodes):
             reasons.setdefault(n.name, "excluded by name")
     to_quantize = [n.name for n in candidates if n.name not in reasons]
     size = sum(t.ByteSize() for t in model.graph.initializer)
-    external = _has_external_data(model) or size >= EXTERNAL_DATA_THRESHOLD
+    external = any(is_external(t) for t in model.graph.initializer) or size >= EXTERNAL_DATA_THRESHOLD
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{dst.name}.", dir=dst.parent) as work:
         work = Path(work)
         named = work / "named.onnx"
-        onnx.save_model(model, named, save_as_external_data=external, location="named.onnx.data")
+        save_onnx(model, named, external=external)
         out = work / "quantized.onnx"
         reader = _Feeds(calibration, names)
         if method.startswith("modelopt"):
@@ -448,34 +423,27 @@ def quantize_int8(
         staged = save_onnx(q, work / dst.name)
         if check:
             check_graph(staged[0], src)
-        files = _commit(staged, dst.parent)
-    quantized, qdq, kept = _census(q, exclude_ops)
+        files = move_into(staged, dst.parent)
     excluded = [
         {"node": n.name, "op_type": n.op_type, "reason": reasons[n.name]}
         for n in candidates
         if n.name in reasons
     ]
     notes = [f"{rewired} inputs of non-quantized nodes rewired to float tensors"] if rewired else []
-    report = Int8Report(
-        src=str(src),
-        dst=str(dst),
+    return Int8Report.written(
+        src,
+        dst,
+        files,
+        start,
+        exclude_ops=exclude_ops,
         method=method,
-        quantized=quantized,
-        qdq=qdq,
         excluded=excluded,
-        kept_float_ops=kept,
         calibration_samples=len(calibration),
-        src_bytes=graph_bytes(src),
-        dst_bytes=graph_bytes(dst),
-        files=[str(f) for f in files],
-        seconds=time.perf_counter() - start,
         notes=notes,
     )
-    return report
 
 
 def _ort_static(src, dst, reader, nodes, op_types, method, percentile, external) -> None:
-    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     calibrate = {
@@ -579,186 +547,3 @@ def _modelopt(src, dst, calibration, names, excluded, method, external) -> None:
     if done.returncode != 0 or not Path(dst).is_file():
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
         raise QuantizeError(f"{src}: ModelOpt int8 PTQ failed:\n{tail}")
-
-
-# --- int8 weight-only (LLM decoder) -----------------------------------------------------------------------
-
-
-def quantize_weights_int8(
-    src: str | os.PathLike,
-    dst: str | os.PathLike,
-    *,
-    exclude_nodes: Iterable[str] = (),
-    min_elements: int = 4096,
-    check: bool = True,
-) -> Int8Report:
-    """Int8 weight-only: every MatMul whose B is a float 2-D initializer [K, N] (at least
-    `min_elements`) reads DequantizeLinear(int8 [K, N], scale [N], zero point 0, axis=1) instead.
-
-    Symmetric per output channel (scale = max|W[:, n]| / 127, values in [-127, 127]). Weights
-    shared by several MatMuls are quantized once. Activations and every other op stay float.
-    Tensors are processed one at a time: a graph with external data (the 13B decoder: ~52 GB fp32)
-    is written with its int8 weights in `<dst>.data` without holding the model in memory.
-    """
-    import onnx
-    from onnx import helper
-
-    src, dst = Path(src), Path(dst)
-    start = time.perf_counter()
-    model = onnx.load(str(src), load_external_data=False)
-    _name_nodes(model)
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    exclude_nodes = list(exclude_nodes)
-    excluded, targets = [], {}  # weight name -> DequantizeLinear output
-    for node in graph.node:
-        if node.op_type != "MatMul" or node.input[1] not in inits:
-            continue  # activation x activation (attention)
-        weight = inits[node.input[1]]
-        reason = None
-        if _match(node.name, exclude_nodes):
-            reason = "excluded by name"
-        elif weight.data_type != onnx.TensorProto.FLOAT or len(weight.dims) != 2:
-            reason = "weight not float32 2-D"
-        elif int(np.prod(weight.dims)) < min_elements:
-            reason = f"fewer than {min_elements} weights"
-        if reason:
-            excluded.append({"node": node.name, "op_type": "MatMul", "reason": reason})
-            continue
-        targets.setdefault(weight.name, f"{weight.name}_dequantized")
-        node.input[1] = targets[weight.name]
-    still_float = {x for n in graph.node for x in n.input} & set(targets)  # shared with another op
-
-    dq_nodes = []
-    tensors = []  # (TensorProto without data, numpy array or None to copy the source's bytes)
-    for tensor in list(graph.initializer):
-        if tensor.name not in targets:
-            tensors.append(tensor)
-            continue
-        w = _tensor_array(tensor, src.parent)
-        amax = np.abs(w).max(axis=0)
-        scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-        q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
-        base = tensor.name
-        names = [f"{base}_quantized", f"{base}_scale", f"{base}_zero_point"]
-        tensors += [(names[0], q), (names[1], scale), (names[2], np.zeros(scale.shape, np.int8))]
-        if base in still_float:
-            tensors.append(tensor)
-        dq = helper.make_node(
-            "DequantizeLinear", names, [targets[base]], name=f"{base}_DequantizeLinear", axis=1
-        )
-        dq_nodes.append(dq)
-        del w, q
-    for i, n in enumerate(dq_nodes):  # DQ nodes first: the graph stays topologically sorted
-        graph.node.insert(i, n)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    external = _has_external_data(model) or sum(_tensor_bytes(t) for t in tensors) >= EXTERNAL_DATA_THRESHOLD
-    with tempfile.TemporaryDirectory(prefix=f".{dst.name}.", dir=dst.parent) as work:
-        staged = _write_streaming(model, tensors, src.parent, Path(work) / dst.name, external)
-        del model, tensors
-        if check:
-            check_graph(staged[0], src)
-        files = _commit(staged, dst.parent)
-    quantized, qdq, kept = _census(onnx.load(str(dst), load_external_data=False), ())
-    return Int8Report(
-        src=str(src),
-        dst=str(dst),
-        method=WEIGHT_ONLY,
-        quantized=quantized,
-        qdq=qdq,
-        excluded=excluded,
-        kept_float_ops=kept,
-        calibration_samples=0,
-        src_bytes=graph_bytes(src),
-        dst_bytes=graph_bytes(dst),
-        files=[str(f) for f in files],
-        seconds=time.perf_counter() - start,
-        notes=[f"{len(targets)} weight tensors int8 (per output channel, symmetric)"],
-    )
-
-
-def _tensor_array(tensor, base_dir: Path) -> np.ndarray:
-    from onnx import numpy_helper
-
-    if tensor.data_location == 1:  # external: read just this tensor
-        tensor = _with_external_bytes(tensor, base_dir)
-    return numpy_helper.to_array(tensor)
-
-
-def _with_external_bytes(tensor, base_dir: Path):
-    """A copy of an external-data tensor with its bytes inline."""
-    import onnx
-
-    info = {e.key: e.value for e in tensor.external_data}
-    with open(Path(base_dir) / info["location"], "rb") as f:
-        f.seek(int(info.get("offset", 0)))
-        length = int(info["length"]) if "length" in info else -1
-        raw = f.read(length)
-    copy = onnx.TensorProto()
-    copy.CopyFrom(tensor)
-    del copy.external_data[:]
-    copy.data_location = onnx.TensorProto.DEFAULT
-    copy.raw_data = raw
-    return copy
-
-
-def _tensor_bytes(item) -> int:
-    if isinstance(item, tuple):
-        return item[1].nbytes
-    info = {e.key: e.value for e in item.external_data}
-    return int(info.get("length", 0)) if item.data_location == 1 else item.ByteSize()
-
-
-def _write_streaming(model, tensors, base_dir: Path, dst: Path, external: bool) -> list[Path]:
-    """Write `model` with `tensors` as its initializers: inline when small, else one tensor at a
-    time into `<dst>.data`. Temporary names, renamed when complete (data first, graph last)."""
-    import onnx
-    from onnx import numpy_helper
-
-    graph = model.graph
-    del graph.initializer[:]
-    if not external:
-        for item in tensors:
-            if isinstance(item, tuple):
-                graph.initializer.append(numpy_helper.from_array(item[1], item[0]))
-            elif item.data_location == 1:
-                graph.initializer.append(_with_external_bytes(item, base_dir))
-            else:
-                graph.initializer.append(item)
-        return save_onnx(model, dst)
-    data = dst.with_name(dst.name + ".data")
-    tmp, tmp_data = dst.with_name(f".{dst.name}.partial"), data.with_name(f".{data.name}.partial")
-    with open(tmp_data, "wb") as out:
-        for item in tensors:
-            if isinstance(item, tuple):
-                tensor = numpy_helper.from_array(item[1], item[0])
-            elif item.data_location == 1:
-                tensor = _with_external_bytes(item, base_dir)
-            else:
-                tensor = onnx.TensorProto()
-                tensor.CopyFrom(item)
-            raw = tensor.raw_data if tensor.HasField("raw_data") else None
-            if raw is not None and len(raw) >= 1024:
-                offset = out.tell()
-                pad = (-offset) % 4096  # aligned, as onnx writes it (mmap-friendly)
-                out.write(b"\0" * pad)
-                out.write(raw)
-                tensor.ClearField("raw_data")
-                tensor.data_location = onnx.TensorProto.EXTERNAL
-                for key, value in (("location", data.name), ("offset", offset + pad), ("length", len(raw))):
-                    entry = tensor.external_data.add()
-                    entry.key, entry.value = key, str(value)
-            graph.initializer.append(tensor)
-    onnx.save_model(model, tmp)
-    os.replace(tmp_data, data)
-    os.replace(tmp, dst)
-    return [dst, data]
-
-
-def write_report(reports: Iterable[Int8Report], path: str | os.PathLike) -> Path:
-    """Write reports as JSON (temporary name, renamed when complete)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps([r.to_dict() for r in reports], indent=2) + "\n")
-    os.replace(tmp, path)
-    return path

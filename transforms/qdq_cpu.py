@@ -44,13 +44,6 @@ def is_x86() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
 
 
-def _file_bytes(path: Path) -> int:
-    """The graph file and every other file beside it that it may name as external data."""
-    return path.stat().st_size + sum(
-        p.stat().st_size for p in path.parent.glob(f"{path.name}*") if p != path and p.is_file()
-    )
-
-
 @dataclass(frozen=True)
 class CpuGraph:
     """An int8 graph re-encoded for this x86 CPU."""
@@ -76,15 +69,19 @@ def cpu_int8_graph(path: str | os.PathLike, vnni: Vnni | None = None) -> CpuGrap
     when there is nothing to do (no int8 activation Q/DQ, not x86, no `onnx` package, a graph too
     large to re-serialize)."""
     path = Path(path)
-    if not is_x86() or _file_bytes(path) > MAX_BYTES:
+    if not is_x86() or path.stat().st_size > MAX_BYTES:
         return None
     try:
         import onnx
+        from vsal.transforms.graph_index import GraphIndex
+        from vsal.transforms.onnx_io import graph_bytes
     except ImportError:
+        return None
+    if graph_bytes(path) > MAX_BYTES:
         return None
     model = onnx.load(str(path), load_external_data=False)
     graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
+    inits = GraphIndex.of(graph).initializers
     activations = [
         n
         for n in graph.node
@@ -97,8 +94,7 @@ def cpu_int8_graph(path: str | os.PathLike, vnni: Vnni | None = None) -> CpuGrap
     chosen = set() if vnni.present else _fused_weight_dqs(graph, inits, activations)
     weights = [graph.node[i] for i in sorted(chosen)]
     read_elsewhere = {x for i, n in enumerate(graph.node) if i not in chosen for x in n.input}
-    onnx.load_external_data_for_model(model, str(path.parent))
-    inits = {i.name: i for i in graph.initializer}
+    onnx.load_external_data_for_model(model, str(path.parent))  # in place: `inits` holds the data now
     zero_points: dict[str, str] = {}
     for node in activations + weights:
         node.input[2] = _uint8_zero_point(graph, inits, node.input[2], zero_points)

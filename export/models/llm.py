@@ -6,6 +6,8 @@ the base weights when loading (vsal.export.weights.lora), so the decoder is a pl
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -13,23 +15,8 @@ from vsal.export.config import LlmConfig
 
 
 def llama_hf_config(config: LlmConfig) -> LlamaConfig:
-    hf = LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        max_position_embeddings=config.max_position_embeddings,
-        rms_norm_eps=config.rms_norm_eps,
-        rope_theta=config.rope_theta,
-        hidden_act=config.hidden_act,
-        tie_word_embeddings=config.tie_word_embeddings,
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id,
-        attention_dropout=0.0,
-    )
+    """LlmConfig's fields carry LlamaConfig's names: passed as they are."""
+    hf = LlamaConfig(**dataclasses.asdict(config), attention_dropout=0.0)
     hf._attn_implementation = "eager"
     return hf
 

@@ -13,8 +13,10 @@ from vsal.export.models.llm import LlmDecoder
 from vsal.export.models.mrc_qformer import MrcQFormer
 from vsal.export.models.vision import VisionEncoder
 from vsal.export.models.whisper import WhisperSpeechEncoder
+from vsal.runtime.graphs import GRAPHS
 
-# Submodule name -> builder. Each part can be built alone, so an export holds one part at a time.
+# Part (submodule) name -> builder; each graph's role names its part. Each part can be built alone,
+# so an export holds one part at a time.
 PART_BUILDERS: dict[str, Callable[[ModelConfig], nn.Module]] = {
     "vision_encoder": lambda c: VisionEncoder(c.vision),
     "frame_qformer": lambda c: FrameQFormer(c.frame_qformer),
@@ -23,15 +25,17 @@ PART_BUILDERS: dict[str, Callable[[ModelConfig], nn.Module]] = {
     "mrc_qformer": MrcQFormer,
     "llm": lambda c: LlmDecoder(c.llm),
 }
-GRAPH_NAMES = tuple(PART_BUILDERS)
+PARTS = tuple(role.part for role in GRAPHS.values())  # in graph order: part i's seed is seed + i
+if set(PARTS) != set(PART_BUILDERS):
+    raise AssertionError(f"parts {sorted(PART_BUILDERS)} are not the graphs' parts {sorted(PARTS)}")
 
 
 def build_part(config: ModelConfig, name: str, seed: int | None = 0) -> nn.Module:
     """One part, in eval mode. With a seed its random weights are those `VideoSalmonn(config, seed)` gets."""
     if name not in PART_BUILDERS:
-        raise ValueError(f"unknown part {name!r}; parts are {', '.join(GRAPH_NAMES)}")
+        raise ValueError(f"unknown part {name!r}; parts are {', '.join(PARTS)}")
     if seed is not None:
-        torch.manual_seed(seed + GRAPH_NAMES.index(name))
+        torch.manual_seed(seed + PARTS.index(name))
     return PART_BUILDERS[name](config).eval()
 
 
@@ -49,7 +53,7 @@ class VideoSalmonn(nn.Module):
     def __init__(self, config: ModelConfig, seed: int | None = 0):
         super().__init__()
         self.config = config
-        for name in GRAPH_NAMES:
+        for name in PARTS:
             self.add_module(name, build_part(config, name, seed))
         self.eval()
 
@@ -67,4 +71,4 @@ class VideoSalmonn(nn.Module):
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per graph (shared tensors counted once per graph)."""
-        return {name: sum(p.numel() for p in getattr(self, name).parameters()) for name in GRAPH_NAMES}
+        return {name: sum(p.numel() for p in getattr(self, name).parameters()) for name in PARTS}

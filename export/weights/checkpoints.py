@@ -78,24 +78,40 @@ _ALIASES = [
     ("llama_proj_joint.", "llama_proj."),
 ]
 
-# LAVIS BERT names -> transformers InstructBLIP Q-Former names.
-_BERT_RENAMES = [
-    (re.compile(r"^embeddings\.LayerNorm\."), "embeddings.layernorm."),
-    (re.compile(r"\.attention\.self\."), ".attention.attention."),
-    (re.compile(r"\.crossattention\.self\."), ".crossattention.attention."),
-]
 
-# LAVIS EVA-ViT names -> transformers InstructBLIP vision names (fused-bias thirds handled apart).
-_EVA_RENAMES = [
-    (re.compile(r"^cls_token$"), "embeddings.class_embedding"),
-    (re.compile(r"^pos_embed$"), "embeddings.position_embedding"),
-    (re.compile(r"^patch_embed\.proj\."), "embeddings.patch_embedding."),
-    (re.compile(r"^blocks\.(\d+)\.norm1\."), r"encoder.layers.\1.layer_norm1."),
-    (re.compile(r"^blocks\.(\d+)\.norm2\."), r"encoder.layers.\1.layer_norm2."),
-    (re.compile(r"^blocks\.(\d+)\.attn\.qkv\.weight$"), r"encoder.layers.\1.self_attn.qkv.weight"),
-    (re.compile(r"^blocks\.(\d+)\.attn\.proj\."), r"encoder.layers.\1.self_attn.projection."),
-    (re.compile(r"^blocks\.(\d+)\.mlp\.fc(\d)\."), r"encoder.layers.\1.mlp.fc\2."),
+def _rules(pairs: list[tuple[str, str]], inverse: bool = False) -> list[tuple[re.Pattern, str]]:
+    """Rename rules from (release, vsal) name pieces, one way or the other: "^" and "$" anchor a
+    piece, "{}" stands for a number carried over."""
+    rules = []
+    for source, target in (pair[::-1] if inverse else pair for pair in pairs):
+        body = re.escape(source.strip("^$")).replace(r"\{\}", r"(\d+)")
+        pattern = ("^" if source.startswith("^") else "") + body + ("$" if source.endswith("$") else "")
+        first, *rest = target.strip("^$").split("{}")
+        replacement = first + "".join(f"\\g<{i}>{piece}" for i, piece in enumerate(rest, 1))
+        rules.append((re.compile(pattern), replacement))
+    return rules
+
+
+# LAVIS BERT names <-> transformers InstructBLIP Q-Former names.
+_BERT_NAMES = [
+    ("^embeddings.LayerNorm.", "^embeddings.layernorm."),
+    (".attention.self.", ".attention.attention."),
+    (".crossattention.self.", ".crossattention.attention."),
 ]
+_BERT_RENAMES, _BERT_INVERSE = _rules(_BERT_NAMES), _rules(_BERT_NAMES, inverse=True)
+
+# LAVIS EVA-ViT names <-> transformers InstructBLIP vision names (fused-bias thirds handled apart).
+_EVA_NAMES = [
+    ("^cls_token$", "^embeddings.class_embedding$"),
+    ("^pos_embed$", "^embeddings.position_embedding$"),
+    ("^patch_embed.proj.", "^embeddings.patch_embedding."),
+    ("^blocks.{}.norm1.", "^encoder.layers.{}.layer_norm1."),
+    ("^blocks.{}.norm2.", "^encoder.layers.{}.layer_norm2."),
+    ("^blocks.{}.attn.qkv.weight$", "^encoder.layers.{}.self_attn.qkv.weight$"),
+    ("^blocks.{}.attn.proj.", "^encoder.layers.{}.self_attn.projection."),
+    ("^blocks.{}.mlp.fc{}.", "^encoder.layers.{}.mlp.fc{}."),
+]
+_EVA_RENAMES, _EVA_INVERSE = _rules(_EVA_NAMES), _rules(_EVA_NAMES, inverse=True)
 _EVA_BIAS = re.compile(r"^blocks\.(\d+)\.attn\.(q|v)_bias$")
 
 _LORA = re.compile(r"^(?P<base>.+)\.lora_(?P<ab>[AB])\.[^.]+\.weight$")
@@ -254,21 +270,6 @@ def _derived(key: str) -> bool:
     return key.endswith(("position_ids", "rotary_emb.inv_freq"))
 
 
-_EVA_INVERSE = [
-    (re.compile(r"^embeddings\.class_embedding$"), "cls_token"),
-    (re.compile(r"^embeddings\.position_embedding$"), "pos_embed"),
-    (re.compile(r"^embeddings\.patch_embedding\."), "patch_embed.proj."),
-    (re.compile(r"^encoder\.layers\.(\d+)\.layer_norm1\."), r"blocks.\1.norm1."),
-    (re.compile(r"^encoder\.layers\.(\d+)\.layer_norm2\."), r"blocks.\1.norm2."),
-    (re.compile(r"^encoder\.layers\.(\d+)\.self_attn\.qkv\.weight$"), r"blocks.\1.attn.qkv.weight"),
-    (re.compile(r"^encoder\.layers\.(\d+)\.self_attn\.projection\."), r"blocks.\1.attn.proj."),
-    (re.compile(r"^encoder\.layers\.(\d+)\.mlp\.fc(\d)\."), r"blocks.\1.mlp.fc\2."),
-]
-_BERT_INVERSE = [
-    (re.compile(r"^embeddings\.layernorm\."), "embeddings.LayerNorm."),
-    (re.compile(r"\.attention\.attention\."), ".attention.self."),
-    (re.compile(r"\.crossattention\.attention\."), ".crossattention.self."),
-]
 _QKV_BIAS = re.compile(r"^encoder\.layers\.(\d+)\.self_attn\.qkv\.bias$")
 
 

@@ -9,7 +9,6 @@ file is written under a temporary name and renamed when complete.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from vsal.export.config import ModelConfig
 from vsal.export.weights.checkpoints import _LORA, CheckpointError, LoadReport, ReleaseLoader, _derived
 from vsal.export.weights.lora import merge_lora
 from vsal.export.weights.release_files import RELEASE_SOURCES, check_release_dir, read_source
+from vsal.runtime.package_lock import replacing
 
 FORMAT = "vsal-consolidated"
 FORMAT_VERSION = "1"
@@ -181,9 +181,8 @@ def write_safetensors_streaming(
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # keep the data 8-byte aligned
-    tmp = path.with_name(f".{path.name}.partial")
     written = {}
-    try:
+    with replacing(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(len(blob).to_bytes(8, "little"))
             f.write(blob)
@@ -201,9 +200,6 @@ def write_safetensors_streaming(
                     on_tensor(data.nbytes)
             if len(written) != len(plan):
                 raise CheckpointError(f"internal: wrote {len(written)} of {len(plan)} planned tensors")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_consolidated_config(path: str | Path) -> ModelConfig:

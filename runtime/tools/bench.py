@@ -38,6 +38,9 @@ from pathlib import Path
 import click
 import numpy as np
 from vsal.runtime.errors import ConfigError
+from vsal.runtime.log import sayer
+from vsal.runtime.observe import Stopwatch
+from vsal.runtime.registry_choice import precision_choice
 
 STAGES = (  # in pipeline order; the ones a clip without video or audio lacks are left out
     "decode_video+preprocess",
@@ -72,8 +75,7 @@ except VsalError as exc:
 """
 
 
-def say(message: str) -> None:
-    print(f"vsal bench: {message}", file=sys.stderr, flush=True)
+say = sayer("vsal bench")
 
 
 def peak_rss_bytes() -> int:
@@ -100,6 +102,37 @@ def summarize(values: list[float]) -> dict:
         "iqr": q[2] - q[0],
         "runs": values,
     }
+
+
+def generation_stages(lead: float, first: float, last: float, tokens: int) -> dict[str, float]:
+    """The bench's generation stages, for the runtime and the reference alike: `lead` seconds from
+    the request to generation start, the first token `first` and the last `last` seconds after it."""
+    return {
+        "prefill": first,
+        "decode_per_token": (last - first) / max(tokens - 1, 1),
+        "time_to_first_token": lead + first,
+        "end_to_end": lead + last,
+    }
+
+
+def summarize_runs(results: list[dict]) -> dict:
+    """Each stage's statistics over the timed runs (in STAGES order), the decode rate, the tokens."""
+    return {
+        "stages": {
+            name: summarize([r["timings"][name] for r in results])
+            for name in STAGES
+            if name in results[0]["timings"]
+        },
+        "decode_tokens_per_s": summarize([1 / r["timings"]["decode_per_token"] for r in results]),
+        "tokens": results[0]["tokens"],
+    }
+
+
+def run_line(number: int, runs: int, timings: dict[str, float]) -> str:
+    return (
+        f"run {number}/{runs}: end to end {timings['end_to_end']:.2f} s, first token "
+        f"{timings['time_to_first_token']:.2f} s, {1 / timings['decode_per_token']:.1f} tokens/s"
+    )
 
 
 # --- FLOPs and bytes from the config ----------------------------------------------------------------
@@ -189,8 +222,12 @@ def _media_kwargs(path: Path) -> dict:
     return {"video": path} if info.video_seconds is not None else {"audio": path}
 
 
-def run_runtime_once(pipeline, media_kwargs: dict, prompt: str, tokens: int, shapes: dict) -> dict:
-    """One timed run of the whole job; returns seconds per stage (+ decode details)."""
+def run_runtime_once(
+    pipeline, watch: Stopwatch, media_kwargs: dict, prompt: str, tokens: int, shapes: dict
+) -> dict:
+    """One timed run of the whole job; returns seconds per stage (+ decode details). The pipeline's
+    stages come from `watch`, its observer; the bench's own (the prompt embeddings, the decoding
+    at a fixed length, which `ask` does not do) are timed here."""
     from vsal.runtime.generation import generate_tokens
     from vsal.runtime.prompt import DecodingOptions
 
@@ -203,13 +240,12 @@ def run_runtime_once(pipeline, media_kwargs: dict, prompt: str, tokens: int, sha
         eos_token_id=None,  # no early stop: every run decodes `tokens` tokens
     )
     prompt = pipeline.check_request(prompt, options, media_kwargs.get("video"))  # the limits `ask` has
+    watch.take()  # this run's stages only
     start = time.perf_counter()
     features, _ = pipeline.encode_media(media_kwargs.get("video"), media_kwargs.get("audio"))
-    timings = dict(features.timings)
-    av = pipeline.av_tokens(features, prompt, timings)
-    t = time.perf_counter()
-    embeds = pipeline.inputs_embeds(av, prompt)
-    timings["prompt_embeddings"] = time.perf_counter() - t
+    av = pipeline.av_tokens(features, prompt)
+    with watch("prompt_embeddings"):
+        embeds = pipeline.inputs_embeds(av, prompt)
     step = _TimedStep(pipeline.decoder_step())
     t = time.perf_counter()
     times = []
@@ -217,10 +253,8 @@ def run_runtime_once(pipeline, media_kwargs: dict, prompt: str, tokens: int, sha
     for token in generate_tokens(step, pipeline.embed, embeds, options):
         times.append(time.perf_counter())
         ids.append(token)
-    timings["prefill"] = times[0] - t
-    timings["decode_per_token"] = (times[-1] - times[0]) / max(len(times) - 1, 1)
-    timings["time_to_first_token"] = times[0] - start
-    timings["end_to_end"] = times[-1] - start
+    timings = watch.take()
+    timings.update(generation_stages(t - start, times[0] - t, times[-1] - t, len(times)))
     shapes["prompt_length"] = int(embeds.shape[1])
     shapes["frames"] = int(features.frames)
     return {
@@ -250,36 +284,26 @@ def bench_runtime(
     load_s = time.perf_counter() - start
     shapes: dict = {}
     _record_shapes(pipeline, shapes)
+    watch = Stopwatch()
+    pipeline.observe(watch)
     say(f"runtime: warm-up run (loads the {len(pipeline.manifest.graphs)} graphs)")
     start = time.perf_counter()
-    run_runtime_once(pipeline, media_kwargs, prompt, tokens, shapes)
+    run_runtime_once(pipeline, watch, media_kwargs, prompt, tokens, shapes)
     warmup_s = time.perf_counter() - start
     results = []
     for i in range(runs):
-        result = run_runtime_once(pipeline, media_kwargs, prompt, tokens, shapes)
+        result = run_runtime_once(pipeline, watch, media_kwargs, prompt, tokens, shapes)
         results.append(result)
-        t = result["timings"]
-        say(
-            f"runtime run {i + 1}/{runs}: end to end {t['end_to_end']:.2f} s, first token "
-            f"{t['time_to_first_token']:.2f} s, {1 / t['decode_per_token']:.1f} tokens/s"
-        )
-    stages = {
-        name: summarize([r["timings"][name] for r in results])
-        for name in STAGES
-        if name in results[0]["timings"]
-    }
+        say("runtime " + run_line(i + 1, runs, result["timings"]))
     backends = pipeline.loaded_backends
-    precisions = {name: b.precision for name, b in backends.items()}
     return {
-        "stages": stages,
-        "decode_tokens_per_s": summarize([1 / r["timings"]["decode_per_token"] for r in results]),
+        **summarize_runs(results),
         "decoder_step_s": summarize([float(np.median(r["decoder_step_s"])) for r in results]),
-        "tokens": results[0]["tokens"],
         "load_s": load_s,
         "warmup_s": warmup_s,
         "peak_rss_bytes": peak_rss_bytes(),
         "backends": {name: b.description for name, b in backends.items()},
-        "precisions": precisions,
+        "precisions": {name: b.precision for name, b in backends.items()},
         "shapes": shapes,
         "_manifest": pipeline.manifest,
     }
@@ -590,7 +614,7 @@ def _jsonable(value):
     "--media", type=click.Path(path_type=Path), help="Video or audio file (default: a generated clip)."
 )
 @click.option("--runs", default=3, show_default=True, help="Timed runs after one warm-up run.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None)
+@click.option("--precision", type=precision_choice(), default=None)
 @click.option(
     "--max-new-tokens", "tokens", default=DEFAULT_TOKENS, show_default=True, help="Decoded per run."
 )

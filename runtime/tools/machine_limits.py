@@ -22,7 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from vsal.runtime.backends import ORT_LOG_FATAL
+from vsal.runtime.backends import ort_session
 
 DRAM_BUFFER_BYTES = 1 << 30  # well past the largest L3 caches (this one: see cpu())
 
@@ -117,7 +117,6 @@ def int8_gemm_rate(n: int = 2048, reps: int = 5, threads: int = 0) -> dict | Non
         from onnx import TensorProto, helper
     except ImportError:
         return None
-    import onnxruntime as ort
 
     graph = helper.make_graph(
         [helper.make_node("MatMulInteger", ["a", "b"], ["y"])],
@@ -130,11 +129,7 @@ def int8_gemm_rate(n: int = 2048, reps: int = 5, threads: int = 0) -> dict | Non
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
-    options = ort.SessionOptions()
-    options.log_severity_level = ORT_LOG_FATAL  # its errors come back as exceptions
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort_session(model.SerializeToString(), threads=threads)
     rng = np.random.default_rng(0)
     feeds = {
         "a": rng.integers(0, 256, (n, n), dtype=np.uint8),

@@ -18,7 +18,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
-from vsal.runtime.backends import ORT_LOG_FATAL  # noqa: E402
+from vsal.runtime.backends import ort_session  # noqa: E402
 from vsal.runtime.serving.triton_models.dlpack import from_numpy, to_numpy  # noqa: E402
 from vsal.runtime.serving.triton_models.supervision import exit_with_parent  # noqa: E402
 
@@ -39,12 +39,8 @@ class TritonPythonModel:
         if params.get("device") == "gpu" and "CUDAExecutionProvider" in ort.get_available_providers():
             device_id = int(args.get("model_instance_device_id", 0))
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
-        options = ort.SessionOptions()
-        options.log_severity_level = ORT_LOG_FATAL  # its errors come back as exceptions
         threads = int(params.get("threads", "0"))
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.session = ort_session(path, threads=threads, providers=providers)
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def execute(self, requests):

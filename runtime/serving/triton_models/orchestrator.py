@@ -1,8 +1,11 @@
 """The `vsal` orchestrator model: Triton's Python backend, decoupled (one request, many responses).
 
 It is the runtime's own Pipeline (request checks, media decoding, preprocessing, alignment, prompt
-assembly, generation), whose graphs run as calls to the repository's graph models (BLS) instead of
-ONNX Runtime sessions: Triton batches the encoders' calls across concurrent requests. Each request
+assembly, generation), built with a backend factory whose graphs run as calls to the repository's
+graph models (BLS) instead of ONNX Runtime sessions (a graph the repository leaves to this model, the
+decoder with --decoder orchestrator, runs here on the pipeline's own backend), and a step wrapper
+that checks the request before each decoder step: Triton batches the encoders' calls across
+concurrent requests. Each request
 is served on its own thread; text pieces stream back as they come (TEXT), then the whole answer as
 JSON (RESULT, the last response).
 
@@ -28,6 +31,7 @@ import threading
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 for _folder in os.environ.get("VSAL_SITE_DIRS", "").split(os.pathsep):  # set by `vsal serve`
@@ -36,9 +40,8 @@ for _folder in os.environ.get("VSAL_SITE_DIRS", "").split(os.pathsep):  # set by
 
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
-from vsal.runtime.backends import FeedChecker  # noqa: E402
+from vsal.runtime.backends import Runner  # noqa: E402
 from vsal.runtime.errors import ConfigError, LimitError, VsalError  # noqa: E402
-from vsal.runtime.generation import GraphDecoderStep  # noqa: E402
 from vsal.runtime.limits import MAX_NEW_TOKENS_LIMIT, MAX_UPLOAD_MIB  # noqa: E402
 from vsal.runtime.pipeline import Pipeline  # noqa: E402
 from vsal.runtime.prompt import DecodingOptions  # noqa: E402
@@ -94,14 +97,13 @@ class CheckedStep:
         return getattr(self.step, name)
 
 
-class BlsBackend:
-    """A graph run by another model of this server (a `Backend`: runtime.backends)."""
+class BlsBackend(Runner):
+    """A graph run by another model of this server (a `Runner`: its feeds are checked by the base,
+    its decoder step is the base's host round trip)."""
 
-    def __init__(self, name, model, info):
-        self.name = name
+    def __init__(self, name, model, info, precision):
+        super().__init__(name, info, precision, f"triton model {model} (BLS)")
         self.model = model
-        self.description = f"triton model {model} (BLS)"
-        self.checker = FeedChecker(name, info)
         self._inputs = [t.name for t in info.inputs]
         self._outputs = [t.name for t in info.outputs]
 
@@ -111,14 +113,11 @@ class BlsBackend:
     def output_names(self):
         return list(self._outputs)
 
-    def run(self, feeds, outputs=None):
-        feeds = {k: np.ascontiguousarray(np.asarray(v)) for k, v in feeds.items()}
-        self.checker.check(feeds)
-        names = outputs or self._outputs
+    def _run(self, feeds, outputs):
         request = pb_utils.InferenceRequest(
             model_name=self.model,
-            requested_output_names=names,
-            inputs=[from_numpy(k, v) for k, v in feeds.items()],
+            requested_output_names=outputs,
+            inputs=[from_numpy(k, v) for k, v in feeds.items()],  # contiguous copies where needed
         )
         CURRENT.check()  # no new call for a request that has ended
         response = request.exec()
@@ -126,35 +125,19 @@ class BlsBackend:
             CURRENT.check()  # a server that began to stop meanwhile refuses calls: not a bug
             message = response.error().message()
             raise GraphModelError(f"{self.name}: Triton model {self.model} failed ({message})")
-        return {n: to_numpy(pb_utils.get_output_tensor_by_name(response, n)) for n in names}
+        return {n: to_numpy(pb_utils.get_output_tensor_by_name(response, n)) for n in outputs}
 
 
-class TritonPipeline(Pipeline):
-    """The runtime pipeline with every graph behind a BLS call, and a decoder step that stops when
-    its request does."""
+def graph_backends(graph_models, local_graphs):
+    """The pipeline's backend factory: each graph a BLS call to its model of this repository, but
+    None (the pipeline's own backend) for the graphs run here."""
 
-    graph_models = {}
-    local_graphs = ()  # graphs run here (ONNX Runtime), not by another model
+    def open_backend(name, info, file, precision):
+        if name in local_graphs:
+            return None
+        return BlsBackend(name, graph_models[name], info, precision)
 
-    def backend(self, name):
-        if name in self.local_graphs:
-            return Pipeline.backend(self, name)
-        if name not in self._backends:
-            self._backends[name] = BlsBackend(name, self.graph_models[name], self.manifest.graphs[name])
-        return self._backends[name]
-
-    def release_options(self):
-        return self._options(None)
-
-    def _step(self):
-        if "llm_decoder" in self.local_graphs:
-            # IO binding: the KV cache stays in ONNX Runtime
-            return CheckedStep(Pipeline._step(self), local=True)
-        llm = self.llm
-        head_dim = llm["hidden_size"] // llm["num_attention_heads"]
-        run = self.backend("llm_decoder").run
-        step = GraphDecoderStep(run, llm["num_hidden_layers"], llm["num_key_value_heads"], head_dim)
-        return CheckedStep(step, local=False)
+    return open_backend
 
 
 def _size(request, name):
@@ -213,14 +196,23 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         folder = Path(args["model_repository"]) / args["model_version"] / params["package"]
-        TritonPipeline.graph_models = json.loads(params["graph_models"])
-        TritonPipeline.local_graphs = tuple(json.loads(params.get("local_graphs", "[]")))
+        graph_models = json.loads(params["graph_models"])
+        local_graphs = tuple(json.loads(params.get("local_graphs", "[]")))  # run here, not by a model
         precision = params.get("precision") or None
-        provider = None if TritonPipeline.local_graphs else "cpu"  # a local decoder: the best provider here
+        provider = None if local_graphs else "cpu"  # a local decoder: the best provider here
         # Here: the manifest, tokenizers, embeddings, local graphs (the others are models of their own);
         # exact_precision: a local graph runs the file the repository holds, whatever the provider.
-        self.pipeline = TritonPipeline.load(
-            folder, provider=provider, verbose=False, verify=False, precision=precision, exact_precision=True
+        # A local decoder keeps its KV cache in its backend (ONNX Runtime's IO binding); one behind
+        # BLS checks its request in each call, so its step need not check first.
+        self.pipeline = Pipeline.load(
+            folder,
+            provider=provider,
+            verbose=False,
+            verify=False,
+            precision=precision,
+            exact_precision=True,
+            backend_factory=graph_backends(graph_models, local_graphs),
+            step_wrapper=partial(CheckedStep, local="llm_decoder" in local_graphs),
         )
         # a repository written before the limits were parameters gets vsal serve's defaults
         self.max_upload_mib = int(params.get("max_upload_mib", MAX_UPLOAD_MIB))
@@ -265,15 +257,8 @@ class TritonPythonModel:
             answer = self.pipeline.ask(
                 prompt, video=media.get("video"), audio=media.get("audio"), options=options, on_text=on_text
             )
-            result = {
-                "answer": answer.text,
-                "token_ids": answer.token_ids,
-                "av_tokens": answer.av_tokens,
-                "timings": {k: round(v, 4) for k, v in answer.timings.items()},
-                "backends": answer.backends,
-            }
             response = pb_utils.InferenceResponse(
-                output_tensors=[_tensor("RESULT", json.dumps(result).encode())]
+                output_tensors=[_tensor("RESULT", json.dumps(answer.to_dict()).encode())]
             )
             sender.send(response, flags=final)
         except VsalError as exc:  # the user's mistake, in one line
@@ -317,7 +302,7 @@ class TritonPythonModel:
         """The request's options within the server's max_new_tokens limit; the release's defaults,
         capped to it, when the request gives none."""
         if options is None:
-            defaults = self.pipeline.release_options()
+            defaults = self.pipeline.default_options()
             return replace(defaults, max_new_tokens=min(defaults.max_new_tokens, self.max_new_tokens))
         if options.max_new_tokens > self.max_new_tokens:
             raise LimitError(

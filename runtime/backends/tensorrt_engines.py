@@ -10,7 +10,7 @@ the TensorRT and GPU that built it, so any other is refused with the reason, and
 ONNX. A timing cache (`engines/timing.cache`) is shared by every build on the machine.
 
 Written against NVIDIA's documented Python API (TensorRT 10.x and 11.x, cuda-python); TensorRT and
-CUDA are imported only here and in `tensorrt_backend`, lazily, so nothing else needs them.
+CUDA are imported only here and in the backend (backends/tensorrt.py), lazily: nothing else needs them.
 """
 
 from __future__ import annotations

@@ -1,0 +1,125 @@
+"""Quantizers: what makes a precision's variant of one graph, behind one protocol, in one registry.
+
+A precision row (vsal.runtime.precisions) names its quantizer; a graph's role may name another for
+that precision (vsal.runtime.graphs: the decoder's int8 is weight-only). The build looks the name up
+here and calls `convert(src, dst, calibration)`; nothing else knows which transform a precision is.
+Adding a precision = one `register_precision` row + one `register_quantizer` (docs/architecture.md).
+
+The built-in rows wrap the transforms of this package, imported only when a graph is converted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+from vsal.runtime.errors import BuildError, ConfigError
+
+Feeds = Mapping[str, np.ndarray]
+
+
+@dataclass
+class TransformReport:
+    """What a quantizer did to one graph."""
+
+    applied: bool  # the graph changed (else the "variant" is the source graph again: not recorded)
+    summary: str  # one line for the build report and the manifest's variant notes
+    details: dict[str, Any] = field(default_factory=dict)  # the underlying transform's report, as a dict
+
+
+@runtime_checkable
+class Quantizer(Protocol):
+    name: str  # what precision rows and graph recipes call it ("int8-static")
+    calibrated: bool  # needs the graph's inputs recorded on clips (vsal.calib.collect)
+
+    def convert(self, src: Path, dst: Path, calibration: Sequence[Feeds] | None) -> TransformReport:
+        """Write the variant of the graph `src` to `dst` (its external data beside it, under dst's
+        name); `calibration`: the graph's recorded inputs when `calibrated`, else None."""
+        ...
+
+
+_REGISTRY: dict[str, Quantizer] = {}
+
+
+def register_quantizer(quantizer: Quantizer, replace: bool = False) -> Quantizer:
+    """Add a quantizer (a plug-in's, or a test's). ValueError for a name already taken unless replace."""
+    if not isinstance(quantizer, Quantizer):
+        raise TypeError(
+            f"{quantizer!r}: a quantizer has a name, calibrated and convert(src, dst, calibration)"
+        )
+    if quantizer.name in _REGISTRY and not replace:
+        raise ValueError(f"quantizer {quantizer.name!r} is already registered")
+    _REGISTRY[quantizer.name] = quantizer
+    return quantizer
+
+
+def unregister_quantizer(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def quantizer_names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def get_quantizer(name: str) -> Quantizer:
+    """The quantizer `name`, or a ConfigError naming the registered ones."""
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ConfigError(
+            f"quantizer {name!r} is not registered (a precision row or graph recipe names it); "
+            f"registered: {', '.join(_REGISTRY)}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Fp16:
+    """fp16 tensors with fp32 islands (vsal.transforms.fp16)."""
+
+    name: str = "fp16"
+    calibrated: bool = False
+
+    def convert(self, src: Path, dst: Path, calibration: Sequence[Feeds] | None = None) -> TransformReport:
+        from vsal.transforms.fp16 import convert_fp16
+
+        report = convert_fp16(src, dst)
+        # No cast added and nothing smaller: the graph had nothing to convert.
+        applied = report.casts_added > 0 or report.bytes_after < report.bytes_before
+        return TransformReport(applied, report.summary(), asdict(report))
+
+
+@dataclass(frozen=True)
+class StaticInt8:
+    """Explicit Q/DQ int8, activations calibrated on recorded inputs (vsal.transforms.int8)."""
+
+    name: str = "int8-static"
+    calibrated: bool = True
+
+    def convert(self, src: Path, dst: Path, calibration: Sequence[Feeds] | None = None) -> TransformReport:
+        from vsal.transforms.int8 import quantize_int8
+
+        if not calibration:
+            raise BuildError(f"{src}: static int8 needs the graph's inputs recorded on clips; none given")
+        report = quantize_int8(src, dst, calibration)
+        return TransformReport(bool(report.quantized), report.summary(), asdict(report))
+
+
+@dataclass(frozen=True)
+class WeightOnlyInt8:
+    """Int8 weights per output channel, float activations (the LLM decoder)."""
+
+    name: str = "int8-weight-only"
+    calibrated: bool = False
+
+    def convert(self, src: Path, dst: Path, calibration: Sequence[Feeds] | None = None) -> TransformReport:
+        from vsal.transforms.weight_only import quantize_weights_int8
+
+        report = quantize_weights_int8(src, dst)
+        return TransformReport(bool(report.quantized), report.summary(), asdict(report))
+
+
+for _quantizer in (Fp16(), StaticInt8(), WeightOnlyInt8()):
+    register_quantizer(_quantizer)
