@@ -230,6 +230,15 @@ def test_only_the_small_inputs_go_in_and_the_logits_come_out():
     assert not [c for c in cudart.copies if c.kind == D2D]  # no reorder, no copy on the device
 
 
+def test_decoding_allocates_nothing_per_token():
+    step, _, _, cudart, _ = make_step()
+    _, cache = step(*feeds(1, 2, 0), None)
+    held = dict(cudart.blocks)
+    for past in range(2, P_MAX):  # the mask grows each token: its buffer holds [B max, P max] already
+        _, cache = step(*feeds(1, 1, past), cache)
+    assert cudart.blocks == held and not cudart.freed
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_greedy_tokens_and_logits_equal_the_host_round_trip(dtype):
     step, reference, _, _, _ = make_step(dtype)

@@ -36,8 +36,6 @@ from vsal.runtime.backends.tensorrt_engines import (
 from vsal.runtime.graphs import KVLayout
 from vsal.runtime.manifest import GraphInfo
 
-HOST_INPUTS = ("inputs_embeds", "attention_mask", "position_ids")  # the decoder's per-token feeds
-
 
 class CudaMemory:
     """Device memory and one stream through cuda-python's runtime: every copy is asynchronous on
@@ -345,6 +343,9 @@ class TensorRTDecoderStep:
         self.generation = 0
         self.batch = self.length = 0
         self._small = Buffers(memory)  # the host inputs and the logits, grown as needed
+        # The mask grows by a position per token: its buffer is taken at [B max, P max] at once, or
+        # each token would free and allocate it again (cudaFree waits for the whole device).
+        self._mask_bytes = self.max_batch * self.max_length * self.dtypes["attention_mask"].itemsize
 
     def _live(self, cache: DeviceKVCache) -> None:
         if cache.step is not self or cache.generation != self.generation:
@@ -383,7 +384,8 @@ class TensorRTDecoderStep:
             array = np.ascontiguousarray(array, dtype=self.dtypes[name])
             staged.append(array)
             set_shape(self.context, self.name, name, array.shape)
-            pointer = self._small.get(name, array.nbytes)
+            reserve = self._mask_bytes if name == "attention_mask" else 0
+            pointer = self._small.get(name, max(array.nbytes, reserve))
             self.memory.to_device(pointer, array)
             self.context.set_tensor_address(name, pointer)
         present_shape = self.layout.shape(batch, length + t)

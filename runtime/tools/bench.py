@@ -13,7 +13,7 @@ per-clip encoder cache is cleared before every run. For each stage: median, min 
   of the rebuilt model must equal the package's embeddings.npy, bit for bit. A reference that
   cannot run is reported as skipped, with its reason; with `--checkpoint` (asked for by name) it is
   an error, and the file is checked before the bench starts.
-* Machine limits (`runtime.machine_limits`): read bandwidth (DRAM, and at the size read per decoded
+* Machine limits (`runtime.tools.machine_limits`): read bandwidth (DRAM, and at the size read per decoded
   token), fp32 GEMM rate (numpy), int8 GEMM rate (ONNX Runtime MatMulInteger). Decoding is reported
   as a fraction of its roofline (bandwidth / bytes read per token: decoder weights at the precision
   that ran + the KV cache at the mean context length), the encoders and the prefill as a fraction of

@@ -11,7 +11,7 @@ JSON (RESULT, the last response).
 
 A user mistake (the VsalError tree: bad media, an invalid prompt, options or a limit) comes back as
 an error "vsal-error: <file>: <problem>", one line naming the client's file, not the server's copy;
-a request that ends early, "vsal-stopped: the request was ..." (the marks: runtime.client).
+a request that ends early, "vsal-stopped: the request was ..." (the marks: runtime.serving.client).
 Anything else is a bug: its traceback goes to the server log once, the client gets one line.
 Before each decoder step the request is checked: a client that went away (Triton cancels its
 request) or a server that is stopping (`vsal serve` creates VSAL_STOP_FILE) ends its generation.
