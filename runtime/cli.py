@@ -346,3 +346,7 @@ def chat(
 from vsal.runtime.tools.bench import bench_cli  # noqa: E402  (click and numpy only at import)
 
 cli.add_command(bench_cli, "bench")
+
+from vsal.runtime.tools.perplexity import perplexity_cli  # noqa: E402  (click and numpy only at import)
+
+cli.add_command(perplexity_cli, "perplexity")
