@@ -7,12 +7,16 @@ weight-only).
 
 `vsal-export calibrate` stores the sets in the package's `calibration/` folder (one npz per graph)
 with an index of what they were recorded on: the sha256 of the exported graphs and the instruction
-tokenizer (the inputs are a function of those, the clips and the preprocessing code) and the vsal
-version. `build` reads them back while that still matches, instead of running the clips again.
+tokenizer, a digest of the manifest's settings the runtime reads (config, preprocessing constants,
+special tokens), the vsal version (its preprocessing code) and the clips (path, size, mtime).
+`build` reads them back while all of that still matches, instead of running the clips again; the
+sets are read bounded (uncompressed members, sizes checked before numpy allocates, never unpickled).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 import zipfile
@@ -115,25 +119,39 @@ def collect(
     return recorded
 
 
-def recorded_on(manifest: Manifest) -> dict[str, str]:
+def recorded_on(manifest: Manifest, clips: Iterable[Path]) -> dict[str, object]:
     """What recorded inputs depend on: the exported graphs (with their weights) and the instruction
-    tokenizer, file -> sha256 as the manifest gives them (a verified package matches them), and the
-    vsal version (its preprocessing). Variants are not in it: a build adds those."""
+    tokenizer, file -> sha256 as the manifest gives them (a verified package matches them); the
+    manifest's settings the pipeline reads; the vsal version (its preprocessing code); and the
+    clips, by [resolved path, size, mtime_ns] (a clip replaced under its name is another clip);
+    the last two as digests, so the index stays small.
+    Variants and engines are not in it: a build adds those."""
     files = {}
     for info in manifest.graphs.values():
         files[info.file] = info.sha256
         files.update(info.external_data)
     files[manifest.instruction_tokenizer.file] = manifest.instruction_tokenizer.sha256
-    return {"vsal": version("vsal"), **files}
+    settings = {
+        "config": manifest.config,
+        "preprocessing": manifest.preprocessing,  # empty in older packages: config gives it
+        "special_tokens": manifest.special_tokens,
+    }
+    stamps = [[os.path.realpath(c), os.stat(c).st_size, os.stat(c).st_mtime_ns] for c in clips]
+    return {"vsal": version("vsal"), **files, "settings": _digest(settings), "clips": _digest(stamps)}
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def save_calibration(
-    package: str | os.PathLike, manifest: Manifest, recorded: dict[str, list[Feeds]]
+    package: str | os.PathLike, manifest: Manifest, recorded: dict[str, list[Feeds]], clips: Iterable[Path]
 ) -> dict[str, Path]:
     """One npz per graph (`calibration/<graph>.npz`, arrays `<i>/<input>`), then the index naming
-    what they were recorded on. The old index goes first and the new one comes last, each write
-    atomic: a crash in between leaves sets without an index, which no build trusts. The caller
-    holds the package lock and has checked the folder (package_update.written_folder)."""
+    what they were recorded on (`recorded_on(manifest, clips)`, `clips` the calibration clips).
+    The old index goes first and the new one comes last, each write atomic: a crash in between
+    leaves sets without an index, which no build trusts. The caller holds the package lock and has
+    checked the folder (package_update.written_folder)."""
     package = Path(package)
     index = package / STORE_INDEX
     index.unlink(missing_ok=True)
@@ -146,18 +164,22 @@ def save_calibration(
         paths[name] = path
     write_json_durable(
         index,
-        {"recorded_on": recorded_on(manifest), "feeds": {name: len(f) for name, f in recorded.items()}},
+        {
+            "recorded_on": recorded_on(manifest, clips),
+            "feeds": {name: len(f) for name, f in recorded.items()},
+        },
     )
     return paths
 
 
 def load_calibration(
-    package: str | os.PathLike, manifest: Manifest, graphs: Iterable[str]
+    package: str | os.PathLike, manifest: Manifest, graphs: Iterable[str], clips: Iterable[Path]
 ) -> tuple[dict[str, list[Feeds]] | None, str]:
     """(the stored inputs of `graphs`, a note saying where they came from), or (None, why not):
-    no sets stored, or recorded on other graphs (re-exported since) or by another vsal. A store
-    that is there but broken (an index or set that is not what save_calibration writes, inputs
-    that are not the graph's) is a PackageError."""
+    no sets stored, or recorded on other graphs (re-exported since), other settings, other clips
+    (`clips`: the build's calibration clips) or by another vsal. A store that is there but broken
+    (an index or set that is not what save_calibration writes, inputs that are not the graph's) is
+    a PackageError."""
     package = Path(package)
     index_path = package / STORE_INDEX
     if package_folder(package, CALIBRATION_DIR, "calibration folder") is None:
@@ -171,10 +193,11 @@ def load_calibration(
         raise PackageError(
             f'{index_path}: expected "recorded_on" and "feeds" objects; run `vsal-export calibrate` again'
         )
-    if stored != recorded_on(manifest):
+    if stored != recorded_on(manifest, clips):
         return None, (
-            f"{package / CALIBRATION_DIR}: its inputs were recorded on other graphs or by another vsal "
-            "(re-exported since `vsal-export calibrate`?): recorded again from its clips"
+            f"{package / CALIBRATION_DIR}: its inputs were recorded on other graphs or by another vsal, "
+            "or on other clips or settings (re-exported since `vsal-export calibrate`, or a clip "
+            "changed?): recorded again from its clips"
         )
     inputs = {}
     for name in graphs:
@@ -197,36 +220,71 @@ def load_calibration(
 
 def _read_set(package: Path, manifest: Manifest, name: str, count: int) -> list[Feeds]:
     """The npz set of graph `name`: exactly `count` feeds, each of the graph's inputs with the
-    manifest's dtype and rank; never unpickled."""
+    manifest's dtype and rank. Read bounded: every member stored uncompressed (as np.savez writes
+    them: no zip bomb) with a header no larger than the bytes it holds, checked before numpy
+    allocates anything, and the feeds counted before `count` sizes anything; never unpickled."""
     rel = f"{CALIBRATION_DIR}/{name}.npz"
     shown = package / rel
     path = confined(
         package, rel, f"{name}'s calibration inputs", must_exist=True, named_in=package / STORE_INDEX
     )
     declared = {t.name: t for t in manifest.graphs[name].inputs}
-    feeds: list[dict[str, np.ndarray]] = [{} for _ in range(count)]
     try:
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.infolist():
+                _check_member(archive, member)
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise PackageError(
             f"{shown}: not a calibration set ({exc}); run `vsal-export calibrate` again"
         ) from None
+    for key in arrays:
+        index, _, tensor = key.partition("/")
+        # one spelling per feed ("01" is not "1"), ASCII digits only (int("²") fails)
+        canonical = index.isascii() and index.isdigit() and index == str(int(index))
+        if not canonical or int(index) >= count or tensor not in declared:
+            raise PackageError(f"{shown}: array {key!r} is not <feed>/<input> of {name}'s {count} feeds")
+
+    def refused(i: int, tensor: str, got: str) -> PackageError:
+        info = declared[tensor]
+        return PackageError(
+            f"{shown}: feed {i} {tensor} is {got}, {name} takes {info.dtype} of rank "
+            f"{len(info.shape)}; run `vsal-export calibrate` again"
+        )
+
+    if len(arrays) != count * len(declared):  # fewer: the first gap is within len(arrays) + 1 steps
+        gap = next((i, t) for i in range(count) for t in declared if f"{i}/{t}" not in arrays)
+        raise refused(*gap, "missing")
+    feeds: list[dict[str, np.ndarray]] = [{} for _ in range(count)]
     for key, value in arrays.items():
         index, _, tensor = key.partition("/")
-        if not index.isdigit() or int(index) >= count or tensor not in declared:
-            raise PackageError(f"{shown}: array {key!r} is not <feed>/<input> of {name}'s {count} feeds")
         feeds[int(index)][tensor] = value
     for i, feed in enumerate(feeds):
         for tensor, info in declared.items():
-            value = feed.get(tensor)
-            if value is None or value.dtype != np.dtype(info.dtype) or value.ndim != len(info.shape):
-                got = "missing" if value is None else f"{value.dtype} of rank {value.ndim}"
-                raise PackageError(
-                    f"{shown}: feed {i} {tensor} is {got}, {name} takes {info.dtype} of rank "
-                    f"{len(info.shape)}; run `vsal-export calibrate` again"
-                )
+            value = feed[tensor]
+            if value.dtype != np.dtype(info.dtype) or value.ndim != len(info.shape):
+                raise refused(i, tensor, f"{value.dtype} of rank {value.ndim}")
     return feeds
+
+
+def _check_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> None:
+    """One .npy member: stored, not compressed, and its header's shape no larger than its bytes
+    (ValueError saying which)."""
+    if not member.filename.endswith(".npy") or member.compress_type != zipfile.ZIP_STORED:
+        raise ValueError(f"member {member.filename!r} is not an uncompressed .npy array")
+    with archive.open(member) as f:
+        major, _ = np.lib.format.read_magic(f)
+        if major not in (1, 2):
+            raise ValueError(f"member {member.filename!r}: .npy format {major} (np.savez writes 1 or 2)")
+        header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _, dtype = header(f)
+    size = int(np.prod(shape, dtype=object)) * dtype.itemsize  # Python ints: no overflow
+    if dtype.hasobject or size > member.file_size:
+        raise ValueError(
+            f"member {member.filename!r} declares {dtype} {list(shape)} ({size} bytes) in "
+            f"{member.file_size} bytes"
+        )
 
 
 def synthetic_media(folder: str | os.PathLike, count: int = 6) -> list[Path]:

@@ -29,7 +29,7 @@ def session(path: str | os.PathLike, threads: int = 0, optimization: str = "all"
     """An ONNX Runtime CPU session, quiet; `threads` > 0 pins the intra-op thread count.
 
     `as_runtime`: an int8 Q/DQ graph runs re-encoded for this CPU as the runtime runs it
-    (runtime.qdq_cpu: uint8 activations, and uint8 weights where the CPU has no VNNI).
+    (transforms.qdq_cpu: uint8 activations, and uint8 weights where the CPU has no VNNI).
 
     `optimization`: ORT's graph optimization level. "all" is what the runtime uses; "disable" runs
     the graph's ops as written (ORT's fusions, e.g. of an RMSNorm chain into one fp32 kernel, can

@@ -288,13 +288,14 @@ def _calibration(
 ) -> dict[str, list]:
     """The recorded inputs of `graphs` (those a calibrated quantizer converts): what `vsal-export
     calibrate` stored, when this build runs on its clips (`calibrated_clips`) and the store still
-    matches the package; else recorded now on `clips` (the fp32 pipeline; the package is verified)."""
+    matches the package and the clips (vsal.calib.collect.recorded_on); else recorded now on `clips`
+    (the fp32 pipeline; the package is verified)."""
     from vsal.calib.collect import collect, load_calibration
 
     if not graphs:
         return {}
     if calibrated_clips:
-        inputs, note = load_calibration(package, manifest, graphs)
+        inputs, note = load_calibration(package, manifest, graphs, clips)
         report.notes.append(note)
         say("vsal-export", note, enabled=progress, stdout=True)
         if inputs is not None:
@@ -417,7 +418,7 @@ def calibrate(package: str | os.PathLike, media: list[Path], progress: bool = Tr
         manifest = load_manifest(package)  # under the lock: what the inputs are recorded on
         inputs = collect(package, calibration_clips, progress)  # verifies the files against it
         written_folder(package, CALIBRATION_DIR)  # checked right before writing
-        paths = save_calibration(package, manifest, inputs)
+        paths = save_calibration(package, manifest, inputs, calibration_clips)
         write_json_durable(
             package / CLIPS_NAME,
             {"clips": [str(p.resolve()) for p in media], "held_out": [str(p.resolve()) for p in held_out]},

@@ -22,7 +22,7 @@ class Precision:
     name: str  # the CLI's and the manifest's spelling ("fp16"); lowercase letters and digits
     weight_bits: int  # bits per weight in its graphs: 32, 16, 8, 4
     activation: str  # numpy dtype of the float math between weights: "float32" | "float16"
-    min_opset: int  # the lowest ONNX opset its graphs may use (the exporter's is 18)
+    min_opset: int  # the lowest opset its ops exist in (int8's Q/DQ: 10, int4's: 21); the exporter writes 18+
     quantizer: str | None  # makes its variant of a graph (vsal.transforms.quantizers); None: the export
     default_on: tuple[str, ...] = ()  # devices where the runtime picks it when a graph has it built
     gpu_only: bool = False  # on the CPU it only adds casts: run fp32 there (unless asked to be exact)
@@ -105,12 +105,12 @@ def choose(variants, wanted: str | None, device: str, exact: bool = False) -> tu
 
 
 for _row in (
-    Precision("fp32", 32, "float32", 18, None, description="the exported graphs"),
+    Precision("fp32", 32, "float32", 1, None, description="the exported graphs"),
     Precision(
         "fp16",
         16,
         "float16",
-        18,
+        1,
         "fp16",
         default_on=("gpu",),
         gpu_only=True,
@@ -120,7 +120,7 @@ for _row in (
         "int8",
         8,
         "float32",
-        18,
+        10,
         "int8-static",
         default_on=("cpu",),
         description="int8 Q/DQ calibrated on media; the decoder int8 weight-only",

@@ -3,10 +3,13 @@ them; the calibration inputs `vsal-export calibrate` stored; the package hashed 
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -199,15 +202,59 @@ def test_build_reads_the_stored_calibration_inputs(package, collected):
     assert load_manifest(package).graphs[GRAPH].variants["int8"].sha256 == variant.sha256  # the same inputs
 
 
-@pytest.mark.parametrize("damage", ["not a zip", "foreign array"])
+def test_a_changed_clip_is_recorded_again(package, clips, collected):
+    """The index names the clips by path, size and mtime: a clip replaced under its name since
+    `vsal-export calibrate` is another clip, its stored inputs are not used."""
+    clip = clips[0]
+    before = os.stat(clip)
+    os.utime(clip, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    try:
+        again = build(package, "int8", graphs=(GRAPH,), progress=False)
+    finally:
+        os.utime(clip, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert collected == ["calibration clips", "held-out clips"]
+    assert any("or on other clips or settings" in n for n in again.notes), again.notes
+
+
+def _npy(header: dict, data: bytes = b"") -> bytes:
+    out = io.BytesIO()
+    np.lib.format.write_array_header_1_0(out, header)
+    return out.getvalue() + data
+
+
+@pytest.mark.parametrize(
+    "damage", ["not a zip", "foreign array", "huge header", "compressed", "huge count", "a feed short"]
+)
 def test_a_broken_calibration_store_is_refused(package, damage):
     path = package / "calibration" / f"{GRAPH}.npz"
     if damage == "not a zip":
         path.write_bytes(b"PK\x03\x04 cut short")
         want = "not a calibration set"
-    else:
+    elif damage == "foreign array":
         np.savez(path, **{"0/av_features": np.zeros((1, 2), np.float32), "0/payload": np.zeros(3)})
         want = "array '0/payload' is not <feed>/<input> of mrc_qformer's"
+    elif damage in ("huge header", "compressed"):
+        # 200 bytes that would make numpy allocate 36 TiB, or 1 MiB of zeros deflated to 1 KiB
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED if damage == "compressed" else 0) as z:
+            header = {"descr": "<f4", "fortran_order": False, "shape": (10**13,)}
+            if damage == "compressed":
+                header["shape"] = (1 << 18,)
+            z.writestr(
+                "0/av_features.npy", _npy(header, b"\0" * (16 if damage == "huge header" else 1 << 20))
+            )
+        want = "not a calibration set (member '0/av_features.npy' "
+    else:
+        index = package / "calibration" / "inputs.json"
+        data = json.loads(index.read_text())
+        if damage == "huge count":
+            want = f"feed {data['feeds'][GRAPH]} "  # the first feed past those stored
+            data["feeds"][GRAPH] = 10**15  # a list of that many feeds would never fit
+            index.write_text(json.dumps(data))
+        else:
+            with np.load(path) as stored:
+                arrays = {k: stored[k] for k in stored.files if not k.startswith("0/")}
+            np.savez(path, **arrays)
+            want = "feed 0 "
     manifest_before = (package / "manifest.json").read_text()
     with pytest.raises(PackageError) as caught:
         build(package, "int8", graphs=(GRAPH,), progress=False)

@@ -56,7 +56,7 @@ def feeds(spec, sizes, count, seed):
 
 
 def session(path):
-    """The graph as the runtime runs it on this CPU (an int8 one re-encoded by runtime.qdq_cpu)."""
+    """The graph as the runtime runs it on this CPU (an int8 one re-encoded by transforms.qdq_cpu)."""
     from vsal.export.accuracy import session as cpu_session
 
     return cpu_session(path, as_runtime=True)

@@ -149,3 +149,37 @@ def test_names_cleanup_and_order():
     graph.node[0].input[0] = "y"  # Neg reads the If's output, the If reads Neg's
     with pytest.raises(ValueError, match="cycle"):
         toposort(graph)
+
+
+class _Failing:
+    """Data whose stream breaks half way (a full disk, a read error of the source)."""
+
+    nbytes = 64 * 64 * 4
+
+    def chunks(self):
+        yield b"\0" * 1024
+        raise OSError("disk full")
+
+
+def test_a_write_that_fails_leaves_the_old_files(tmp_path):
+    old = np.ones((64, 64), np.float32)
+    save_onnx(_model({"w": old}), tmp_path / "g.onnx", external=True)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    model = onnx.load(str(tmp_path / "g.onnx"), load_external_data=False)
+    stash_data(model, tmp_path, min_bytes=1024)
+    with pytest.raises(OSError, match="disk full"):
+        save_onnx(model, tmp_path / "g.onnx", {"w": _Failing()}, external=True)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporaries either
+    assert np.array_equal(_values(tmp_path / "g.onnx")["w"], old)
+
+
+def test_large_models_go_external_by_themselves(tmp_path, monkeypatch):
+    """None: the side file once the weights reach EXTERNAL_DATA_THRESHOLD (protobuf's 2 GiB)."""
+    from vsal.transforms import onnx_io
+
+    w = np.ones((64, 64), np.float32)
+    monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_THRESHOLD", w.nbytes * 2)
+    assert save_onnx(_model({"w": w}), tmp_path / "small.onnx") == [tmp_path / "small.onnx"]
+    files = save_onnx(_model({"a": w, "b": w}), tmp_path / "large.onnx")
+    assert files == [tmp_path / "large.onnx", tmp_path / "large.onnx.data"]
+    assert np.array_equal(_values(tmp_path / "large.onnx")["b"], w)

@@ -1,4 +1,4 @@
-"""runtime.qdq_cpu: int8 Q/DQ re-encoded as uint8 give the same values and fuse on x86; without VNNI
+"""transforms.qdq_cpu: int8 Q/DQ re-encoded as uint8 give the same values and fuse on x86; without VNNI
 the fused MatMuls get uint8 weights, so no kernel adds u8*s8 pairs into a saturating int16."""
 
 from __future__ import annotations

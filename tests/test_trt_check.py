@@ -268,6 +268,27 @@ def test_opset_outside_the_documented_range(tmp_path):
     assert any("below TensorRT 10's minimum 9" in m for m in _messages(report))
 
 
+def test_a_precisions_minimum_opset(tmp_path):
+    """The registry row's min_opset is what its ops need: fp32 at opset 17 (below the exporter's
+    18) parses as it always did; a row asking for 19 refuses a graph at 18."""
+    from vsal.runtime.precisions import Precision, register_precision, unregister_precision
+
+    old = _attention_block()
+    old.opset_import[0].version = 17
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+    report = check_package(_package(tmp_path / "a", {"block": (old, _info())}))
+    assert report.graphs["block"].parses("10") and report.graphs["block"].parses("11"), report.format()
+    register_precision(Precision("opset19", 32, "float32", 19, "identity"))
+    try:
+        report = check_package(
+            _package(tmp_path / "b", {"block": (_attention_block(), _info(precision="opset19"))})
+        )
+    finally:
+        unregister_precision("opset19")
+    assert "precision opset19 needs opset 19 or later, the graph has 18" in _messages(report)
+
+
 def test_reduce_axes_must_be_constant(tmp_path):
     # Opset 18 reductions take axes as an input: computed axes do not parse.
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])

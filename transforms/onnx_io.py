@@ -275,9 +275,13 @@ def move_into(staged: Sequence[Path], folder: str | os.PathLike) -> list[Path]:
 def external_files(path: str | os.PathLike) -> list[Path]:
     """The side files an ONNX graph's tensors name (beside it), without loading weights."""
     path = Path(path)
-    model = onnx.load_model(path, load_external_data=False)
+    return side_files(onnx.load_model(path, load_external_data=False), path.parent)
+
+
+def side_files(model: onnx.ModelProto, folder: str | os.PathLike) -> list[Path]:
+    """The side files the tensors of `model` (loaded from `folder`) name."""
     names = {external_entries(t).get("location") for t in external_tensors(model.graph)}
-    return [path.parent / name for name in sorted(names - {None})]
+    return [Path(folder) / name for name in sorted(names - {None})]
 
 
 def graph_bytes(path: str | os.PathLike) -> int:

@@ -74,12 +74,13 @@ def cpu_int8_graph(path: str | os.PathLike, vnni: Vnni | None = None) -> CpuGrap
     try:
         import onnx
         from vsal.transforms.graph_index import GraphIndex
-        from vsal.transforms.onnx_io import graph_bytes
+        from vsal.transforms.onnx_io import side_files
     except ImportError:
         return None
-    if graph_bytes(path) > MAX_BYTES:
-        return None
     model = onnx.load(str(path), load_external_data=False)
+    sides = side_files(model, path.parent)
+    if path.stat().st_size + sum(f.stat().st_size for f in sides if f.is_file()) > MAX_BYTES:
+        return None
     graph = model.graph
     inits = GraphIndex.of(graph).initializers
     activations = [
