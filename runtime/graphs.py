@@ -78,6 +78,8 @@ KV_DTYPES = ("float32", "float16")  # numpy dtype names the runtime allocates a 
 MAX_LAYERS = 1024  # bounds far above any LLM vsal runs (Vicuna-13B: 40 layers, 40 heads of 128)
 MAX_KV_HEADS = 1024
 MAX_HEAD_DIM = 4096
+MAX_KINDS = 4  # names per layer (key and value)
+MAX_TEMPLATE = 200  # characters of a past or present name template
 _KIND = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
 
 
@@ -97,6 +99,10 @@ class KVLayout:
 
     def __post_init__(self) -> None:
         problems = list(self._problems())
+        if not problems:  # the names can be made: no two alike ("{kind}{layer}", kinds k and k1)
+            names = self.past_names() + self.present_names()
+            if len(set(names)) != len(names):
+                problems.append("the past and present templates give one name twice")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -108,18 +114,25 @@ class KVLayout:
         if self.dtype not in KV_DTYPES:
             yield f"dtype is {self.dtype!r}, not one of {', '.join(KV_DTYPES)}"
         for name in ("past", "present"):
-            fields = _template_fields(getattr(self, name))
+            template = getattr(self, name)
+            if not isinstance(template, str) or len(template) > MAX_TEMPLATE:
+                yield f"{name} is not a name template of at most {MAX_TEMPLATE} characters"
+                continue
+            fields = _template_fields(template)
             if fields != ["kind", "layer"]:
                 yield (
-                    f"{name} is {getattr(self, name)!r}: a name template holds {{layer}} and {{kind}} "
+                    f"{name} is {template!r}: a name template holds {{layer}} and {{kind}} "
                     f"once each and no other field, it has {fields}"
                 )
         if self.past == self.present:
             yield "past and present are the same template: an output would take an input's name"
+        if len(self.kinds) > MAX_KINDS:  # past_names() makes layers x kinds names
+            yield f"kinds holds {len(self.kinds)} names, more than {MAX_KINDS}"
+            return
         if not self.kinds or len(set(self.kinds)) != len(self.kinds):
             yield f"kinds is {list(self.kinds)}, not distinct names"
         for kind in self.kinds:
-            if not isinstance(kind, str) or not _KIND.match(kind):
+            if not isinstance(kind, str) or len(kind) > MAX_TEMPLATE or not _KIND.match(kind):
                 yield f"kinds holds {kind!r}, not a name (letters, digits, _)"
 
     @classmethod

@@ -365,9 +365,9 @@ def _check_written_folders(folder: Path) -> None:
 
 
 def _check_kv_cache(manifest: Manifest, path: Path) -> None:
-    """kv_cache, where the package declares it: a KVLayout within bounds, agreeing with config.llm
+    """kv_cache (declared, or derived from config.llm): a KVLayout within bounds, agreeing with config.llm
     (where that gives the sizes) and with the llm_decoder graph's past inputs and present outputs."""
-    layout = _declared(manifest, "kv_cache", KVLayout, path)
+    layout = _declared(manifest, "kv_cache", KVLayout, path, manifest.kv_layout, DECODER in manifest.graphs)
     if layout is None:
         return
     llm = manifest.config.get("llm")
@@ -411,9 +411,10 @@ def _check_kv_cache(manifest: Manifest, path: Path) -> None:
 
 
 def _check_preprocessing(manifest: Manifest, path: Path) -> None:
-    """preprocessing, where the package declares it: within bounds, and the sizes it makes those
+    """preprocessing (declared, or derived from config): within bounds, and the sizes it makes those
     the encoders' inputs declare."""
-    pre = _declared(manifest, "preprocessing", Preprocessing, path)
+    needed = any(GRAPHS[n].media_dims for n in manifest.graphs if n in GRAPHS)
+    pre = _declared(manifest, "preprocessing", Preprocessing, path, manifest.preprocessing_constants, needed)
     if pre is None:
         return
     for name, info in manifest.graphs.items():
@@ -430,16 +431,24 @@ def _check_preprocessing(manifest: Manifest, path: Path) -> None:
                 )
 
 
-def _declared(manifest: Manifest, key: str, kind: type, path: Path) -> Any:
-    """The package's own `key` as a `kind` (None in a package written before it); PackageError for
-    values out of its bounds."""
+def _declared(manifest: Manifest, key: str, kind: type, path: Path, derive, needed: bool) -> Any:
+    """The package's own `key` as a `kind`, or, in a package written before it, what `derive()` makes
+    of its config where a graph reads it (None where none does); PackageError for values out of
+    bounds either way, so a hostile config is refused at load, not at the first question."""
     data = getattr(manifest, key)
-    if not data:
+    if not data and not needed:
         return None
     try:
-        return kind.from_dict(data)
-    except ValueError as exc:
-        raise PackageError(f"{path}: {key}: {exc}") from None
+        return kind.from_dict(data) if data else derive()
+    except (ValueError, KeyError, TypeError, ZeroDivisionError) as exc:
+        where = key if data else f"{key} (derived from config: the package predates it)"
+        if isinstance(exc, KeyError):
+            detail = f"config lacks {exc.args[0]!r}"
+        elif isinstance(exc, TypeError):
+            detail = f"a config value of the wrong type ({exc})"
+        else:
+            detail = str(exc)
+        raise PackageError(f"{path}: {where}: {detail}") from None
 
 
 def _count(value: Any) -> bool:

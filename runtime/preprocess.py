@@ -24,7 +24,7 @@ defaults of every function.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -86,6 +86,12 @@ class Preprocessing:
             yield "whisper_hop", f"is {self.whisper_hop}, more than whisper_n_fft {self.whisper_n_fft}"
         if self.min_audio_seconds > self.max_audio_seconds:
             yield "min_audio_seconds", f"is more than max_audio_seconds {self.max_audio_seconds}"
+        stft = self.whisper_n_frames * max(self.whisper_n_fft, self.whisper_n_mels)
+        if stft > _MAX_LOG_MEL:
+            yield (
+                "whisper_n_frames",
+                f"x max(whisper_n_fft, whisper_n_mels) is {stft}, more than {_MAX_LOG_MEL} (log-mel arrays)",
+            )
         if self.whisper_n_frames * self.whisper_hop != round(self.max_audio_seconds * self.sample_rate):
             yield (
                 "whisper_n_frames",
@@ -134,9 +140,8 @@ class Preprocessing:
         return audio_inputs(waveform, self)
 
 
-FIELDS = tuple(f.name for f in fields(Preprocessing))
 # Bounds of the sizes (inclusive), far above the released model's, so a hostile manifest cannot make
-# the runtime allocate gigabytes per frame.
+# the runtime allocate gigabytes per frame or per audio track.
 _BOUNDS = {
     "image_size": (1, 4096),
     "sample_rate": (1, 192000),
@@ -146,8 +151,9 @@ _BOUNDS = {
     "whisper_n_frames": (1, 1 << 20),
     "beats_n_mels": (1, 512),
     "min_audio_seconds": (0.0, 3600.0),
-    "max_audio_seconds": (0.1, 3600.0),
+    "max_audio_seconds": (0.1, MAX_AUDIO_SECONDS),  # the media decoding reads no further
 }
+_MAX_LOG_MEL = 1 << 24  # float64 elements of one STFT array (134 MB); the released 3000 x 400 is 1.2M
 RELEASED = Preprocessing()  # the released model's constants
 
 

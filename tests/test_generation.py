@@ -499,6 +499,19 @@ def test_graph_decoder_step_names_the_cache_by_its_layout():
     assert [seen[n][0, 0, 0, 0] for n in layout.past_names()] == [0, 1, 2, 3]  # presents fed back as pasts
 
 
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"past": "{kind}{layer}", "kinds": ("k", "k1")}, "give one name twice"),  # k1 + 0 = k + 10
+        ({"kinds": tuple(f"k{i}" for i in range(10**5))}, "kinds holds 100000 names, more than 4"),
+        ({"present": "p" * 10**6 + "{layer}{kind}"}, "present is not a name template of at most 200"),
+    ],
+)
+def test_a_hostile_kv_layout_names_no_input_twice_and_stays_small(changes, match):
+    with pytest.raises(ValueError, match=match):
+        KVLayout(40, 8, 64, **changes)
+
+
 # --- decoding options at their bounds: refused outside, robust inside ------------------------------
 
 

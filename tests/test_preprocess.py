@@ -209,6 +209,11 @@ def test_preprocessing_follows_the_package_constants():
     assert log_mel.shape == (40, 1000) and fbank.shape == (1 + (SR - 400) // 160, 64)  # padded to 1 s
     with pytest.raises(ValueError, match="image_size is 0"):
         Preprocessing(image_size=0)
+    # a hostile package's sizes stay bounded: no window past what the media decodes, no huge STFT
+    with pytest.raises(ValueError, match="max_audio_seconds is 3600"):
+        Preprocessing(max_audio_seconds=3600.0, whisper_n_frames=360000)
+    with pytest.raises(ValueError, match=r"whisper_n_frames x max\(whisper_n_fft, whisper_n_mels\)"):
+        Preprocessing(whisper_n_fft=8192)
 
 
 def test_runtime_module_does_not_import_torch():

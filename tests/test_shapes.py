@@ -1,5 +1,5 @@
 """The one parser of shape expressions (vsal.runtime.shapes): what export, the manifest checks and
-trt_check ask of a dim."""
+`vsal-export check` (vsal.export.check) ask of a dim."""
 
 from __future__ import annotations
 

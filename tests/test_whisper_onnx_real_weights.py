@@ -13,7 +13,7 @@ from vsal.export.models.video_salmonn import build_part
 from vsal.export.onnx_export import export_graph, validate_graph
 from vsal.export.specs import graph_specs
 from vsal.export.weights import real_weights as rw
-from vsal.runtime.backends import ort_session as _session
+from vsal.runtime.backends import ort_session
 
 from tests.test_real_weights import KEY_WORDS, SPOKEN, _espeak_16k
 
@@ -85,7 +85,7 @@ def test_onnx_encoder_transcribes_like_pytorch(whisper, exported, tmp_path):
     assert validation.worst() < 1e-3
 
     features = _features(SPOKEN, tmp_path)
-    onnx_states = _session(path).run(["speech_tokens"], {"input_features": features})[0]
+    onnx_states = ort_session(path).run(["speech_tokens"], {"input_features": features})[0]
     with torch.inference_mode():
         torch_ids = model.generate(torch.from_numpy(features), do_sample=False)
     onnx_ids, onnx_text = _transcribe(model, tokenizer, onnx_states)
@@ -110,8 +110,8 @@ def test_int8_encoder_still_transcribes(whisper, exported, tmp_path):
     int8 = tmp_path / "whisper_encoder.int8.onnx"
     quantize_int8(path, int8, calibration)
     held_out = {"input_features": _features(SPOKEN, tmp_path)}
-    fp32_ids, fp32_text = _transcribe(model, tokenizer, _session(path).run(["speech_tokens"], held_out)[0])
-    int8_ids, int8_text = _transcribe(model, tokenizer, _session(int8).run(["speech_tokens"], held_out)[0])
+    fp32_ids, fp32_text = _transcribe(model, tokenizer, ort_session(path).run(["speech_tokens"], held_out)[0])
+    int8_ids, int8_text = _transcribe(model, tokenizer, ort_session(int8).run(["speech_tokens"], held_out)[0])
     cosine = accuracy(path, int8, [held_out])["speech_tokens"]["cosine"]
     print(f"int8 Whisper tiny.en: cosine {cosine:.5f}; fp32 {fp32_text!r}; int8 {int8_text!r}")
     assert cosine > 0.99
