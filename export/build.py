@@ -144,7 +144,7 @@ def build(
     row = precisions.get(precision)  # a ConfigError naming the choices
     _check_workspace(workspace_bytes)
     package = Path(package)
-    names = chosen_graphs(load_manifest(package), graphs)
+    names = chosen_graphs(load_manifest(package), graphs, row.graphs)
     quantizers = {} if row.is_export else {name: quantizer_of(name, row) for name in names}
     with PackageLock(package, f"vsal-export build --precision {precision}", quiet=not progress):
         manifest = load_manifest(package)  # re-read under the lock: another build may have added to it
@@ -207,10 +207,12 @@ def _verify(package: Path, manifest) -> None:
         raise PackageError("; ".join(problems))
 
 
-def chosen_graphs(manifest, graphs: tuple[str, ...] | None) -> tuple[str, ...]:
-    """The graphs to build (all by default); ConfigError naming any the package does not have."""
+def chosen_graphs(manifest, graphs: tuple[str, ...] | None, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The graphs to build: `graphs`, else the precision's own (`default`, e.g. int4: the decoder),
+    else all; ConfigError naming any the package does not have."""
     if not graphs:
-        return tuple(manifest.graphs)
+        own = tuple(g for g in default if g in manifest.graphs)
+        return own or tuple(manifest.graphs)
     unknown = [g for g in graphs if g not in manifest.graphs]
     if unknown:
         raise ConfigError(

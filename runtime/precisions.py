@@ -26,6 +26,7 @@ class Precision:
     quantizer: str | None  # makes its variant of a graph (vsal.transforms.quantizers); None: the export
     default_on: tuple[str, ...] = ()  # devices where the runtime picks it when a graph has it built
     gpu_only: bool = False  # on the CPU it only adds casts: run fp32 there (unless asked to be exact)
+    graphs: tuple[str, ...] = ()  # the graphs a build makes variants of by default; () every graph
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -124,6 +125,16 @@ for _row in (
         "int8-static",
         default_on=("cpu",),
         description="int8 Q/DQ calibrated on media; the decoder int8 weight-only",
+    ),
+    Precision(
+        "int4",
+        4,
+        "float32",
+        21,  # DequantizeLinear's block_size
+        "int4-weight-only",
+        default_on=("cpu",),
+        graphs=("llm_decoder",),  # the decoder's weights are most of the model; encoders stay int8
+        description="int4 weight-only in blocks of 32 along K (the decoder)",
     ),
 ):
     register_precision(_row)

@@ -183,3 +183,25 @@ def test_large_models_go_external_by_themselves(tmp_path, monkeypatch):
     files = save_onnx(_model({"a": w, "b": w}), tmp_path / "large.onnx")
     assert files == [tmp_path / "large.onnx", tmp_path / "large.onnx.data"]
     assert np.array_equal(_values(tmp_path / "large.onnx")["b"], w)
+
+
+def test_packed_int4_tensors_read_and_copied_as_stored(tmp_path):
+    """INT4 holds two values a byte: read back unpacked, copied packed, inline or external."""
+    from onnx import TensorProto, helper, numpy_helper
+    from vsal.transforms.onnx_io import stored_data
+
+    values = [-8, 7, 1, -1, 3, 2, -3]  # odd count: the last byte holds one value
+    inline = helper.make_tensor("w", TensorProto.INT4, [7], values)  # typed field, not raw
+    packed = numpy_helper.from_array(numpy_helper.to_array(inline)).raw_data
+    assert len(packed) == 4
+    (tmp_path / "w.data").write_bytes(b"\0" * 16 + packed)
+    external = TensorProto(name="w", data_type=TensorProto.INT4, data_location=TensorProto.EXTERNAL)
+    external.dims.extend([7])
+    for key, value in (("location", "w.data"), ("offset", "16"), ("length", "4")):
+        entry = external.external_data.add()
+        entry.key, entry.value = key, value
+    for tensor in (inline, external):
+        data = stored_data(tensor, tmp_path)
+        assert data.nbytes == 4
+        assert data.array().astype(int).tolist() == values
+        assert b"".join(data.chunks()) == packed

@@ -101,11 +101,39 @@ class StoredData:
         return np.dtype(helper.tensor_dtype_to_np_dtype(self.data_type))
 
     @property
+    def packed(self) -> bool:
+        """Two values a byte (INT4, UINT4, FLOAT4E2M1): stored packed, low nibble first."""
+        return self.data_type in _HALF_BYTE_TYPES
+
+    @property
     def nbytes(self) -> int:
-        return self.count * self.dtype.itemsize
+        return (self.count + 1) // 2 if self.packed else self.count * self.dtype.itemsize
+
+    def _bytes(self) -> Iterator[bytes]:
+        """The stored bytes, CHUNK_ELEMENTS bytes at a time (packed types)."""
+        if self.raw is not None:
+            for begin in range(0, self.nbytes, CHUNK_ELEMENTS):
+                yield self.raw[begin : min(begin + CHUNK_ELEMENTS, self.nbytes)]
+            return
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            left = self.nbytes
+            while left:
+                part = f.read(min(CHUNK_ELEMENTS, left))
+                if not part:
+                    raise TensorDataError(
+                        f"{self.path}: external tensor shorter than its dims {list(self.dims)}"
+                    )
+                left -= len(part)
+                yield part
 
     def arrays(self) -> Iterator[np.ndarray]:
         """The values, flat, CHUNK_ELEMENTS at a time (a side file is read a chunk at a time)."""
+        if self.packed:  # unpacked whole: int4 weights are a quarter of their fp16 size
+            values = self.array().ravel()
+            for begin in range(0, self.count, CHUNK_ELEMENTS):
+                yield values[begin : begin + CHUNK_ELEMENTS]
+            return
         if self.raw is not None:
             values = np.frombuffer(self.raw, dtype=self.dtype, count=self.count)
             for begin in range(0, self.count, CHUNK_ELEMENTS):
@@ -123,10 +151,18 @@ class StoredData:
                 yield values
 
     def chunks(self) -> Iterator[bytes]:
+        """The bytes to store, as they are stored (packed types stay packed)."""
+        if self.packed:
+            yield from self._bytes()
+            return
         for values in self.arrays():
             yield values.tobytes()
 
     def array(self) -> np.ndarray:
+        if self.packed:
+            tensor = TensorProto(data_type=self.data_type, raw_data=b"".join(self._bytes()))
+            tensor.dims.extend(self.dims)
+            return numpy_helper.to_array(tensor)
         parts = list(self.arrays())
         return (np.concatenate(parts) if parts else np.empty(0, self.dtype)).reshape(self.dims)
 
@@ -161,7 +197,12 @@ def stored_data(tensor: TensorProto, folder: str | os.PathLike) -> StoredData:
     against the file's size). Tensors with typed fields (float_data...) are converted once."""
     dims = tuple(tensor.dims)
     if not is_external(tensor):
-        raw = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
+        # Typed fields (float_data, int32_data...) re-encoded as raw bytes the way they are stored.
+        raw = (
+            tensor.raw_data
+            if tensor.HasField("raw_data")
+            else numpy_helper.from_array(numpy_helper.to_array(tensor)).raw_data
+        )
         return StoredData(tensor.data_type, dims, raw=raw)
     entries = external_entries(tensor)
     if "location" not in entries:

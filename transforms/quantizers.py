@@ -121,5 +121,20 @@ class WeightOnlyInt8:
         return TransformReport(bool(report.quantized), report.summary(), asdict(report))
 
 
-for _quantizer in (Fp16(), StaticInt8(), WeightOnlyInt8()):
+@dataclass(frozen=True)
+class WeightOnlyInt4:
+    """Symmetric int4 weights in blocks along K (DequantizeLinear with block_size, opset 21), float
+    activations (the LLM decoder); a clipping search per block (vsal.transforms.int4)."""
+
+    name: str = "int4-weight-only"
+    calibrated: bool = False  # uses activations when given, weight error alone when not
+
+    def convert(self, src: Path, dst: Path, calibration: Sequence[Feeds] | None = None) -> TransformReport:
+        from vsal.transforms.int4 import quantize_weights_int4
+
+        report = quantize_weights_int4(src, dst, calibration=calibration or None)
+        return TransformReport(bool(report.weights), report.summary(), report.to_dict())
+
+
+for _quantizer in (Fp16(), StaticInt8(), WeightOnlyInt8(), WeightOnlyInt4()):
     register_quantizer(_quantizer)

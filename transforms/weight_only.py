@@ -53,7 +53,7 @@ def quantize_weights_int8(
     graph = model.graph
     name_nodes(graph)
     external = any(is_external(t) for t in graph.initializer)
-    excluded, targets = _retarget(graph, list(exclude_nodes), min_elements)
+    excluded, targets = weight_targets(graph, list(exclude_nodes), min_elements)
     still_float = {x for n in graph.node for x in n.input} & set(targets)  # shared with another op
 
     data = stash_data(model, src.parent, INLINE_BYTES)
@@ -104,7 +104,7 @@ def quantize_weights_int8(
     )
 
 
-def _retarget(graph: onnx.GraphProto, exclude_nodes: list[str], min_elements: int):
+def weight_targets(graph: onnx.GraphProto, exclude_nodes: list[str], min_elements: int):
     """Point each quantizable MatMul at its weight's DequantizeLinear output. Returns (the MatMuls
     left float, with why; weight name -> its DequantizeLinear output)."""
     inits = {t.name: t for t in graph.initializer}

@@ -86,7 +86,7 @@ def _check_graph(name: str, info: GraphInfo, manifest: Manifest, folder: Path) -
         report.add("error", "both", f"{info.file} is not a readable ONNX model ({type(exc).__name__}: {exc})")
         return report
     check_model_validity(model, path, report)
-    check_opset(model, manifest, report)
+    check_opset(model, manifest, info, report)
     check_external_data(model, info, folder, report)
     inferred = infer(model, report)
     check_nodes(inferred, report)
