@@ -2,8 +2,9 @@
 
 `collect` runs the torch-free pipeline (fp32 graphs) over media files and records what every graph
 receives: frames through the vision encoder, the frame Q-Former with its instruction, Whisper,
-BEATs and the MRC Q-Former. The llm_decoder needs no activation calibration (its int8 form is
-weight-only).
+BEATs and the MRC Q-Former, and the llm_decoder's prefill (the prompt with the clip's tokens, with an
+empty past): its int8 form is weight-only, but int4's clipping search weighs each block by the
+activations it multiplies (vsal.transforms.int4).
 
 `vsal-export calibrate` stores the sets in the package's `calibration/` folder (one npz per graph)
 with an index of what they were recorded on: the sha256 of the exported graphs and the instruction
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 from vsal.runtime.errors import ConfigError, MediaError, PackageError
-from vsal.runtime.graphs import CALIBRATED_GRAPHS
+from vsal.runtime.graphs import CALIBRATED_GRAPHS, DECODER
 from vsal.runtime.manifest import CALIBRATION_DIR, Manifest
 from vsal.runtime.media import probe_media
 from vsal.runtime.package_lock import replacing, write_json_durable
@@ -40,6 +41,7 @@ STORE_INDEX = f"{CALIBRATION_DIR}/inputs.json"  # what the stored sets were reco
 MAX_INDEX_BYTES = 64 << 10  # 64 KiB: a few dozen file names and digests
 MIN_CLIPS = 2  # one to calibrate, one held out to check accuracy
 PROMPTS = ("What happens in the video?", "What can be heard, and who is speaking?")
+STORED_GRAPHS = (*CALIBRATED_GRAPHS, DECODER)  # what `vsal-export calibrate` records
 Feeds = dict[str, np.ndarray]
 
 
@@ -96,19 +98,28 @@ def collect(
     progress: bool = True,
     label: str = "calibration clips",
     verify: bool = True,
+    graphs: Iterable[str] = CALIBRATED_GRAPHS,
 ) -> dict[str, list[Feeds]]:
-    """Run the fp32 pipeline over `clips` and return every feed each encoder-side graph received.
-    verify=False: the caller has checked the package's sha256 already (the build, under its lock)."""
+    """Run the fp32 pipeline over `clips` and return every feed each of `graphs` received (the
+    decoder: its prefill, one per question). verify=False: the caller has checked the package's
+    sha256 already (the build, under its lock)."""
     from tqdm import tqdm
     from vsal.runtime.pipeline import Pipeline
 
-    pipeline = Pipeline.load(package, verbose=False, precision=EXPORTED, verify=verify)
-    recorded: dict[str, list[Feeds]] = {name: [] for name in CALIBRATED_GRAPHS}
+    recorded: dict[str, list[Feeds]] = {name: [] for name in graphs}
 
     def record(name: str, feeds: Feeds) -> None:
         if name in recorded:
             recorded[name].append({k: np.array(v, copy=True) for k, v in feeds.items()})
 
+    pipeline = Pipeline.load(
+        package,
+        verbose=False,
+        precision=EXPORTED,
+        verify=verify,
+        step_wrapper=(lambda step: _PrefillTap(step, record, layout)) if DECODER in recorded else None,
+    )
+    layout = pipeline.manifest.kv_layout()
     pipeline.observe_feeds(record)
     options = DecodingOptions(num_beams=1, max_new_tokens=1)
     clips = list(clips)
@@ -117,6 +128,21 @@ def collect(
         for prompt in PROMPTS:
             pipeline.ask(prompt, options=options, **{kind: clip})
     return recorded
+
+
+class _PrefillTap:
+    """A decoder step that records the graph's feeds of each prefill (no past yet: empty pasts)."""
+
+    def __init__(self, step, record: Callable[[str, Feeds], None], layout):
+        self.step, self.record, self.layout = step, record, layout
+
+    def __call__(self, inputs_embeds, attention_mask, position_ids, cache):
+        if cache is None:
+            empty = np.zeros(self.layout.shape(inputs_embeds.shape[0], 0), self.layout.dtype)
+            feeds = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask}
+            feeds["position_ids"] = position_ids
+            self.record(DECODER, feeds | dict.fromkeys(self.layout.past_names(), empty))
+        return self.step(inputs_embeds, attention_mask, position_ids, cache)
 
 
 def recorded_on(manifest: Manifest, clips: Iterable[Path]) -> dict[str, object]:

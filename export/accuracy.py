@@ -55,6 +55,19 @@ def _feeds_for(sess, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+def as_declared(feeds: Mapping[str, np.ndarray], tensors: Iterable) -> dict[str, np.ndarray]:
+    """`feeds` with each float array cast to the dtype its input declares (`TensorInfo`s of the
+    runner's interface: the fp16 decoder's past is float16), for runners that check their feeds."""
+    declared = {t.name: np.dtype(t.dtype) for t in tensors}
+    out = {}
+    for name, value in feeds.items():
+        value = np.asarray(value)
+        dtype = declared.get(name)
+        floats = dtype is not None and dtype.kind == "f" and value.dtype.kind == "f"
+        out[name] = value.astype(dtype) if floats and value.dtype != dtype else value
+    return out
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     """Cosine similarity of two tensors, flattened, in float64: 1.0 when both are all zero."""
     a = np.asarray(a, dtype=np.float64).ravel()

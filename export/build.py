@@ -35,13 +35,14 @@ from vsal.export.package_update import (
 )
 from vsal.runtime import precisions
 from vsal.runtime.errors import BuildError, ConfigError, PackageError
-from vsal.runtime.graphs import GRAPHS
+from vsal.runtime.graphs import DECODER, GRAPHS
 from vsal.runtime.log import say, sayer
 from vsal.runtime.manifest import (
     CALIBRATION_DIR,
     ENGINE_DIR,
     GRAPH_DIR,
     WRITTEN_FOLDERS,
+    TensorInfo,
     VariantInfo,
     load_manifest,
     sha256_file,
@@ -49,7 +50,7 @@ from vsal.runtime.manifest import (
 )
 from vsal.runtime.package_lock import PackageLock, write_json_durable
 from vsal.runtime.package_paths import confined, package_folder, read_json
-from vsal.transforms.quantizers import Quantizer, get_quantizer
+from vsal.transforms.quantizers import Quantizer, get_quantizer, uses_activations
 
 HELD_OUT_FRACTION = 4  # one clip in four is held out from calibration
 CLIPS_NAME = f"{CALIBRATION_DIR}/clips.json"  # the clips `vsal-export calibrate` used
@@ -250,7 +251,8 @@ def _build_all(
             )
         calibration_clips, held_out = split_media(media)
         tell(f"{len(calibration_clips)} calibration clips, {len(held_out)} held-out clips")
-        calibrated = [name for name, q in quantizers.items() if q.calibrated]
+        # Graphs whose quantizer needs recorded inputs, or weighs its work by them when it has them.
+        calibrated = [name for name, q in quantizers.items() if uses_activations(q)]
         calibration = _calibration(
             report, package, manifest, calibrated, calibration_clips, calibrated_clips, progress
         )
@@ -288,7 +290,7 @@ def _build_all(
 def _calibration(
     report, package, manifest, graphs, clips, calibrated_clips: bool, progress: bool
 ) -> dict[str, list]:
-    """The recorded inputs of `graphs` (those a calibrated quantizer converts): what `vsal-export
+    """The recorded inputs of `graphs` (those whose quantizer uses them): what `vsal-export
     calibrate` stored, when this build runs on its clips (`calibrated_clips`) and the store still
     matches the package and the clips (vsal.calib.collect.recorded_on); else recorded now on `clips`
     (the fp32 pipeline; the package is verified)."""
@@ -302,7 +304,7 @@ def _calibration(
         say("vsal-export", note, enabled=progress, stdout=True)
         if inputs is not None:
             return inputs
-    return collect(package, clips, progress, verify=False)
+    return collect(package, clips, progress, verify=False, graphs=graphs)
 
 
 def _stored_media(report: BuildReport, package: Path) -> list[Path] | None:
@@ -411,14 +413,15 @@ def calibrate(package: str | os.PathLike, media: list[Path], progress: bool = Tr
     """Record each graph's inputs on the calibration clips into `<package>/calibration/` (with what
     they were recorded on), and remember the clips (calibration and held-out): a later `build` on
     them reads the stored inputs instead of running the clips again, while they match the package."""
-    from vsal.calib.collect import collect, save_calibration
+    from vsal.calib.collect import STORED_GRAPHS, collect, save_calibration
 
     package = Path(package)
     load_manifest(package)
     calibration_clips, held_out = split_media(media)
     with PackageLock(package, "vsal-export calibrate", quiet=not progress):
         manifest = load_manifest(package)  # under the lock: what the inputs are recorded on
-        inputs = collect(package, calibration_clips, progress)  # verifies the files against it
+        # Verifies the files against the manifest; records the decoder's prefills too (int4 uses them).
+        inputs = collect(package, calibration_clips, progress, graphs=STORED_GRAPHS)
         written_folder(package, CALIBRATION_DIR)  # checked right before writing
         paths = save_calibration(package, manifest, inputs, calibration_clips)
         write_json_durable(
@@ -447,8 +450,12 @@ def _build_graph(
     written_folder(package, GRAPH_DIR)  # checked right before writing: never through a symlink
     dst = package / rel
     start = time.perf_counter()
-    done = quantizer.convert(src, dst, calibration if quantizer.calibrated else None)
+    done = quantizer.convert(src, dst, (calibration or None) if uses_activations(quantizer) else None)
     applied = done.applied
+    notes = done.summary
+    removed = _carry_state(manifest, name, precisions.get(precision), dst) if applied else 0
+    if removed:
+        notes += f"; KV cache float16 at the boundary (-{removed} casts)"
     seconds = time.perf_counter() - start
     digest = sha256_file if applied else lambda f: ""  # a graph left as it was is removed unrecorded
     external = {str(f.relative_to(package)): digest(f) for f in external_files(dst)}
@@ -456,7 +463,7 @@ def _build_graph(
     acc = accuracy(src, dst, feeds) if applied else {}
     cosine = min((v["cosine"] for v in acc.values()), default=1.0)
     max_err = max((v["max_abs_error"] for v in acc.values()), default=0.0)
-    notes = done.summary
+    inputs, outputs = _own_interface(dst, info) if applied else ([], [])
     variant = VariantInfo(
         precision=precision,
         file=rel,
@@ -464,6 +471,8 @@ def _build_graph(
         external_data=external,
         accuracy={"cosine": cosine, "max_abs_error": max_err, "per_output": acc, "inputs": len(feeds)},
         notes=notes,
+        inputs=inputs,
+        outputs=outputs,
     )
     summary = {
         "cosine": cosine,
@@ -477,10 +486,40 @@ def _build_graph(
     return GraphBuild(variant, summary, applied)
 
 
+def _carry_state(manifest, name: str, precision: precisions.Precision, dst: Path) -> int:
+    """The decoder's KV cache crosses the graph's boundary in the precision's activation type: a
+    float16 decoder takes and returns it in float16 (half the cache's bytes and traffic per step;
+    the same values, as the graph rounds it to float16 inside anyway). The Casts removed from `dst`."""
+    if name != DECODER or precision.activation != "float16":
+        return 0
+    from vsal.transforms.fp16 import float16_boundary
+
+    layout = manifest.kv_layout()
+    return float16_boundary(dst, layout.past_names() + layout.present_names())
+
+
+def _own_interface(dst: Path, info) -> tuple[list[TensorInfo], list[TensorInfo]]:
+    """The variant's inputs and outputs as its ONNX header gives them, where a dtype differs from
+    the graph's (recorded in the manifest, checked at load); ([], []) where none does."""
+    from vsal.runtime.graph_header import read_graph_header
+
+    header = read_graph_header(dst)
+    dtypes = {t.name: t.dtype for t in (*header.inputs, *header.outputs)}
+    own = [
+        [TensorInfo(t.name, dtypes.get(t.name, t.dtype), list(t.shape)) for t in tensors]
+        for tensors in (info.inputs, info.outputs)
+    ]
+    differs = any(
+        a.dtype != b.dtype for mine, graph in zip(own, (info.inputs, info.outputs), strict=True)
+        for a, b in zip(mine, graph, strict=True)
+    )  # fmt: skip
+    return (own[0], own[1]) if differs else ([], [])
+
+
 def _build_engine(package: Path, manifest, name: str, precision: str, checks, workspace_bytes):
     """(engine record, accuracy): the graph's TensorRT engine on this machine (cached or built),
     checked against fp32 in ONNX Runtime."""
-    from vsal.export.accuracy import compare, session, worst_cosine
+    from vsal.export.accuracy import as_declared, compare, session, worst_cosine
     from vsal.runtime.backends.tensorrt import TensorRTBackend
 
     info = manifest.graphs[name]
@@ -492,7 +531,7 @@ def _build_engine(package: Path, manifest, name: str, precision: str, checks, wo
     feeds = checks.get(name) or _random_feeds(manifest, name)
     acc = compare(
         lambda f: reference.run(outputs, f),
-        lambda f: [backend.run(dict(f), outputs)[n] for n in outputs],
+        lambda f: [backend.run(as_declared(f, backend.info.inputs), outputs)[n] for n in outputs],
         outputs,
         feeds,
     )

@@ -88,8 +88,9 @@ class NumpyKVCache:
 class GraphDecoderStep:
     """A `DecoderStep` over any runner of the `llm_decoder` graph that takes and returns named
     numpy arrays (`Backend.run`, or `lambda feeds: dict(zip(names, session.run(names, feeds)))`).
-    The past goes round trip through host memory as a `NumpyKVCache`, named by `layout`
-    (the manifest's `kv_layout()`)."""
+    The past goes round trip through host memory as a `NumpyKVCache`, named by `layout` and kept in
+    its dtype: the running variant's (`GraphInfo.kv_layout`: float16 for the fp16 decoder); beam
+    search's reorder keeps it."""
 
     def __init__(self, run: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]], layout: KVLayout):
         self.run = run

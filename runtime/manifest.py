@@ -11,7 +11,7 @@ import hashlib
 import os
 import string
 import unicodedata
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,17 @@ class VariantInfo:
     external_data: dict[str, str] = field(default_factory=dict)
     accuracy: dict[str, Any] = field(default_factory=dict)  # against fp32 on held-out inputs
     notes: str = ""  # what was kept in higher precision, and why
+    # Its own interface where it differs from the graph's (the fp16 decoder's float16 KV cache):
+    # the same names and shapes, float dtypes of its own. Empty: the graph's (every older package).
+    inputs: list[TensorInfo] = field(default_factory=list)
+    outputs: list[TensorInfo] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VariantInfo:
+        data = dict(data)
+        for key in ("inputs", "outputs"):
+            data[key] = [TensorInfo(**t) for t in data.get(key, [])]
+        return cls(**data)
 
 
 @dataclass
@@ -89,8 +100,24 @@ class GraphInfo:
         data = dict(data)
         data["inputs"] = [TensorInfo(**t) for t in data["inputs"]]
         data["outputs"] = [TensorInfo(**t) for t in data["outputs"]]
-        data["variants"] = {k: VariantInfo(**v) for k, v in data.get("variants", {}).items()}
+        data["variants"] = {k: VariantInfo.from_dict(v) for k, v in data.get("variants", {}).items()}
         return cls(**data)
+
+    def interface(self, precision: str) -> GraphInfo:
+        """This entry as the `precision` variant runs it: its inputs and outputs where the variant
+        declares its own (the fp16 decoder's float16 past and present), else the graph's. What the
+        runners check feeds against and allocate by."""
+        variant = self.variants.get(precision)
+        if variant is None or not (variant.inputs or variant.outputs):
+            return self
+        return replace(self, inputs=variant.inputs or self.inputs, outputs=variant.outputs or self.outputs)
+
+    def kv_layout(self, layout: KVLayout) -> KVLayout:
+        """`layout` (the manifest's, of the exported graph) in the dtype this interface's past
+        inputs have: the KV cache a runner of this entry allocates and passes between steps."""
+        past = layout.past_names()[0]
+        dtype = next((t.dtype for t in self.inputs if t.name == past), layout.dtype)
+        return layout if dtype == layout.dtype else replace(layout, dtype=dtype)
 
     def file_for(self, precision: str) -> tuple[str, str]:
         """(file, precision) to run: the variant when the package has it, else the fp32 graph."""
@@ -135,6 +162,11 @@ class Manifest:
         for key in DERIVED:  # an older package stays as it was written
             if not data[key]:
                 del data[key]
+        for graph in data["graphs"].values():
+            for variant in graph["variants"].values():
+                for key in ("inputs", "outputs"):  # the graph's interface: not repeated
+                    if not variant[key]:
+                        del variant[key]
         return data
 
     def kv_layout(self) -> KVLayout:
@@ -283,10 +315,37 @@ def _check_interfaces(manifest: Manifest, folder: Path) -> None:
     (names, dtypes, ranks; the input sizes both fix), and weights only in confined files: a swapped
     graph is refused at load."""
     for name, info in manifest.graphs.items():
-        files = [(f"graphs.{name}", info.file, info.sha256)]
-        files += [(f"graphs.{name}.variants.{p}", v.file, v.sha256) for p, v in info.variants.items()]
-        for where, file, digest in files:
-            _check_interface(folder, where, file, digest, info)
+        _check_interface(folder, f"graphs.{name}", info.file, info.sha256, info)
+        for precision, variant in info.variants.items():
+            where = f"graphs.{name}.variants.{precision}"
+            _check_variant_interface(folder / MANIFEST_NAME, where, variant, info)
+            _check_interface(folder, where, variant.file, variant.sha256, info.interface(precision))
+
+
+# The float types a variant's inputs and outputs may take instead of the graph's.
+VARIANT_FLOATS = ("float32", "float16")
+
+
+def _check_variant_interface(path: Path, where: str, variant: VariantInfo, info: GraphInfo) -> None:
+    """A variant's own interface has the graph's names and shapes, in order; only a float dtype may
+    differ (the runtime feeds every variant of a graph the same way, in the variant's dtypes)."""
+    for kind, own, graph in (
+        ("inputs", variant.inputs, info.inputs),
+        ("outputs", variant.outputs, info.outputs),
+    ):
+        if not own:
+            continue
+        if [(t.name, t.shape) for t in own] != [(t.name, t.shape) for t in graph]:
+            raise PackageError(
+                f"{path}: {where}.{kind} names {[t.name for t in own][:6]}, not the graph's "
+                f"{[t.name for t in graph][:6]} with their shapes: rebuild the variant"
+            )
+        for mine, theirs in zip(own, graph, strict=True):
+            if mine.dtype != theirs.dtype and not {mine.dtype, theirs.dtype} <= set(VARIANT_FLOATS):
+                raise PackageError(
+                    f"{path}: {where}.{kind}: {mine.name} is {mine.dtype}, the graph's is {theirs.dtype}; "
+                    f"a variant may only change a float type ({', '.join(VARIANT_FLOATS)}): rebuild it"
+                )
 
 
 def _check_interface(folder: Path, where: str, file: str, digest: str, info: GraphInfo) -> None:
@@ -387,6 +446,19 @@ def _check_kv_cache(manifest: Manifest, path: Path) -> None:
     graph = manifest.graphs.get(DECODER)
     if graph is None:
         return
+    _check_kv_tensors(graph, layout, f"{path}: graphs.{DECODER}", "re-export the package")
+    for precision in graph.variants:  # each runs with its own cache: one dtype, past as present
+        interface = graph.interface(precision)
+        where = f"{path}: graphs.{DECODER}.variants.{precision}"
+        try:
+            own = interface.kv_layout(layout)
+        except ValueError as exc:  # a dtype the runtime keeps no cache in
+            raise PackageError(f"{where}: its KV cache: {exc}: rebuild the variant") from None
+        _check_kv_tensors(interface, own, where, "rebuild the variant")
+
+
+def _check_kv_tensors(graph: GraphInfo, layout: KVLayout, where: str, fix: str) -> None:
+    """The graph's past inputs and present outputs are the layout's names, dtype and sizes."""
     sizes = {1: layout.kv_heads, 3: layout.head_dim}
     for kind, tensors, names in (
         ("inputs", graph.inputs, layout.past_names()),
@@ -395,9 +467,8 @@ def _check_kv_cache(manifest: Manifest, path: Path) -> None:
         by_name = {t.name: t for t in tensors}
         for name in names:
             tensor = by_name.get(name)
-            where = f"{path}: graphs.{DECODER}.{kind}"
             if tensor is None:
-                raise PackageError(f"{where} lacks {name}, which kv_cache names: re-export the package")
+                raise PackageError(f"{where}.{kind} lacks {name}, which kv_cache names: {fix}")
             shape = tensor.shape
             if (
                 tensor.dtype != layout.dtype
@@ -405,8 +476,8 @@ def _check_kv_cache(manifest: Manifest, path: Path) -> None:
                 or any(shape[axis] != size for axis, size in sizes.items())
             ):
                 raise PackageError(
-                    f"{where}: {name} is {tensor.dtype} {shape}, kv_cache gives {layout.dtype} "
-                    f"[B, {layout.kv_heads}, length, {layout.head_dim}]: re-export the package"
+                    f"{where}.{kind}: {name} is {tensor.dtype} {shape}, kv_cache gives {layout.dtype} "
+                    f"[B, {layout.kv_heads}, length, {layout.head_dim}]: {fix}"
                 )
 
 

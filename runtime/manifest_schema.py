@@ -32,7 +32,7 @@ _PRECISION_KEY = re.compile(r"[a-z0-9]+\Z")
 _TENSOR = Record({"name": str, "dtype": str, "shape": [(int, str)]})
 _VARIANT = Record(
     {"precision": str, "file": str, "sha256": str},
-    {"external_data": {"": str}, "accuracy": dict, "notes": str},
+    {"external_data": {"": str}, "accuracy": dict, "notes": str, "inputs": [_TENSOR], "outputs": [_TENSOR]},
 )
 _ENGINE = Record(
     {"file": str},

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from vsal.calib.collect import STORED_GRAPHS
 from vsal.export.build import Thresholds, build, calibrate
 from vsal.runtime.errors import PackageError
-from vsal.runtime.graphs import CALIBRATED_GRAPHS
 from vsal.runtime.manifest import load_manifest, verify_files
 from vsal.runtime.pipeline import Pipeline
 from vsal.runtime.prompt import DecodingOptions
@@ -158,7 +158,7 @@ def calibrated(tiny_package, tmp_path_factory, clips):
     folder = tmp_path_factory.mktemp("calibrated") / "tiny"
     shutil.copytree(tiny_package, folder)
     paths = calibrate(folder, clips, progress=False)
-    assert sorted(paths) == sorted(CALIBRATED_GRAPHS)
+    assert sorted(paths) == sorted(STORED_GRAPHS)  # the encoders and the decoder's prefills
     return folder
 
 
@@ -176,9 +176,9 @@ def collected(monkeypatch):
 
     labels, real = [], collect.collect
 
-    def spy(package, clips, progress=True, label="calibration clips", verify=True):
+    def spy(package, clips, progress=True, label="calibration clips", verify=True, **kwargs):
         labels.append(label)
-        return real(package, clips, progress, label, verify)
+        return real(package, clips, progress, label, verify, **kwargs)
 
     monkeypatch.setattr(collect, "collect", spy)
     return labels

@@ -4,6 +4,8 @@ activation MatMuls, external data)."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -305,6 +307,10 @@ def test_int4_is_a_registry_row_the_build_and_runtime_use(tiny_package, tmp_path
     # error is, in test_tiny_decoder); the gate is off so the variant is recorded.
     report = build(folder, "int4", thresholds=Thresholds(min_token_agreement=0.0), progress=False)
     assert report.recorded and set(report.graphs) == {"llm_decoder"}
+    # The clips' prefills (prompt and clip tokens) drive the clipping search: 2 prompts per clip.
+    assert "scale search: activations" in report.graphs["llm_decoder"]["notes"]
+    feeds = re.search(r"(\d+) calibration feeds", report.graphs["llm_decoder"]["notes"])
+    assert feeds and int(feeds[1]) > 0
     variants = {n: set(g.variants) for n, g in load_manifest(folder).graphs.items()}
     assert variants["llm_decoder"] == {"int4"} and not any(
         variants[n] for n in variants if n != "llm_decoder"

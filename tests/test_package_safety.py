@@ -1061,3 +1061,67 @@ def test_triton_cli_bad_gpus_and_instances(pkg, tmp_path):
     assert done.returncode == 1 and done.stderr.count("\n") == 1
     assert done.stderr.startswith("vsal-export: error: --instances: expected a count from 1 to 64")
     assert not (tmp_path / "repo").exists()
+
+
+# --- a variant's own interface (the fp16 decoder's float16 KV cache) ----------------------------------
+
+
+def _kv_variant(pkg: Path, half: list[str] | None = None, declared: dict[str, str] | None = None) -> None:
+    """A decoder fp16 variant whose graph has `half` float16 at the boundary (None: the fp32 graph's
+    bytes), recorded with its own interface: `declared` dtypes (default: those of `half`)."""
+    from vsal.transforms.fp16 import float16_boundary
+
+    data = _data(pkg)
+    info = data["graphs"]["llm_decoder"]
+    file = "graphs/llm_decoder.fp16.onnx"
+    shutil.copy(pkg / info["file"], pkg / file)
+    if half:
+        float16_boundary(pkg / file, half)
+    dtypes = declared if declared is not None else dict.fromkeys(half or [], "float16")
+    variant = {"precision": "fp16", "file": file, "sha256": sha256_file(pkg / file)}
+    for kind in ("inputs", "outputs"):
+        variant[kind] = [{**t, "dtype": dtypes.get(t["name"], t["dtype"])} for t in info[kind]]
+    info["variants"] = {"fp16": variant}
+    _save(pkg, data)
+
+
+def _kv_names(pkg: Path) -> tuple[list[str], list[str]]:
+    layout = load_manifest(pkg).kv_layout()
+    return layout.past_names(), layout.present_names()
+
+
+def test_a_variant_declaring_float16_kv_over_a_float32_graph_is_refused(pkg):
+    past, present = _kv_names(pkg)
+    _kv_variant(pkg, None, dict.fromkeys(past + present, "float16"))
+    _refused(
+        pkg, "llm_decoder.fp16.onnx: input past_key_values.0.key is float32, the manifest declares float16"
+    )
+
+
+def test_a_variant_whose_past_and_present_differ_in_dtype_is_refused(pkg):
+    past, _ = _kv_names(pkg)
+    _kv_variant(pkg, past)  # the header agrees: float16 past, float32 present
+    _refused(
+        pkg, r"variants.fp16.outputs: present.0.key is float32 .*kv_cache gives float16.*rebuild the variant"
+    )
+
+
+def test_a_variant_interface_may_change_only_float_types(pkg):
+    _kv_variant(pkg, None, {"attention_mask": "float16"})
+    _refused(pkg, "attention_mask is float16, the graph's is int64; a variant may only change a float type")
+    data = _data(pkg)
+    data["graphs"]["llm_decoder"]["variants"]["fp16"]["inputs"][0]["shape"] = ["B", "T", 7]
+    _save(pkg, data)
+    _refused(pkg, r"variants.fp16.inputs names .* not the graph's .* with their shapes")
+
+
+def test_a_variant_with_float16_kv_loads_and_its_runner_keeps_it(pkg):
+    past, present = _kv_names(pkg)
+    _kv_variant(pkg, past + present)
+    manifest = load_manifest(pkg)
+    assert "inputs" in _data(pkg)["graphs"]["llm_decoder"]["variants"]["fp16"]
+    pipeline = Pipeline.load(pkg, verbose=False, precision="fp16", exact_precision=True)
+    step = pipeline.decoder_step()
+    assert step.layout.dtype == "float16" and manifest.kv_layout().dtype == "float32"
+    save_manifest(manifest, pkg)  # written back as read: the variant keeps its own interface
+    assert load_manifest(pkg).graphs["llm_decoder"].interface("fp16").kv_layout(step.layout) == step.layout

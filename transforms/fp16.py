@@ -4,7 +4,11 @@ TensorRT 11 builds only strongly typed networks, so a graph's precision is its O
 `convert_fp16(src, dst)` writes an fp16 copy of an fp32 graph:
 
 * the graph's inputs and outputs keep their dtypes (float32 stays float32; Casts at the
-  boundary), so the manifest's I/O contract holds for every precision;
+  boundary), so the manifest's I/O contract holds for every precision; except those named in
+  `half_io`, which are float16 at the boundary with no Cast there (`float16_boundary`): the
+  decoder's KV cache, which the runtime hands from one step to the next, crosses in float16
+  (half the cache's memory and traffic) and its values are those the fp32-boundary graph rounds
+  to float16 inside anyway, so the results are the same;
 * these stay float32 ("islands", planned by `plan_fp32_islands`):
   - op types in `keep_fp32` (default `DEFAULT_KEEP_FP32`: LayerNormalization, Softmax, and the
     index arithmetic ops Range and CumSum);
@@ -381,13 +385,16 @@ def convert_fp16(
     *,
     patterns: Iterable[str] = PATTERNS,
     keep_nodes: Iterable[str] = (),
+    half_io: Iterable[str] = (),
     check: bool = True,
 ) -> Fp16Report:
     """Write an fp16 copy of the fp32 graph `src` to `dst`, with fp32 islands; see the module doc.
 
     `keep_fp32`: op types computed in float32. `patterns`: which of `PATTERNS` to keep float32
     besides (rms_norm, mask, rotary). `keep_nodes`: further node names kept float32 (for a node
-    an accuracy measurement shows is too sensitive). `check`: run onnx.checker on the result.
+    an accuracy measurement shows is too sensitive). `half_io`: float32 graph inputs and outputs
+    that become float16 at the boundary (the decoder's past and present: the manifest's KVLayout
+    names them). `check`: run onnx.checker on the result.
 
     Weights: the converter and type inference see the graph's structure only; every weight of
     64 KiB or more is converted on its own afterwards. A source with external data gets
@@ -442,6 +449,7 @@ def convert_fp16(
     model = _infer(model)
     _remove_cast_pairs(model)
     _saturate_mask_exits(model, {name for name, why in plan.items() if why == "mask"})
+    _retype_boundary(model, half_io, where=str(src))
     _toposort(model.graph)
     del model.graph.value_info[:]
     model = _infer(model, strict=True)  # a float16/float32 mix-up anywhere fails here
@@ -508,3 +516,92 @@ def _retyped(model: onnx.ModelProto, stash: Mapping[str, StoredData], clamped: l
                 f"initializer {tensor.name}: unexpected retyping {stored.data_type} -> {tensor.data_type}"
             )
     return data
+
+
+# --- a float16 boundary -----------------------------------------------------------------------
+
+
+def float16_boundary(path: str | os.PathLike, names: Iterable[str]) -> int:
+    """Make the float32 graph inputs and outputs `names` of the graph file `path` float16 at the
+    boundary, in place (the graph's structure is rewritten and replaced atomically; its weights,
+    inline or in external data, are kept as they are). For a graph `convert_fp16` wrote (the
+    build's fp16 decoder: its past and present). Returns how many Casts fewer it has; Fp16Error for a name
+    that is no float32 graph input or output, or a graph that no longer type-checks."""
+    from vsal.runtime.package_lock import replacing
+
+    path = Path(path)
+    model = onnx.load_model(path, load_external_data=False)
+    casts = sum(1 for n in model.graph.node if n.op_type == "Cast")
+    model = _infer(model)  # the types of the values at the boundary
+    _retype_boundary(model, names, where=str(path))
+    _toposort(model.graph)
+    del model.graph.value_info[:]
+    model = _infer(model, strict=True)
+    with replacing(path) as tmp:
+        onnx.save_model(model, tmp)
+    return casts - sum(1 for n in model.graph.node if n.op_type == "Cast")
+
+
+def _retype_boundary(model: onnx.ModelProto, names: Iterable[str], where: str) -> None:
+    """The graph inputs/outputs `names` become float16: a Cast to float16 reading such an input is
+    bypassed (other readers get one Cast to float32), an output a Cast to float32 makes from a
+    float16 value becomes that value (any other output gets a Cast to float16 at the end)."""
+    names = list(dict.fromkeys(names))
+    if not names:
+        return
+    graph = model.graph
+    inputs = {v.name: v for v in graph.input}
+    outputs = {v.name: v for v in graph.output}
+    wrong = [
+        n for n in names if (inputs.get(n) or outputs.get(n)) is None
+        or (inputs.get(n) or outputs.get(n)).type.tensor_type.elem_type not in (_FLOAT, _HALF)
+    ]  # fmt: skip
+    if wrong:
+        raise Fp16Error(f"{where}: no float graph input or output named {wrong[:5]}")
+    for name in names:
+        value = inputs.get(name) or outputs[name]
+        if value.type.tensor_type.elem_type == _HALF:
+            continue  # float16 already
+        if name in inputs:
+            _half_input(graph, name)
+        else:
+            _half_output(graph, name)
+        value.type.tensor_type.elem_type = _HALF
+    drop_unread(graph, lambda node: node.op_type == "Cast")
+
+
+def _half_input(graph: onnx.GraphProto, name: str) -> None:
+    readers = [n for n in graph.node if name in n.input]
+    rename: dict[str, str] = {}
+    others = []
+    for node in readers:
+        if node.op_type == "Cast" and helper.get_node_attr_value(node, "to") == _HALF:
+            rename[node.output[0]] = name  # the Cast is left unread, then dropped
+        else:
+            others.append(node)
+    rename_inputs(graph, rename)
+    if others:  # a reader that computes in float32 gets the value back in float32
+        wide = f"{name}_fp32"
+        for node in others:
+            node.input[:] = [wide if i == name else i for i in node.input]
+        graph.node.append(helper.make_node("Cast", [name], [wide], name=f"{wide}_cast", to=_FLOAT))
+
+
+def _half_output(graph: onnx.GraphProto, name: str) -> None:
+    producer = next(n for n in graph.node if name in n.output)
+    inputs = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    outputs = {v.name for v in graph.output}
+    is_widening = producer.op_type == "Cast" and helper.get_node_attr_value(producer, "to") == _FLOAT
+    source = producer.input[0] if is_widening else None
+    source_type = GraphIndex.of(graph).types.get(source) if source else None
+    if is_widening and source_type == _HALF and source not in inputs and source not in outputs:
+        # The float16 value itself is the output: its producer writes it under the output's name.
+        graph.node.remove(producer)
+        rename_inputs(graph, {source: name})
+        for node in graph.node:
+            node.output[:] = [name if o == source else o for o in node.output]
+        return
+    narrow = f"{name}_fp32"
+    producer.output[:] = [narrow if o == name else o for o in producer.output]
+    rename_inputs(graph, {name: narrow})
+    graph.node.append(helper.make_node("Cast", [narrow], [name], name=f"{name}_to_fp16", to=_HALF))

@@ -37,7 +37,8 @@ class Quantizer(Protocol):
 
     def convert(self, src: Path, dst: Path, calibration: Sequence[Feeds] | None) -> TransformReport:
         """Write the variant of the graph `src` to `dst` (its external data beside it, under dst's
-        name); `calibration`: the graph's recorded inputs when `calibrated`, else None."""
+        name); `calibration`: the graph's recorded inputs when `calibrated` (or when the quantizer
+        has `activations = True` and they were recorded), else None."""
         ...
 
 
@@ -58,6 +59,12 @@ def register_quantizer(quantizer: Quantizer, replace: bool = False) -> Quantizer
 
 def unregister_quantizer(name: str) -> None:
     _REGISTRY.pop(name, None)
+
+
+def uses_activations(quantizer: Quantizer) -> bool:
+    """Whether `quantizer` takes recorded inputs: it needs them (`calibrated`), or it uses them when
+    they are there (an optional `activations` attribute)."""
+    return quantizer.calibrated or bool(getattr(quantizer, "activations", False))
 
 
 def quantizer_names() -> tuple[str, ...]:
@@ -127,7 +134,8 @@ class WeightOnlyInt4:
     activations (the LLM decoder); a clipping search per block (vsal.transforms.int4)."""
 
     name: str = "int4-weight-only"
-    calibrated: bool = False  # uses activations when given, weight error alone when not
+    calibrated: bool = False  # weight error alone without recorded inputs
+    activations: bool = True  # weighs each block's clipping by the inputs it multiplies, when recorded
 
     def convert(self, src: Path, dst: Path, calibration: Sequence[Feeds] | None = None) -> TransformReport:
         from vsal.transforms.int4 import quantize_weights_int4

@@ -52,7 +52,7 @@ def check_package(folder: str | Path, only: set[str] | None = None) -> CheckRepo
             if only is not None and f"{name}.{precision}" not in only:
                 continue
             as_graph = replace(
-                info,
+                info.interface(precision),  # a variant's own I/O where it differs (fp16 KV cache)
                 file=variant.file,
                 sha256=variant.sha256,
                 precision=precision,

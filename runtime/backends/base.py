@@ -150,10 +150,10 @@ class Runner(ABC):
 
     def __init__(self, name: str, info: GraphInfo, precision: str, description: str):
         self.name = name  # the graph's name (a manifest key)
-        self.info = info
+        self.info = info.interface(precision)  # the running variant's dtypes (its float16 KV cache)
         self.precision = precision  # the precision of the graph (or engine) that runs
         self.description = description  # what runs it, for the screen
-        self.checker = FeedChecker(name, info)
+        self.checker = FeedChecker(name, self.info)
 
     @abstractmethod
     def input_names(self) -> list[str]: ...
@@ -182,8 +182,9 @@ class Runner(ABC):
 
     def decoder_step(self, layout: KVLayout) -> DecoderStep:
         """The generator's step over this runner of the llm_decoder graph. This default sends the KV
-        cache through the host each token (`GraphDecoderStep` over `run`)."""
-        return GraphDecoderStep(self.run, layout)
+        cache through the host each token (`GraphDecoderStep` over `run`). `layout`: the manifest's;
+        the cache is kept in the dtype of the running variant's past (`GraphInfo.kv_layout`)."""
+        return GraphDecoderStep(self.run, self.info.kv_layout(layout))
 
     def close(self) -> None:  # noqa: B027 (a runner on the host holds nothing to free)
         """Free what the runner holds (device memory, a stream); it runs no more after."""

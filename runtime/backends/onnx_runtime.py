@@ -157,7 +157,7 @@ class OnnxRuntimeBackend(Runner):
         return binding.get_outputs()
 
     def decoder_step(self, layout: KVLayout) -> BoundDecoderStep:
-        return BoundDecoderStep(self, layout)
+        return BoundDecoderStep(self, self.info.kv_layout(layout))
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,8 @@ class OrtKVCache:
 
 
 class BoundDecoderStep:
-    """A `DecoderStep` (runtime.generation) over an `OnnxRuntimeBackend` of the llm_decoder graph."""
+    """A `DecoderStep` (runtime.generation) over an `OnnxRuntimeBackend` of the llm_decoder graph.
+    `layout`: the running variant's (its dtype is the cache's: float16 for the fp16 decoder)."""
 
     def __init__(self, backend: OnnxRuntimeBackend, layout: KVLayout):
         self.backend = backend

@@ -143,6 +143,7 @@ class TensorRTBackend(Runner):
     def __init__(self, name: str, engine_path: str | os.PathLike, info: GraphInfo, precision: str):
         trt = import_tensorrt()
         cudart = import_cudart()
+        info = info.interface(precision)  # the variant's own dtypes (the fp16 decoder's KV cache)
         engine_path = Path(engine_path)
         if not engine_path.is_file():
             raise BackendError(f"{engine_path}: engine file missing")
@@ -246,7 +247,9 @@ class TensorRTBackend(Runner):
         return {name: on_device[name] for name in outputs or self._outputs}
 
     def decoder_step(self, layout: KVLayout) -> TensorRTDecoderStep:
-        """The device-resident step (one per layout, kept: its KV buffers are allocated once)."""
+        """The device-resident step (one per layout, kept: its KV buffers are allocated once), its
+        cache in the dtype of the engine's graph's past (`GraphInfo.kv_layout`)."""
+        layout = self.info.kv_layout(layout)
         if layout not in self._steps:
             self._steps[layout] = TensorRTDecoderStep(
                 self.context, self.memory, self.info, layout, self.dtypes, self.name, self.checker

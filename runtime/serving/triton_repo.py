@@ -299,7 +299,10 @@ def _write_graph(name: str, info: GraphInfo, options: RepoOptions, writer: _Writ
     if options.flavor == "python":
         writer.text(version / "model.py", _template("onnx_graph.py"))
     built_for = _engine_file(name, info, options, package)[1] if options.flavor == "tensorrt" else ""
-    writer.text(writer.root / name / "config.pbtxt", graph_config(name, info, options, model_file, built_for))
+    shipped = info.interface(options.precision)  # a variant's own I/O where it differs (fp16 KV cache)
+    writer.text(
+        writer.root / name / "config.pbtxt", graph_config(name, shipped, options, model_file, built_for)
+    )
 
 
 def _write_orchestrator(manifest: Manifest, options: RepoOptions, local: list[str], writer: _Writer) -> None:

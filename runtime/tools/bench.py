@@ -181,10 +181,11 @@ def llm_flops(config: dict, tokens: int, past: int = 0) -> float:
     return tokens * per_token + 4 * attended * h * layers
 
 
-def kv_bytes_per_position(config: dict) -> int:
-    m = config["llm"]
-    hd = m["hidden_size"] // m["num_attention_heads"]
-    return 2 * m["num_hidden_layers"] * m["num_key_value_heads"] * hd * 4  # key + value, float32
+def kv_bytes_per_position(manifest, precision: str) -> int:
+    """Bytes of the KV cache per position of context (key and value, every layer) as the decoder that
+    runs at `precision` keeps it (an fp16 decoder: float16)."""
+    layout = manifest.graphs["llm_decoder"].interface(precision).kv_layout(manifest.kv_layout())
+    return 2 * layout.layers * layout.kv_heads * layout.head_dim * np.dtype(layout.dtype).itemsize
 
 
 def graph_bytes(folder: Path, manifest, graph: str, precision: str) -> int:
@@ -396,14 +397,17 @@ def roofline(runtime: dict, limits: dict, model_dir: Path, tokens: int) -> dict:
     precision = runtime["precisions"].get("llm_decoder", "fp32")
     weights = graph_bytes(model_dir, manifest, "llm_decoder", precision)
     mean_context = shapes["prompt_length"] + tokens / 2
-    per_token = weights + kv_bytes_per_position(config) * mean_context
+    kv_bytes = kv_bytes_per_position(manifest, precision) * mean_context
+    per_token = weights + kv_bytes
     bandwidth = limits.get("working_set_bandwidth", limits["memory_bandwidth"])["bytes_per_s"]
     dram = limits["memory_bandwidth"]["bytes_per_s"]
     measured = runtime["decode_tokens_per_s"]["median"]
     decode = {
         "precision": precision,
         "decoder_weight_bytes": weights,
-        "kv_bytes_per_token_at_mean_context": round(kv_bytes_per_position(config) * mean_context),
+        "kv_bytes_per_token_at_mean_context": round(
+            kv_bytes_per_position(manifest, precision) * mean_context
+        ),
         "bytes_per_token": round(per_token),
         "bandwidth_bytes_per_s": round(bandwidth),
         "roofline_tokens_per_s": bandwidth / per_token,
