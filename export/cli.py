@@ -16,6 +16,10 @@ RANDOM_WEIGHTS_NOTICE = (
     "note: preset {name!r} has seeded random weights: its answers are meaningless until real "
     "checkpoints are given (--checkpoint or --checkpoint-dir)"
 )
+LLM_FOLDER_NOTICE = (
+    "note: the LLM decoder is {folder}'s; the encoders keep preset {name!r}'s seeded random weights, "
+    "so answers about media are meaningless (the decoder's perplexity is real: vsal perplexity)"
+)
 
 
 def main() -> None:
@@ -227,7 +231,15 @@ def convert(checkpoint_dir: Path, output: Path) -> None:
 @click.option("--graphs", default=None, help="Comma-separated subset of graphs (default: all).")
 @click.option("--no-slim", is_flag=True, help="Skip onnxslim (it is kept only when validation still passes).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing package at --output.")
-def export(preset, checkpoint, checkpoint_dir, output, opset, graphs, no_slim, overwrite) -> None:
+@click.option(
+    "--llm",
+    "llm_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A transformers Llama checkpoint folder (config.json, safetensors, tokenizer): the package's "
+    "LLM decoder, embeddings and LLM tokenizer; the other graphs from --preset (default: tiny).",
+)
+def export(preset, checkpoint, checkpoint_dir, output, opset, graphs, no_slim, overwrite, llm_dir) -> None:
     from vsal.export.onnx_export import DEFAULT_OPSET
     from vsal.export.package import ALL_GRAPHS, check_output, export_package
 
@@ -239,10 +251,19 @@ def export(preset, checkpoint, checkpoint_dir, output, opset, graphs, no_slim, o
         )
     check_output(output, overwrite)  # before any model is built: these fail in seconds, not hours
     _check_weights(preset, checkpoint, checkpoint_dir)
+    if llm_dir is not None and (checkpoint is not None or checkpoint_dir is not None):
+        raise click.UsageError(
+            "--llm takes the LLM from a folder and the rest from --preset: "
+            "give it without --checkpoint or --checkpoint-dir"
+        )
     with tempfile.TemporaryDirectory(prefix="vsal-export-") as tmp:
-        source, tokenizers = _export_source(preset, checkpoint, checkpoint_dir, Path(tmp))
-        if source.random_weights:
-            click.echo(RANDOM_WEIGHTS_NOTICE.format(name=source.config.name), err=True)
+        if llm_dir is not None:
+            source, tokenizers = _llm_folder_source(preset, llm_dir)
+            click.echo(LLM_FOLDER_NOTICE.format(folder=llm_dir, name=source.config.name), err=True)
+        else:
+            source, tokenizers = _export_source(preset, checkpoint, checkpoint_dir, Path(tmp))
+            if source.random_weights:
+                click.echo(RANDOM_WEIGHTS_NOTICE.format(name=source.config.name), err=True)
         manifest = export_package(
             source,
             output,
@@ -323,6 +344,16 @@ def _export_source(preset, checkpoint, checkpoint_dir, tmp: Path):
 
         return ExportSource(config, False, fill), tokenizers
     return ExportSource(presets.get(preset or "tiny"), True), tokenizers
+
+
+def _llm_folder_source(preset: str | None, llm_dir: Path):
+    """(ExportSource, TokenizerFiles) of `--llm DIR`: the folder is checked before a model is built."""
+    from vsal.export import presets
+    from vsal.export.assets import ensure_tokenizer_assets
+    from vsal.export.package import llm_folder_source
+
+    config = presets.get(preset or "tiny")
+    return llm_folder_source(config, llm_dir, ensure_tokenizer_assets().bert_vocab)
 
 
 def _is_consolidated(path: Path, format_name: str) -> bool:

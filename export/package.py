@@ -94,8 +94,28 @@ class ExportSource:
 
 @dataclass
 class TokenizerFiles:
-    llm_dir: Path  # holds tokenizer.model (+ tokenizer_config.json)
+    llm_dir: Path  # holds tokenizer.model or tokenizer.json (+ tokenizer_config.json)
     bert_vocab: Path  # bert-base-uncased vocab.txt
+
+    @property
+    def llm_file(self) -> Path:
+        """The LLM tokenizer the package ships (tokenizer.model first, as the runtime reads it)."""
+        from vsal.runtime.tokenizers import JSON_FILE, SPM_FILE
+
+        spm, json_file = self.llm_dir / SPM_FILE, self.llm_dir / JSON_FILE
+        return json_file if json_file.is_file() and not spm.is_file() else spm  # absent: _copy says so
+
+
+def llm_folder_source(
+    config: ModelConfig, llm_dir: str | os.PathLike, bert_vocab: Path, seed: int = 0
+) -> tuple[ExportSource, TokenizerFiles]:
+    """`--llm DIR`: the preset `config`'s parts with its seeded random weights around the LLM of a
+    transformers Llama checkpoint folder (its dims, weights, tokenizer and special tokens)."""
+    from vsal.export.weights.llm_folder import llm_filler, read_llm_folder, with_llm
+
+    folder = read_llm_folder(llm_dir)
+    source = ExportSource(with_llm(config, folder.config), True, llm_filler(folder), seed)
+    return source, TokenizerFiles(folder.tokenizer.parent, bert_vocab)
 
 
 def check_output(output: Path, overwrite: bool) -> None:
@@ -187,7 +207,7 @@ def export_package(
             config=config.to_dict(),
             graphs=entries,
             embeddings=embeddings,
-            llm_tokenizer=_copy(tokenizers.llm_dir / "tokenizer.model", work, "tokenizer/llm"),
+            llm_tokenizer=_copy(tokenizers.llm_file, work, "tokenizer/llm"),
             instruction_tokenizer=_copy(tokenizers.bert_vocab, work, "tokenizer/instruction"),
             special_tokens={
                 "bos": config.llm.bos_token_id,

@@ -19,10 +19,16 @@ Both reproduce, id for id, what the released video-SALMONN code computes with tr
   `padding="longest", truncation=True, max_length=512` (512 = the release's `max_tgt_len`), so
   "[CLS] ... [SEP]" with the text cut from the LEFT when too long. Built with the `tokenizers`
   library from a vocab.txt.
+* `JsonTokenizer`: the LLM tokenizer of a checkpoint folder that ships a Hugging Face
+  `tokenizer.json` instead (SmolLM2: GPT-2 style byte-level BPE), run by the `tokenizers` library:
+  the same ids and text as transformers' fast tokenizer with `add_special_tokens=False`.
+  `LlamaTokenizer(path)` makes one when `path` is a tokenizer.json (or a folder with a
+  tokenizer.json and no tokenizer.model), so a package's manifest names either file.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -38,6 +44,9 @@ INSTRUCTION_MAX_LENGTH = 512  # the release's max_tgt_len, passed as max_length 
 # File sizes read at most (checked with stat before reading: a package's files come from elsewhere).
 MAX_SPM_BYTES = 64 << 20  # tokenizer.model; LLaMA-2's is 500 KB
 MAX_VOCAB_BYTES = 16 << 20  # vocab.txt; bert-base-uncased's is 230 KB
+MAX_TOKENIZER_JSON_BYTES = 64 << 20  # tokenizer.json; SmolLM2's is 3.5 MB, LLaMA-3's 9 MB
+MAX_TOKENIZER_CONFIG_BYTES = 1 << 20  # tokenizer_config.json: a few hundred bytes of settings
+SPM_FILE, JSON_FILE = "tokenizer.model", "tokenizer.json"
 
 
 class TokenizerFileError(PackageError):
@@ -53,6 +62,17 @@ def _resolve(path: Path | str, default_name: str) -> Path:
     p = Path(path).expanduser()
     if p.is_dir():
         p = p / default_name
+    if not p.is_file():
+        raise TokenizerFileError(p, "no such tokenizer file")
+    return p
+
+
+def llm_tokenizer_file(path: Path | str) -> Path:
+    """The LLM tokenizer file at `path`: the file itself, or in a folder its tokenizer.model,
+    else its tokenizer.json (a LLaMA-2 folder ships both: sentencepiece is the release's)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / SPM_FILE if (p / SPM_FILE).is_file() or not (p / JSON_FILE).is_file() else p / JSON_FILE
     if not p.is_file():
         raise TokenizerFileError(p, "no such tokenizer file")
     return p
@@ -131,15 +151,22 @@ def _without_dummy_prefix(model: bytes) -> bytes:
 class LlamaTokenizer:
     """Vicuna / LLaMA-2 sentencepiece tokenizer, same ids as transformers' slow LlamaTokenizer.
 
-    `path` is a `tokenizer.model` file or a folder holding one. `legacy=False` is Vicuna v1.5's
-    setting; `legacy=True` reproduces the old behaviour (each text chunk gets sentencepiece's dummy
-    prefix). `encode` never adds bos/eos: the release adds bos as an embedding of its own.
+    `path` is a `tokenizer.model` file or a folder holding one; a `tokenizer.json` (or a folder
+    with only that) gives a `JsonTokenizer` instead, which ignores the sentencepiece options.
+    `legacy=False` is Vicuna v1.5's setting; `legacy=True` reproduces the old behaviour (each text
+    chunk gets sentencepiece's dummy prefix). `encode` never adds bos/eos: the release adds bos as
+    an embedding of its own.
     """
+
+    def __new__(cls, path: Path | str, **options):
+        if cls is LlamaTokenizer and llm_tokenizer_file(path).suffix == ".json":
+            return super().__new__(JsonTokenizer)  # a tokenizer.json: its __init__ runs
+        return super().__new__(cls)
 
     def __init__(self, path: Path | str, *, legacy: bool = False, add_prefix_space: bool = True):
         import sentencepiece as spm
 
-        self.path = _resolve(path, "tokenizer.model")
+        self.path = llm_tokenizer_file(path)
         self.legacy = legacy
         self.add_prefix_space = add_prefix_space
         data = _read_bounded(self.path, MAX_SPM_BYTES, "LLaMA-2's tokenizer.model is 500 KB")
@@ -262,6 +289,95 @@ class LlamaTokenizer:
                 prev_is_special = False
         out.append(self._sp.decode_pieces(current))
         return "".join(out)
+
+
+class JsonTokenizer(LlamaTokenizer):
+    """An LLM tokenizer from a Hugging Face `tokenizer.json` (e.g. SmolLM2's byte-level BPE).
+
+    Same ids as transformers' fast tokenizer called with `add_special_tokens=False`, same text as
+    its `decode` (a tokenizer_config.json beside the file may ask for the clean-up of spaces).
+    bos/eos/unk ids come from that tokenizer_config.json when it names them, else None: a package
+    takes its special ids from the model's config, not from here.
+    """
+
+    def __init__(self, path: Path | str, **_sentencepiece_options):
+        from tokenizers import Tokenizer
+
+        self.path = llm_tokenizer_file(path)
+        data = _read_bounded(self.path, MAX_TOKENIZER_JSON_BYTES, "SmolLM2's tokenizer.json is 3.5 MB")
+        try:
+            self._tok = Tokenizer.from_str(data.decode("utf-8"))
+        except Exception as exc:  # UnicodeDecodeError, or the tokenizers library's own exception
+            raise TokenizerFileError(self.path, f"not a valid tokenizer.json ({exc})") from exc
+        if self._tok.get_vocab_size(with_added_tokens=True) <= 0:
+            raise TokenizerFileError(self.path, "tokenizer.json has no tokens")
+        settings = self._settings(self.path.with_name("tokenizer_config.json"))
+        self._clean_up = bool(settings.get("clean_up_tokenization_spaces", False))
+        self._special = {
+            role: self._token_id(settings.get(f"{role}_token")) for role in ("bos", "eos", "unk")
+        }
+
+    @staticmethod
+    def _settings(path: Path) -> dict:
+        if not path.is_file():
+            return {}
+        data = _read_bounded(path, MAX_TOKENIZER_CONFIG_BYTES, "its settings take a few hundred bytes")
+        try:
+            settings = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise TokenizerFileError(path, f"not a JSON tokenizer_config.json ({exc})") from exc
+        if not isinstance(settings, dict):
+            raise TokenizerFileError(path, "not a JSON object of tokenizer settings")
+        return settings
+
+    def _token_id(self, token) -> int | None:
+        if isinstance(token, dict):  # transformers' AddedToken form: {"content": ..., ...}
+            token = token.get("content")
+        return self._tok.token_to_id(token) if isinstance(token, str) else None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._special["bos"]
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._special["eos"]
+
+    @property
+    def unk_id(self) -> int | None:
+        return self._special["unk"]
+
+    def id_to_piece(self, token_id: int) -> str:
+        self._check_id(token_id)
+        return self._tok.id_to_token(int(token_id))
+
+    def piece_to_id(self, piece: str) -> int | None:
+        return self._tok.token_to_id(piece)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, no bos/eos added (transformers: `add_special_tokens=False`)."""
+        return self._tok.encode(text, add_special_tokens=False).ids if text else []
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        ids = [int(i) for i in ids]
+        for i in ids:
+            self._check_id(i)
+        text = self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+        return _clean_up_spaces(text) if self._clean_up else text
+
+
+def _clean_up_spaces(text: str) -> str:
+    """transformers' `clean_up_tokenization`: no space before punctuation and contractions."""
+    for before, after in (
+        (" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
+        (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"),
+    ):  # fmt: skip
+        text = text.replace(before, after)
+    return text
 
 
 class InstructionTokenizer:

