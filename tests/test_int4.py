@@ -309,6 +309,7 @@ def test_int4_is_a_registry_row_the_build_and_runtime_use(tiny_package, tmp_path
     assert report.recorded and set(report.graphs) == {"llm_decoder"}
     # The clips' prefills (prompt and clip tokens) drive the clipping search: 2 prompts per clip.
     assert "scale search: activations" in report.graphs["llm_decoder"]["notes"]
+    assert "LM head int8 (1 weight)" in report.graphs["llm_decoder"]["notes"]
     feeds = re.search(r"(\d+) calibration feeds", report.graphs["llm_decoder"]["notes"])
     assert feeds and int(feeds[1]) > 0
     variants = {n: set(g.variants) for n, g in load_manifest(folder).graphs.items()}
