@@ -156,7 +156,11 @@ class WeightOnlyInt4:
         finally:
             for leftover in (staged, staged.with_name(staged.name + ".data")):
                 leftover.unlink(missing_ok=True)
-        summary = f"{report.summary()}; LM head int8 ({len(head_report.quantized)} weight)"
+        final = sum(f.stat().st_size for f in (dst, dst.with_name(dst.name + ".data")) if f.exists())
+        summary = (
+            f"{report.summary()} before the LM head; LM head int8 ({len(head_report.quantized)} weight): "
+            f"{final / 1e6:.1f} MB in all"
+        )
         return TransformReport(bool(report.weights), summary, report.to_dict() | {"lm_head": head})
 
 
