@@ -19,6 +19,10 @@ TensorRT 11 builds only strongly typed networks, so a graph's precision is its O
     the mask, Where, Clip, Unsqueeze...), so masks are never -inf and fully masked rows stay finite;
   - "rotary": Sin/Cos and the position arithmetic feeding them (Cast of the int64 positions,
     Mul by inv_freq): an angle of 1000 rad has a spacing of 0.5 rad in fp16;
+* a float16 weight read through Cast(to=FLOAT) (the streamed decoder stores the checkpoint's
+  float16 so, vsal.export.streaming) is already float16: its Cast is folded away before the
+  conversion and its bytes are copied as they are (one behind fp32 islands only gets its one
+  Cast back), so no Cast pair and no float32 copy is left around it;
 * Cast pairs float32 -> float16 -> float32 the converter leaves between islands are removed (the
   value goes through in float32), a mask leaving its island for a float16 node is clipped to
   +-65504 before its Cast (never -inf), and the nodes are topologically sorted again.
@@ -54,7 +58,14 @@ from vsal.transforms.graph_index import (
     rename_inputs,
     toposort,
 )
-from vsal.transforms.onnx_io import StoredData, graph_bytes, is_external, save_onnx, stash_data
+from vsal.transforms.onnx_io import (
+    StoredData,
+    graph_bytes,
+    is_external,
+    save_onnx,
+    stash_data,
+    stored_data,
+)
 
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 FP16_MIN_POSITIVE = 5.96e-08  # smallest fp16 subnormal: smaller magnitudes are raised to it
@@ -90,12 +101,15 @@ class Fp16Report:
     reasons: dict[str, int]  # why: "op type", "rms_norm", "mask", "rotary", "node"
     nodes_before: int
     nodes_after: int
-    casts_added: int  # Cast nodes the output has beyond the source's
+    casts_added: int  # Cast nodes the output has beyond the source's (less its folded weight Casts)
     bytes_before: int  # graph file + external data
     bytes_after: int
     external_data: bool  # the output's weights are in a side file
     clamped_values: int  # initializer values past +-65504 clamped (islands' constants are not)
     seconds: float
+    # weights the source stored float16 behind a Cast(to=FLOAT) (the streamed decoder's): kept as
+    # they are, their Casts gone (and not counted in casts_added)
+    float16_weights: int = 0
     fp32_nodes: list[str] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -397,7 +411,8 @@ def convert_fp16(
     names them). `check`: run onnx.checker on the result.
 
     Weights: the converter and type inference see the graph's structure only; every weight of
-    64 KiB or more is converted on its own afterwards. A source with external data gets
+    64 KiB or more is converted on its own afterwards (a float16 one behind a Cast(to=FLOAT), as
+    the streamed decoder stores them, is copied as it is). A source with external data gets
     `<dst name>.data` beside `dst`, written one tensor at a time (peak memory: the structure plus
     the largest tensor, whatever the model's size); so does an inline source whose fp16 weights
     reach 1 GiB. An inline source (below protobuf's 2 GiB) is read whole, once.
@@ -409,11 +424,13 @@ def convert_fp16(
     model = onnx.load_model(src, load_external_data=False)
     bytes_before = graph_bytes(src)
     nodes_before = len(model.graph.node)
+    external_source = any(is_external(t) for t in model.graph.initializer)
+    stash = stash_data(model, src.parent, _STASH_BYTES)
+    half_weights = _fold_weight_casts(model, stash, src.parent)
+    # the folded Casts widened weights, not activations: the report counts the Casts fp16 adds
     casts_before = sum(1 for n in model.graph.node if n.op_type == "Cast")
     if any(t.data_type == _HALF for t in model.graph.initializer):
         raise Fp16Error(f"{src}: already holds float16 initializers (converted before?)")
-    external_source = any(is_external(t) for t in model.graph.initializer)
-    stash = stash_data(model, src.parent, _STASH_BYTES)
 
     name_nodes(model.graph)
     # The converter keeps the types of what it does not convert from value_info: start clean.
@@ -444,6 +461,7 @@ def convert_fp16(
             op_block_list=[],
             node_block_list=sorted(plan),
         )
+    _unfold_fp32_weights(model, half_weights)
     _toposort(model.graph)
     del model.graph.value_info[:]
     model = _infer(model)
@@ -478,8 +496,53 @@ def convert_fp16(
         external_data=len(files) > 1,
         clamped_values=clamped + more_clamped[0],
         seconds=time.perf_counter() - start,
+        float16_weights=len(half_weights),
         fp32_nodes=[n.name for n in fp32_nodes],
     )
+
+
+def _fold_weight_casts(model: onnx.ModelProto, stash: dict[str, StoredData], folder: Path) -> set[str]:
+    """A float16 initializer read only through Cast(to=FLOAT) (the streamed decoder stores the
+    checkpoint's float16 weights so) is already what fp16 wants: its readers read it directly and
+    the converter sees it as a float32 weight, typed FLOAT over its float16 data, which stays in
+    `stash` (`_retyped` writes it unchanged). Returns the names of the weights so folded."""
+    graph = model.graph
+    g = GraphIndex.of(graph)
+    outputs = {v.name for v in graph.output}
+    rename: dict[str, str] = {}
+    for name, tensor in g.initializers.items():
+        readers = g.consumers.get(name, [])
+        if tensor.data_type != _HALF or not readers or name in outputs:
+            continue
+        if not all(_widens(n) and n.output[0] not in outputs for n in readers):
+            continue
+        rename.update({n.output[0]: name for n in readers})
+        if name not in stash:  # small ones too: the proto must not hold float16 bytes typed FLOAT
+            stash[name] = stored_data(tensor, folder)
+            tensor.ClearField("raw_data")
+            del tensor.float_data[:], tensor.int32_data[:]
+        tensor.data_type = _FLOAT
+    rename_inputs(graph, rename)
+    drop_unread(graph, lambda node: node.op_type == "Cast" and node.output[0] in rename)
+    return set(rename.values())
+
+
+def _unfold_fp32_weights(model: onnx.ModelProto, half_weights: set[str]) -> None:
+    """A folded weight the converter left float32 (only fp32 islands read it) is float16 data
+    again, read through one Cast(to=FLOAT): never a float32 copy of it on disk."""
+    graph = model.graph
+    rename = {}
+    for tensor in graph.initializer:
+        if tensor.name in half_weights and tensor.data_type == _FLOAT:
+            tensor.data_type = _HALF
+            rename[tensor.name] = f"{tensor.name}/to_float"
+    rename_inputs(graph, rename)
+    for name, wide in rename.items():
+        graph.node.append(helper.make_node("Cast", [name], [wide], name=f"{name}/Cast", to=_FLOAT))
+
+
+def _widens(node: onnx.NodeProto) -> bool:
+    return node.op_type == "Cast" and helper.get_node_attr_value(node, "to") == _FLOAT
 
 
 @dataclass(frozen=True)

@@ -150,6 +150,28 @@ class StoredData:
                     )
                 yield values
 
+    def row_blocks(self, rows: int) -> Iterator[np.ndarray]:
+        """The values `rows` rows (of the first axis) at a time, shaped [rows, *dims[1:]]: a weight
+        read a block at a time, never whole (packed types: TensorDataError)."""
+        if self.packed or not self.dims:
+            raise TensorDataError(f"row blocks of a packed or scalar tensor {list(self.dims)}")
+        row, total = int(np.prod(self.dims[1:], dtype=np.int64)), self.dims[0]
+        if self.raw is not None:
+            values = np.frombuffer(self.raw, dtype=self.dtype, count=self.count).reshape(self.dims)
+            for begin in range(0, total, rows):
+                yield values[begin : begin + rows]
+            return
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            for begin in range(0, total, rows):
+                count = min(rows, total - begin)
+                values = np.fromfile(f, dtype=self.dtype, count=count * row)
+                if values.size != count * row:
+                    raise TensorDataError(
+                        f"{self.path}: external tensor shorter than its dims {list(self.dims)}"
+                    )
+                yield values.reshape(count, *self.dims[1:])
+
     def chunks(self) -> Iterator[bytes]:
         """The bytes to store, as they are stored (packed types stay packed)."""
         if self.packed:
