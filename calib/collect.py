@@ -26,8 +26,9 @@ from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
+from vsal.runtime.backends.base import Runner
 from vsal.runtime.errors import ConfigError, MediaError, PackageError
-from vsal.runtime.graphs import CALIBRATED_GRAPHS, DECODER
+from vsal.runtime.graphs import CALIBRATED_GRAPHS, DECODER, KVLayout
 from vsal.runtime.manifest import CALIBRATION_DIR, Manifest
 from vsal.runtime.media import probe_media
 from vsal.runtime.package_lock import replacing, write_json_durable
@@ -112,37 +113,60 @@ def collect(
         if name in recorded:
             recorded[name].append({k: np.array(v, copy=True) for k, v in feeds.items()})
 
+    def backends(name, info, file, precision):
+        if name == DECODER and DECODER in recorded:
+            return PrefillRecorder(name, info, precision, record)
+        return None  # the pipeline's own
+
     pipeline = Pipeline.load(
-        package,
-        verbose=False,
-        precision=EXPORTED,
-        verify=verify,
-        step_wrapper=(lambda step: _PrefillTap(step, record, layout)) if DECODER in recorded else None,
+        package, verbose=False, precision=EXPORTED, verify=verify, backend_factory=backends
     )
-    layout = pipeline.manifest.kv_layout()
     pipeline.observe_feeds(record)
     options = DecodingOptions(num_beams=1, max_new_tokens=1)
     clips = list(clips)
     for clip in tqdm(clips, desc=label, unit="clip", disable=not progress):
         kind = "audio" if clip.suffix.lower() in AUDIO_SUFFIXES else "video"
         for prompt in PROMPTS:
-            pipeline.ask(prompt, options=options, **{kind: clip})
+            try:
+                pipeline.ask(prompt, options=options, **{kind: clip})
+            except PrefillRecorded:
+                pass  # the question's prefill is recorded; its answer is not needed
     return recorded
 
 
-class _PrefillTap:
-    """A decoder step that records the graph's feeds of each prefill (no past yet: empty pasts)."""
+class PrefillRecorded(Exception):
+    """Raised by PrefillRecorder's step once a question's prefill feeds are recorded."""
 
-    def __init__(self, step, record: Callable[[str, Feeds], None], layout):
-        self.step, self.record, self.layout = step, record, layout
 
-    def __call__(self, inputs_embeds, attention_mask, position_ids, cache):
-        if cache is None:
-            empty = np.zeros(self.layout.shape(inputs_embeds.shape[0], 0), self.layout.dtype)
+class PrefillRecorder(Runner):
+    """The llm_decoder's stand-in while calibrating: its step records each prefill's feeds (empty
+    pasts) and ends the question there. The decoder graph never loads, so calibration costs no
+    decoder run, and the 13B decoder (26 GB) need not fit beside the encoders."""
+
+    def __init__(self, name: str, info, precision: str, record: Callable[[str, Feeds], None]):
+        super().__init__(name, info, precision, "prefill recorder (calibration)")
+        self.record = record
+
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.info.inputs]
+
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.info.outputs]
+
+    def _run(self, feeds, outputs):
+        raise PrefillRecorded  # only the step runs
+
+    def decoder_step(self, layout: KVLayout):
+        layout = self.info.kv_layout(layout)
+
+        def step(inputs_embeds, attention_mask, position_ids, cache):
+            empty = np.zeros(layout.shape(inputs_embeds.shape[0], 0), layout.dtype)
             feeds = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask}
             feeds["position_ids"] = position_ids
-            self.record(DECODER, feeds | dict.fromkeys(self.layout.past_names(), empty))
-        return self.step(inputs_embeds, attention_mask, position_ids, cache)
+            self.record(DECODER, feeds | dict.fromkeys(layout.past_names(), empty))
+            raise PrefillRecorded
+
+        return step
 
 
 def recorded_on(manifest: Manifest, clips: Iterable[Path]) -> dict[str, object]:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 from vsal.runtime.backends import ort_session
+from vsal.runtime.backends.base import Runner
 
 _ORT_TYPES = {
     "tensor(float)": np.float32,
@@ -97,19 +98,59 @@ def accuracy(
     graph optimization level for both sessions (see `session`). The variant runs as the runtime
     runs it on this CPU (`as_runtime`), so a build's accuracy gate measures what the machine uses.
     """
-    ref = session(ref_path, optimization=optimization)
+    feeds_list = list(feeds_list)
+    if is_large(ref_path):  # the streamed 13B decoder: its reference runs a layer at a time, first
+        names = list(outputs) if outputs is not None else graph_output_names(ref_path)
+        wanted = iter(sectioned_outputs(ref_path, names, feeds_list))
+
+        def run_reference(feeds):  # computed above, in feed order
+            return next(wanted)
+    else:
+        ref = session(ref_path, optimization=optimization)
+        names = list(outputs) if outputs is not None else [o.name for o in ref.get_outputs()]
+
+        def run_reference(feeds):
+            return ref.run(names, _feeds_for(ref, feeds))
+
     test = session(test_path, optimization=optimization, as_runtime=True)
-    names = list(outputs) if outputs is not None else [o.name for o in ref.get_outputs()]
     test_names = {o.name for o in test.get_outputs()}
     missing = [n for n in names if n not in test_names]
     if missing:
         raise KeyError(f"{test_path}: outputs {missing} of the reference are missing")
-    return compare(
-        lambda feeds: ref.run(names, _feeds_for(ref, feeds)),
-        lambda feeds: test.run(names, _feeds_for(test, feeds)),
-        names,
-        feeds_list,
-    )
+    return compare(run_reference, lambda feeds: test.run(names, _feeds_for(test, feeds)), names, feeds_list)
+
+
+LARGE_GRAPH_BYTES = 6 << 30  # a reference past this runs a section of layers at a time
+
+
+def is_large(path: str | os.PathLike) -> bool:
+    """A graph too large for one ONNX Runtime session beside the rest of a build (with its side
+    files: the streamed 13B decoder's float16 weights, 26 GB, which ONNX Runtime's folding of
+    their Casts would double)."""
+    from vsal.transforms.onnx_io import graph_bytes
+
+    return graph_bytes(path) >= LARGE_GRAPH_BYTES
+
+
+def graph_output_names(path: str | os.PathLike) -> list[str]:
+    import onnx
+
+    return [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
+
+
+def sectioned_outputs(
+    path: str | os.PathLike, names: Sequence[str], feeds_list: Sequence[Mapping[str, np.ndarray]]
+) -> list[list[np.ndarray]]:
+    """Per feed dict, the graph's `names` outputs, run a section of layers at a time
+    (vsal.transforms.sections: one layer's weights in memory), feeds cast to the declared types."""
+    import onnx
+    from onnx import helper
+    from vsal.transforms.sections import SectionedGraph
+
+    inputs = onnx.load(str(path), load_external_data=False).graph.input
+    dtypes = {i.name: helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in inputs}
+    cases = [{k: np.asarray(f[k]).astype(dtypes[k], copy=False) for k in dtypes} for f in feeds_list]
+    return SectionedGraph(path).run(names, cases)
 
 
 def compare(
@@ -185,3 +226,36 @@ def time_graph(
             sess.run(None, feeds)
         times.append(time.perf_counter() - start)
     return float(np.median(times))
+
+
+class SectionedRunner(Runner):
+    """A runner of a graph too large for one session (`is_large`): every run goes a section of layers
+    at a time (vsal.transforms.sections), each section's session made and freed in turn. Slow (the
+    sessions are made again each run) but within memory: what a build's fp32 reference of the
+    streamed 13B decoder needs, never what the runtime runs."""
+
+    def __init__(self, name: str, info, precision: str, path: str | os.PathLike):
+        from vsal.transforms.sections import SectionedGraph
+
+        super().__init__(name, info, precision, "ONNX Runtime CPU, a section of layers at a time")
+        self.graph = SectionedGraph(path)
+
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.info.inputs]
+
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.info.outputs]
+
+    def _run(self, feeds, outputs):
+        return dict(zip(outputs, self.graph.run(outputs, [feeds])[0], strict=True))
+
+
+def large_graph_runners(package: str | os.PathLike):
+    """A pipeline `backend_factory`: `SectionedRunner` for the package's graphs past
+    LARGE_GRAPH_BYTES, the pipeline's own runner for the rest."""
+
+    def factory(name: str, info, file: str, precision: str):
+        path = os.path.join(package, file)
+        return SectionedRunner(name, info, precision, path) if is_large(path) else None
+
+    return factory

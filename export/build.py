@@ -592,7 +592,15 @@ def token_agreement(
     from vsal.runtime.prompt import DecodingOptions
 
     options = DecodingOptions(num_beams=1, max_new_tokens=tokens, eos_token_id=None)
-    reference = Pipeline.load(package, verbose=False, precision=precisions.EXPORTED, verify=verify)
+    from vsal.export.accuracy import large_graph_runners
+
+    reference = Pipeline.load(
+        package,
+        verbose=False,
+        precision=precisions.EXPORTED,
+        verify=verify,
+        backend_factory=large_graph_runners(package),  # the 13B decoder a section at a time
+    )
     if manifest is None:
         variant = Pipeline.load(
             package, verbose=False, precision=precision, exact_precision=True, engine=engine, verify=verify

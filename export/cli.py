@@ -309,7 +309,7 @@ def _export_source(preset, checkpoint, checkpoint_dir, tmp: Path):
     """(ExportSource, TokenizerFiles) for the chosen weights; part loaders never hold the whole model."""
     from vsal.export import build_model, presets
     from vsal.export.assets import ensure_tokenizer_assets
-    from vsal.export.package import ExportSource, TokenizerFiles, consolidated_filler
+    from vsal.export.package import ExportSource, TokenizerFiles, consolidated_filler, streamed_llm_weights
 
     if checkpoint is not None and checkpoint_dir is not None:
         raise click.UsageError("give only one of --checkpoint, --checkpoint-dir")
@@ -325,14 +325,15 @@ def _export_source(preset, checkpoint, checkpoint_dir, tmp: Path):
         vicuna = Path(checkpoint_dir) / "vicuna-13b-v1.5"
         if (vicuna / "tokenizer.model").is_file():
             tokenizers = TokenizerFiles(vicuna, assets.bert_vocab)
-        return ExportSource(config, False, consolidated_filler(consolidated)), tokenizers
+        llm = streamed_llm_weights(config, checkpoint=consolidated)
+        return ExportSource(config, False, consolidated_filler(consolidated), llm_weights=llm), tokenizers
     if checkpoint is not None:
         from vsal.export.weights.consolidated import FORMAT, read_consolidated_config
 
         if _is_consolidated(checkpoint, FORMAT):
-            return ExportSource(
-                read_consolidated_config(checkpoint), False, consolidated_filler(checkpoint)
-            ), tokenizers
+            config = read_consolidated_config(checkpoint)
+            llm = streamed_llm_weights(config, checkpoint=checkpoint)
+            return ExportSource(config, False, consolidated_filler(checkpoint), llm_weights=llm), tokenizers
         # One state dict in the release's key layout: small models only (the whole model is built).
         config = presets.get(preset or "13b")
         model = build_model(config, seed=None)
@@ -343,7 +344,8 @@ def _export_source(preset, checkpoint, checkpoint_dir, tmp: Path):
             module.load_state_dict(getattr(model, name).state_dict())
 
         return ExportSource(config, False, fill), tokenizers
-    return ExportSource(presets.get(preset or "tiny"), True), tokenizers
+    config = presets.get(preset or "tiny")
+    return ExportSource(config, True, llm_weights=streamed_llm_weights(config)), tokenizers
 
 
 def _llm_folder_source(preset: str | None, llm_dir: Path):

@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from vsal.export.specs import GraphSpec, TensorSpec
 from vsal.runtime.backends import ort_session
 from vsal.runtime.errors import VsalError
 from vsal.runtime.shapes import evaluate, linear
-from vsal.transforms.onnx_io import save_onnx
+from vsal.transforms.onnx_io import EXTERNAL_DATA_THRESHOLD, save_onnx
 
 DEFAULT_OPSET = 18
 
@@ -185,16 +186,49 @@ def export_graph(spec: GraphSpec, module: nn.Module, path: Path, opset: int = DE
             )
         except Exception as exc:  # the exporter raises many types; name the graph, keep the cause
             raise ExportError(f"{spec.name}: torch.onnx export failed: {type(exc).__name__}: {exc}") from exc
-    model = program.model_proto
-    _name_dims(model, spec)
-    return save_onnx(model, path)
+    if _initializer_bytes(program) < EXTERNAL_DATA_THRESHOLD:
+        model = program.model_proto
+        _name_dims(model, spec)
+        return save_onnx(model, path)
+    return _save_large(program, spec, path)
+
+
+def _initializer_bytes(program) -> int:
+    return sum(
+        v.const_value.nbytes for v in program.model.graph.initializers.values() if v.const_value is not None
+    )
+
+
+def _save_large(program, spec: GraphSpec, path: Path) -> list[Path]:
+    """A graph past protobuf's 2 GiB: onnx_ir writes its weights one tensor at a time from the
+    module's own tensors into `<name>.data` (`program.model_proto` would copy them all into one
+    proto, which cannot be serialized), in a staging folder; the dims are named on the structure;
+    both files move beside `path` when complete."""
+    import onnx_ir as ir
+    from vsal.transforms.onnx_io import move_into
+
+    side = path.name + ".data"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as work:
+        staged = Path(work) / path.name
+        ir.save(program.model, staged, external_data=side)
+        model = onnx.load(str(staged), load_external_data=False)
+        _name_dims(model, spec)
+        onnx.save_model(model, staged)  # the structure only: the weights stay in the side file
+        return move_into([staged, Path(work) / side], path.parent)
 
 
 # --- validation ----------------------------------------------------------------------------------
 
 
-def validate_graph(spec: GraphSpec, module: nn.Module, path: Path, seed: int = 1) -> GraphValidation:
-    """Run ONNX and PyTorch at every validation size; raise ValidationError listing every mismatch."""
+def validate_graph(
+    spec: GraphSpec, module: nn.Module | Callable[[], nn.Module], path: Path, seed: int = 1
+) -> GraphValidation:
+    """Run ONNX and PyTorch at every validation size; raise ValidationError listing every mismatch.
+
+    ONNX Runtime runs every case first and its session is freed before PyTorch runs, so the two
+    never hold the weights at once. `module` may be a function that builds it: a caller that freed
+    a large module after the export builds it again only then (peak: one copy of the weights)."""
     import time
 
     session = ort_session(path)
@@ -205,6 +239,7 @@ def validate_graph(spec: GraphSpec, module: nn.Module, path: Path, seed: int = 1
     result = GraphValidation(spec.name, spec.atol, spec.rtol)
     mismatches: list[Mismatch] = []
     rng = np.random.default_rng(seed)
+    runs = []  # (sizes, inputs, ONNX outputs, seconds)
     for sizes in spec.validation_sizes():
         arrays = spec.make_inputs(sizes, rng)
         start = time.perf_counter()
@@ -214,7 +249,11 @@ def validate_graph(spec: GraphSpec, module: nn.Module, path: Path, seed: int = 1
             first = str(exc).strip().splitlines()[0][:300]
             mismatches.append(Mismatch("runtime", spec.name, "*", sizes, f"ONNX Runtime failed: {first}"))
             continue
-        seconds_onnx = time.perf_counter() - start
+        runs.append((sizes, arrays, got, time.perf_counter() - start))
+    del session
+    if runs and not isinstance(module, nn.Module):
+        module = module()
+    for sizes, arrays, got, seconds_onnx in runs:
         start = time.perf_counter()
         with torch.no_grad():
             ref = module(*_torch_inputs(spec, arrays))

@@ -33,6 +33,7 @@ from vsal.export.specs import (
     graph_specs,
     llm_decoder_spec,
 )
+from vsal.export.streaming import WeightSource
 from vsal.runtime.graphs import DECODER, GRAPHS
 from vsal.runtime.log import sayer
 from vsal.runtime.manifest import (
@@ -82,6 +83,23 @@ class ExportSource:
     random_weights: bool
     fill: Callable[[str, nn.Module], None] | None = None  # (part name, module) -> loads its weights
     seed: int = 0
+    # the LLM's tensors one at a time (vsal.export.streaming): the decoder is then exported streaming,
+    # never built (the 13b preset, a 13B checkpoint); None: built like every other part
+    llm_weights: WeightSource | None = None
+    llm_label: str | None = None  # where the LLM's weights come from when not the rest's (`--llm DIR`)
+
+    def weight_sources(self) -> dict[str, str]:
+        """What the manifest records of the weights: the encoders' source and the LLM's."""
+        rest = (
+            f"seeded random (preset {self.config.name}, seed {self.seed})"
+            if self.random_weights
+            else "checkpoint"
+        )
+        llm = self.llm_label or rest
+        if self.llm_label is None and self.random_weights and self.llm_weights is not None:
+            dtype, seed = getattr(self.llm_weights, "dtype", "?"), getattr(self.llm_weights, "seed", "?")
+            llm = f"seeded random per tensor ({dtype}, seed {seed})"
+        return {"encoders": rest, "llm": llm}
 
     def part(self, name: str) -> nn.Module:
         from vsal.export.models.video_salmonn import build_part
@@ -90,6 +108,32 @@ class ExportSource:
         if self.fill is not None:
             self.fill(name, module)
         return module.eval()
+
+
+STREAM_LLM_BYTES = 4 << 30  # an LLM past this in float32 is exported streaming, never built
+
+
+def streamed_llm_weights(
+    config: ModelConfig,
+    random_seed: int | None = 0,
+    checkpoint: Path | None = None,
+    files: list[Path] | None = None,
+):
+    """The LLM's tensors one at a time where the LLM is too large to build (STREAM_LLM_BYTES in
+    float32: the 13b preset), else None. The 13b preset's random weights are float16, as the
+    released Vicuna is, drawn per tensor (vsal.export.streaming.RandomWeights: not the values
+    `build_model` would draw); a consolidated `checkpoint`, or a folder's safetensors `files`, are
+    memory-mapped in their own dtype."""
+    from vsal.export.streaming import RandomWeights, SafetensorsWeights, consolidated_weights, llama_shapes
+
+    params = sum(int(np.prod(shape)) for shape in llama_shapes(config.llm).values())
+    if params * 4 < STREAM_LLM_BYTES:
+        return None
+    if checkpoint is not None:
+        return consolidated_weights(checkpoint)
+    if files is not None:
+        return SafetensorsWeights(files)
+    return RandomWeights(config.llm, seed=random_seed or 0, dtype="float16")
 
 
 @dataclass
@@ -114,7 +158,10 @@ def llm_folder_source(
     from vsal.export.weights.llm_folder import llm_filler, read_llm_folder, with_llm
 
     folder = read_llm_folder(llm_dir)
-    source = ExportSource(with_llm(config, folder.config), True, llm_filler(folder), seed)
+    config = with_llm(config, folder.config)
+    streamed = streamed_llm_weights(config, files=list(folder.weights))
+    label = f"transformers checkpoint folder {folder.path.name}"
+    source = ExportSource(config, True, llm_filler(folder), seed, llm_weights=streamed, llm_label=label)
     return source, TokenizerFiles(folder.tokenizer.parent, bert_vocab)
 
 
@@ -187,15 +234,21 @@ def export_package(
         embeddings = None
         for index, name in enumerate(graphs, 1):
             spec = specs[name]
-            say(f"[{index}/{len(graphs)}] {name}: building")
-            part = source.part(GRAPHS[name].part)
-            if name == DECODER:
-                embeddings = _write_embeddings(part, work)
-            module = graph_module(name, part)
-            entry, validation = _export_one(spec, module, work, opset, slim, say)
+            if name == DECODER and source.llm_weights is not None:
+                say(f"[{index}/{len(graphs)}] {name}: streaming its weights (the model is never built)")
+                entry, validation = _export_decoder_streamed(source, spec, work, opset, say)
+                embeddings = _embeddings_file(work, source.llm_weights)
+            else:
+                say(f"[{index}/{len(graphs)}] {name}: building")
+
+                def build(name=name) -> nn.Module:
+                    return graph_module(name, source.part(GRAPHS[name].part))
+
+                if name == DECODER:
+                    embeddings = _embeddings_file(work, build().lm)
+                entry, validation = _export_one(spec, build, work, opset, slim, say)
             entries[name] = entry
             validations[name] = validation
-            del part, module
             gc.collect()
         if embeddings is None:
             raise ExportError(
@@ -204,6 +257,7 @@ def export_package(
         manifest = Manifest(
             preset=config.name,
             random_weights=source.random_weights,
+            weight_sources=source.weight_sources(),
             config=config.to_dict(),
             graphs=entries,
             embeddings=embeddings,
@@ -242,21 +296,58 @@ def export_package(
 
 
 def _export_one(
-    spec: GraphSpec, module: nn.Module, work: Path, opset: int, slim: bool, say: Callable[[str], None]
+    spec: GraphSpec,
+    build: Callable[[], nn.Module],
+    work: Path,
+    opset: int,
+    slim: bool,
+    say: Callable[[str], None],
 ):
     path = work / "graphs" / f"{spec.name}.onnx"
     start = time.perf_counter()
+    module = build()
     say(f"    exporting (dynamo, opset {opset}, axes {', '.join(a.name for a in spec.axes)})")
     files = export_graph(spec, module, path, opset)
     export_seconds = time.perf_counter() - start
+    if len(files) > 1:  # weights past 2 GiB: freed while ONNX Runtime holds them, built again after
+        del module
+        gc.collect()
+        module = build
     say(f"    validating against PyTorch at {len(spec.validation_sizes())} sizes")
     validation = validate_graph(spec, module, path)
     slimmed = False
-    if slim:
-        slimmed, files, validation = _try_slim(spec, module, path, files, validation, say)
+    if slim and len(files) == 1:  # large graphs: slimming would load all weights into memory twice
+        slimmed, validation = _try_slim(spec, module, path, validation, say)
     report = validation.to_dict() | {"export_seconds": round(export_seconds, 2), "slimmed": slimmed}
     say("    " + _validation_line(validation) + (" (onnxslim kept)" if slimmed else ""))
-    entry = GraphInfo(
+    return _graph_entry(spec, work, files), report
+
+
+def _export_decoder_streamed(source: ExportSource, spec: GraphSpec, work: Path, opset: int, say):
+    """The llm_decoder traced on meta, its weights streamed from `source.llm_weights` in their own
+    dtype, validated against a PyTorch forward holding one layer at a time (vsal.export.streaming)."""
+    from vsal.export.streaming import export_decoder_streaming, validate_streaming
+
+    path = work / "graphs" / f"{spec.name}.onnx"
+    weights = source.llm_weights
+    say(f"    exporting (traced on meta, opset {opset}, weights streamed one tensor at a time)")
+    result = export_decoder_streaming(source.config, weights, path, opset=opset)
+    say(f"    {result.weight_bytes / 1e9:.2f} GB of weights in {result.export_seconds:.0f} s")
+    say(f"    validating against a layer-at-a-time PyTorch forward at {len(spec.validation_sizes())} sizes")
+    validation = validate_streaming(source.config, weights, path)
+    report = validation.to_dict() | {
+        "export_seconds": round(result.export_seconds, 2),
+        "slimmed": False,
+        "streamed": True,
+        "weight_bytes": result.weight_bytes,
+    }
+    say("    " + _validation_line(validation))
+    return _graph_entry(spec, work, result.files), report
+
+
+def _graph_entry(spec: GraphSpec, work: Path, files: list[Path]) -> GraphInfo:
+    path = files[0]
+    return GraphInfo(
         file=str(path.relative_to(work)),
         sha256=sha256_file(path),
         inputs=[TensorInfo(t.name, t.dtype, list(t.shape)) for t in spec.inputs],
@@ -265,7 +356,6 @@ def _export_one(
         axis_multiples={a.name: a.multiple for a in spec.axes if a.multiple > 1},
         external_data={str(f.relative_to(work)): sha256_file(f) for f in files[1:]},
     )
-    return entry, report
 
 
 def _validation_line(validation: GraphValidation) -> str:
@@ -276,31 +366,34 @@ def _validation_line(validation: GraphValidation) -> str:
     return f"max abs error vs PyTorch: {cases}"
 
 
-def _try_slim(spec, module, path: Path, files, validation, say: Callable[[str], None]):
+def _try_slim(spec, module, path: Path, validation, say: Callable[[str], None]):
     """Simplify with onnxslim; the result replaces the graph only if validation still passes."""
     try:
         import onnx
         import onnxslim
     except ImportError:
-        return False, files, validation
+        return False, validation
     from vsal.transforms.onnx_io import save_onnx
 
-    if len(files) > 1:
-        return False, files, validation  # large graphs: slimming would load all weights into memory twice
     try:
         with replacing(path) as slimmed:  # left as it was unless the block ends without an error
             save_onnx(onnxslim.slim(onnx.load(str(path))), slimmed, external=False)
             checked = validate_graph(spec, module, slimmed)
     except Exception as exc:  # a validation mismatch, or onnxslim's own failure: not ours to raise
         say(f"    onnxslim result dropped ({type(exc).__name__}): keeping the exported graph")
-        return False, files, validation
-    return True, files, checked
+        return False, validation
+    return True, checked
 
 
-def _write_embeddings(llm_part: nn.Module, work: Path) -> FileInfo:
-    table = llm_part.model.get_input_embeddings().weight.detach().float().numpy()
+def _embeddings_file(work: Path, llm: nn.Module | WeightSource) -> FileInfo:
+    """The token-embedding table as float32 .npy: from the built LLM, or streamed from its weights."""
+    from vsal.export.streaming import write_embeddings
+
     path = work / "embeddings.npy"
-    np.save(path, table)
+    if isinstance(llm, nn.Module):
+        np.save(path, llm.get_input_embeddings().weight.detach().float().numpy())
+    else:
+        write_embeddings(llm, path)
     return FileInfo(file=path.name, sha256=sha256_file(path))
 
 

@@ -20,7 +20,8 @@ one Cast to float32: the graph computes in float32 as the fp32 export does, hold
 any weight on disk, and matches a float32 PyTorch forward of the same (float16) values to float32
 rounding. fp16 compute is a build step (vsal.transforms.fp16), as for every other graph. A float32
 source gives float32 initializers and no Cast. ONNX Runtime constant-folds those Casts at session
-load (one fp32 copy of the weights in its memory); `low_memory_session` avoids that.
+load (one fp32 copy of the weights in its memory); validation runs it a section of layers at a
+time with low-memory sessions (vsal.transforms.sections) instead.
 
 Sources (`WeightSource`): names, shapes and dtypes up front, then one tensor at a time, named as
 transformers' LlamaForCausalLM state dict ("model.layers.0.self_attn.q_proj.weight", "lm_head.weight"):
@@ -63,6 +64,7 @@ from vsal.export.onnx_export import (
 from vsal.export.specs import GraphSpec, llm_decoder_spec
 from vsal.export.weights.checkpoints import CheckpointError
 from vsal.transforms.onnx_io import save_onnx
+from vsal.transforms.sections import DEFAULT_SECTION_BYTES, SectionedGraph
 
 MODULE_PREFIX = "lm."  # LlmDecoderGraph holds the LlamaForCausalLM as `.lm`
 INV_FREQ = "model.rotary_emb.inv_freq"  # a buffer derived from the config, in no checkpoint
@@ -522,43 +524,29 @@ class StreamedReference:
         return outputs
 
 
-def low_memory_session(path: Path):
-    """An ONNX Runtime CPU session that never holds a float32 copy of the float16 weights:
-    unoptimised (constant folding would turn every weight's Cast into a float32 initializer),
-    nodes run in priority order (the default order runs every Cast, whose inputs are all ready,
-    first: half the model in float32 at once, measured), no memory arena (it keeps each freed
-    float32 copy). 4 layers at 13b width: 0.66 GB beside the mapped weights, against 3.7 GB."""
-    import onnxruntime as ort
-    from vsal.runtime.backends.sessions import session_options
-
-    options = session_options(optimization="disable")
-    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-    options.enable_cpu_mem_arena = False
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def validate_streaming(
-    config: ModelConfig | LlmConfig, weights: WeightSource, path: str | Path, seed: int = 1
+    config: ModelConfig | LlmConfig,
+    weights: WeightSource,
+    path: str | Path,
+    seed: int = 1,
+    max_section_bytes: int = DEFAULT_SECTION_BYTES,
 ) -> GraphValidation:
     """The exported graph (ONNX Runtime CPU) against `StreamedReference` at the spec's validation
     sizes (prefill, decode, chunked); ValidationError lists every mismatch. `to_dict()` is
-    validation.json's entry. ONNX Runtime maps the weights from the file and runs the graph as
-    `low_memory_session` sets it up."""
+    validation.json's entry. ONNX Runtime runs the graph a section of layers at a time
+    (vsal.transforms.sections: one layer's weights in memory, not the whole graph's)."""
     spec = llm_decoder_spec(config)
-    session = low_memory_session(Path(path))
-    declared = {i.name for i in session.get_inputs()}
-    if declared != {t.name for t in spec.inputs}:
-        raise ExportError(f"{spec.name}: graph inputs {sorted(declared)} differ from the spec's")
+    graph = SectionedGraph(path, max_section_bytes=max_section_bytes)
+    if graph.input_names != [t.name for t in spec.inputs]:
+        raise ExportError(f"{spec.name}: graph inputs {graph.input_names} differ from the spec's")
     rng = np.random.default_rng(seed)
     sizes = spec.validation_sizes()
     cases = [spec.make_inputs(s, rng) for s in sizes]
     names = [t.name for t in spec.outputs]
-    got, seconds_onnx = [], []
-    for feeds in cases:
-        start = time.perf_counter()
-        got.append(session.run(names, {t.name: feeds[t.name] for t in spec.inputs}))
-        seconds_onnx.append(time.perf_counter() - start)
-    del session
+    start = time.perf_counter()
+    got = graph.run(names, [{t.name: feeds[t.name] for t in spec.inputs} for feeds in cases])
+    seconds_onnx = [(time.perf_counter() - start) / len(cases)] * len(cases)
+    del graph
     start = time.perf_counter()
     refs = StreamedReference(config, weights).run(cases)
     seconds_torch = (time.perf_counter() - start) / len(cases)

@@ -156,10 +156,12 @@ class Manifest:
     # (kv_layout() and preprocessing_constants() derive them from config then)
     kv_cache: dict[str, Any] = field(default_factory=dict)
     preprocessing: dict[str, Any] = field(default_factory=dict)
+    # {"encoders": ..., "llm": ...}: where each part's weights came from (empty before it was written)
+    weight_sources: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        for key in DERIVED:  # an older package stays as it was written
+        for key in (*DERIVED, "weight_sources"):  # an older package stays as it was written
             if not data[key]:
                 del data[key]
         for graph in data["graphs"].values():

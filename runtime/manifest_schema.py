@@ -96,6 +96,7 @@ MANIFEST = Record(
         "opset": int,
         "kv_cache": _KV_CACHE,
         "preprocessing": _PREPROCESSING,
+        "weight_sources": {"": str},
     },
 )
 _KEYS = {"": None, "graph": _GRAPH_KEY, "precision": _PRECISION_KEY}

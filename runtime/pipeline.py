@@ -221,11 +221,16 @@ class Pipeline:
         pipeline = cls(folder, manifest, provider, threads, verbose, precision, engine, **hooks)
         pipeline.exact_precision = exact_precision
         if manifest.random_weights and verbose:
-            preset = manifest.preset
-            print(
-                f"vsal: note: {folder} has seeded random weights ({preset} preset): answers are meaningless",
-                file=sys.stderr,
-            )
+            llm = manifest.weight_sources.get("llm", "")
+            if llm and not llm.startswith("seeded random"):
+                what = f"its LLM is from {llm}, its encoders seeded random ({manifest.preset} preset)"
+                print(f"vsal: note: {folder}: {what}: answers about media are meaningless", file=sys.stderr)
+            else:
+                print(
+                    f"vsal: note: {folder} has seeded random weights ({manifest.preset} preset): "
+                    "answers are meaningless",
+                    file=sys.stderr,
+                )
         return pipeline
 
     # --- backends ---------------------------------------------------------------------------------

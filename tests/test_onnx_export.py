@@ -102,3 +102,27 @@ def test_axis_rules():
     with pytest.raises(ValueError, match="multiples of 10"):
         Axis("S", 10, 20, 120, export=20, validate=(15, 30), multiple=10)
     np.testing.assert_equal(Axis("S", 10, 20, 120, export=20, validate=(10, 30), multiple=10).multiple, 10)
+
+
+def test_a_graph_past_the_proto_limit_streams_its_weights_and_validates_after_a_rebuild(
+    tiny_model, specs, tmp_path, monkeypatch
+):
+    import vsal.export.onnx_export as onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 1)  # tiny stands in for 13b's 4 GB
+    spec, module = specs["vision_encoder"], tiny_model.vision_encoder
+    files = export_graph(spec, module, tmp_path / "vision_encoder.onnx")
+    assert [f.name for f in files] == ["vision_encoder.onnx", "vision_encoder.onnx.data"]
+    assert not list(tmp_path.glob(".vision_encoder.onnx.*"))  # the staging folder is gone
+    graph = onnx.load(str(files[0]), load_external_data=False).graph
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer)
+    dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+    assert dims == list(spec.inputs[0].shape)  # named on the structure, as for a small graph
+    built = []
+
+    def rebuild():
+        built.append(1)
+        return module
+
+    assert validate_graph(spec, rebuild, files[0]).worst() < 1e-4
+    assert built == [1]  # built once, after ONNX Runtime ran every case

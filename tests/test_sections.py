@@ -1,0 +1,90 @@
+"""A large graph run a section of layers at a time (vsal.transforms.sections) gives the whole
+graph's outputs, every node run once."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from vsal.export import presets
+from vsal.export.specs import llm_decoder_spec
+from vsal.export.streaming import RandomWeights, export_decoder_streaming
+from vsal.runtime.backends.sessions import ort_session
+from vsal.transforms.sections import SectionedGraph, node_sections
+
+TINY = presets.get("tiny")
+
+
+@pytest.fixture(scope="module")
+def decoder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sections") / "llm_decoder.onnx"
+    export_decoder_streaming(TINY, RandomWeights(TINY.llm, seed=3, dtype="float16"), path, external=True)
+    return path
+
+
+def _cases(n_sizes=((1, 5, 0), (2, 1, 6), (3, 4, 3))):
+    spec = llm_decoder_spec(TINY)
+    rng = np.random.default_rng(0)
+    return spec, [spec.make_inputs({"B": b, "T": t, "P": p}, rng) for b, t, p in n_sizes]
+
+
+def test_sections_follow_the_layers_and_cover_every_node_once(decoder):
+    model = onnx.load(decoder, load_external_data=False)
+    sections = node_sections(model.graph)
+    assert sorted(set(sections)) == list(
+        range(TINY.llm.num_hidden_layers)
+    )  # the rotary, norm, head join a layer
+    assert sections == sorted(sections)  # consecutive: the graph's own order
+    graph = SectionedGraph(decoder, max_section_bytes=1)  # one layer a section
+    assert len(graph.sections) == TINY.llm.num_hidden_layers
+    run = [id(n) for s in graph.sections for n in s.nodes]
+    assert len(run) == len(set(run)) == len(graph.model.graph.node)
+    assert all(not s.initializers or s.weight_bytes > 0 for s in graph.sections)
+    layer1 = graph.sections[1]
+    assert all(".layers.0." not in t.name for t in layer1.initializers)  # its own weights only
+
+
+def test_sectioned_run_equals_one_session_of_the_whole_graph(decoder):
+    spec, cases = _cases()
+    names = [t.name for t in spec.outputs]
+    whole = ort_session(decoder, optimization="disable")
+    expected = [whole.run(names, c) for c in cases]
+    seen: dict[tuple[int, str], tuple] = {}
+    got = SectionedGraph(decoder, max_section_bytes=1).run(
+        names, cases, observe=["inputs_embeds"], observer=lambda i, n, a: seen.setdefault((i, n), a.shape)
+    )
+    for want, have in zip(expected, got, strict=True):
+        for a, b in zip(want, have, strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert not seen  # a graph input is no node's output: nothing to observe
+
+
+def test_observed_values_reach_the_observer_per_case_and_are_not_kept(decoder):
+    spec, cases = _cases(((1, 3, 0), (2, 2, 1)))
+    model = onnx.load(decoder, load_external_data=False)
+    matmul_inputs = [n.input[0] for n in model.graph.node if n.op_type == "MatMul"][:3]
+    shapes: dict[tuple[int, str], tuple] = {}
+    graph = SectionedGraph(decoder, max_section_bytes=1)
+    out = graph.run(
+        ["logits"], cases, observe=matmul_inputs, observer=lambda i, n, a: shapes.update({(i, n): a.shape})
+    )
+    assert {k for k in shapes} == {(i, n) for i in range(2) for n in matmul_inputs}
+    assert shapes[(1, matmul_inputs[0])][:2] == (2, 2)
+    assert out[0][0].shape[:2] == (1, 3)
+    with pytest.raises(KeyError, match="no node makes"):
+        graph.run(["not_a_value"], cases)
+
+
+def test_a_graph_without_layer_scopes_is_one_section(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Neg", ["r"], ["y"])]
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 18)]
+    )
+    path = tmp_path / "g.onnx"
+    onnx.save(model, path)
+    assert node_sections(model.graph) == [0, 0]
+    (out,) = SectionedGraph(path).run(["y"], [{"x": np.array([-1.0, 2.0], np.float32)}])[0]
+    np.testing.assert_array_equal(out, [-0.0, -2.0])
