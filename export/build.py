@@ -594,6 +594,16 @@ def token_agreement(
     options = DecodingOptions(num_beams=1, max_new_tokens=tokens, eos_token_id=None)
     from vsal.export.accuracy import large_graph_runners
 
+    def answers(pipeline) -> list[list[int]]:
+        found = []
+        for clip in clips:
+            kind = "audio" if clip.suffix.lower() in AUDIO_SUFFIXES else "video"
+            found.append(
+                pipeline.ask("What happens in this clip?", options=options, **{kind: clip}).token_ids
+            )
+        pipeline.close()  # one pipeline's graphs in memory at a time (13b: 8 GB of encoders each)
+        return found
+
     reference = Pipeline.load(
         package,
         verbose=False,
@@ -601,6 +611,8 @@ def token_agreement(
         verify=verify,
         backend_factory=large_graph_runners(package),  # the 13B decoder a section at a time
     )
+    wanted = answers(reference)
+    del reference
     if manifest is None:
         variant = Pipeline.load(
             package, verbose=False, precision=precision, exact_precision=True, engine=engine, verify=verify
@@ -609,11 +621,9 @@ def token_agreement(
         provider = "cuda" if engine == "tensorrt" else choose_provider(None)
         variant = Pipeline(package, manifest, provider, verbose=False, precision=precision, engine=engine)
         variant.exact_precision = True
+    got_all = answers(variant)
     equal = total = exact = 0
-    for clip in clips:
-        kind = "audio" if clip.suffix.lower() in AUDIO_SUFFIXES else "video"
-        want = reference.ask("What happens in this clip?", options=options, **{kind: clip}).token_ids
-        got = variant.ask("What happens in this clip?", options=options, **{kind: clip}).token_ids
+    for want, got in zip(wanted, got_all, strict=True):
         equal += sum(a == b for a, b in zip(want, got, strict=False))
         total += len(want)
         exact += want == got

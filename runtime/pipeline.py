@@ -165,6 +165,13 @@ class Pipeline:
         """Forget the encoded clips: the next question decodes and encodes its media again."""
         self._media_cache.clear()
 
+    def close(self) -> None:
+        """Free every loaded backend and the encoded clips; a later question loads them again."""
+        for backend in self._backends.values():
+            backend.close()
+        self._backends.clear()
+        self._media_cache.clear()
+
     @property
     def loaded_backends(self) -> dict[str, Runner]:
         """The backends loaded so far, by graph name (they load lazily, at a graph's first run)."""
