@@ -57,7 +57,8 @@ def test_sectioned_run_equals_one_session_of_the_whole_graph(decoder):
     for want, have in zip(expected, got, strict=True):
         for a, b in zip(want, have, strict=True):
             np.testing.assert_array_equal(a, b)
-    assert not seen  # a graph input is no node's output: nothing to observe
+    assert set(seen) == {(i, "inputs_embeds") for i in range(3)}  # a graph input, as it was fed
+    assert seen[(1, "inputs_embeds")] == cases[1]["inputs_embeds"].shape
 
 
 def test_observed_values_reach_the_observer_per_case_and_are_not_kept(decoder):

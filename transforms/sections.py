@@ -96,6 +96,14 @@ class Section:
     weight_bytes: int
 
 
+class CaseError(ValueError):
+    """A case (feed dict) the graph cannot run: a graph input missing, or ONNX Runtime's failure."""
+
+    def __init__(self, case: int, message: str):
+        super().__init__(f"case {case}: {message}")
+        self.case = case
+
+
 class SectionedGraph:
     """An ONNX graph run a section at a time (module docstring). `path`'s side file stays where
     it is; each section's graph is written beside it for the moment its session loads."""
@@ -121,8 +129,8 @@ class SectionedGraph:
         observe: Iterable[str] = (),
         observer: Observer | None = None,
     ) -> list[list[np.ndarray]]:
-        """Per case, the values `outputs` names. `observe`: values (any node's) handed to `observer`
-        as they are made, per case, and not kept."""
+        """Per case, the values `outputs` names. `observe`: values (graph inputs, or any node's
+        outputs) handed to `observer` as they are fed or made, per case, and not kept."""
         observe = set(observe)
         wanted = set(outputs)
         last_reader: dict[str, int] = {}
@@ -130,6 +138,14 @@ class SectionedGraph:
             for name in section.inputs:
                 last_reader[name] = index
         values = [dict(feeds) for feeds in cases]
+        for case, env in enumerate(values):
+            missing = [name for name in self.input_names if name not in env]
+            if missing:
+                raise CaseError(case, f"no value for graph input(s) {', '.join(missing)}")
+        for case, env in enumerate(values):  # an observed graph input: seen as it is fed
+            for name in observe & set(env):
+                if observer is not None:
+                    observer(case, name, env[name])
         for index, section in enumerate(self.sections):
             later = {n for n, last in last_reader.items() if last > index}
             keep = [n for n in section.made if n in later or n in wanted or n in observe]
@@ -137,7 +153,10 @@ class SectionedGraph:
                 continue
             with self._session(section, keep, values[0]) as session:
                 for case, env in enumerate(values):
-                    results = session.run(keep, {n: env[n] for n in section.inputs})
+                    try:
+                        results = session.run(keep, {n: env[n] for n in section.inputs})
+                    except Exception as exc:  # ONNX Runtime's own types: say which case
+                        raise CaseError(case, f"{type(exc).__name__}: {exc}") from exc
                     for name, array in zip(keep, results, strict=True):
                         if name in observe and observer is not None:
                             observer(case, name, array)
