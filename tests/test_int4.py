@@ -174,9 +174,7 @@ def test_search_lowers_error_on_outliers():
     x[:, 3] *= 0.05  # the outlier weights' input is small, as AWQ finds for salient channels' opposite
     rtn = quantize_blocks(w, 32, search=False)
     by_weight = quantize_blocks(w, 32)
-    xb = x.reshape(256, 4, 32)
-    gram = np.einsum("mbi,mbj->bij", xb, xb) / 256
-    by_output = quantize_blocks(w, 32, gram)
+    by_output = quantize_blocks(w, 32, np.square(x).mean(axis=0))  # each input channel's mean square
 
     def weight_error(q, scale):
         return float(np.square(w - dequantize_blocks(q, scale)).mean())
@@ -190,6 +188,19 @@ def test_search_lowers_error_on_outliers():
     amax = np.abs(w.reshape(4, 32, 64)).max(axis=1)
     assert np.allclose(scale, amax / QMAX) and q.min() >= QMIN and q.max() <= QMAX
     assert CLIP_RATIOS[0] == 1.0  # the search can always fall back to round to nearest
+
+
+def test_search_gives_a_negative_extreme_the_minus_eight_level():
+    """Weights on a grid of step 0.5 from -4 to 3.5, each block's extreme -4, come back exactly from
+    the search (scale 0.5, the extreme at -8), not from round to nearest (scale 4 / 7); float16
+    weights are read as float32."""
+    rng = np.random.default_rng(5)
+    w = (rng.integers(QMIN, QMAX + 1, size=(64, 16)) * 0.5).astype(np.float16)
+    w[[0, 32], :] = -4.0
+    q, scale = quantize_blocks(w, 32)
+    assert np.allclose(scale, 0.5) and np.array_equal(dequantize_blocks(q, scale), w.astype(np.float32))
+    rtn = dequantize_blocks(*quantize_blocks(w, 32, search=False))
+    assert np.abs(rtn - w.astype(np.float32)).max() > 0.1
 
 
 def test_calibration_drives_the_search(tmp_path):

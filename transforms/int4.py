@@ -7,15 +7,23 @@ per block of bs rows of one output column. Standard ONNX at opset 21 (the graph'
 opset is converted to 21). TensorRT 10/11 parse it as INT4 block quantization; ONNX Runtime's CPU
 EP fuses it into MatMulNBits at session load (figures below).
 
-Scale search (AWQ's clipping search): per block and column, the scale is ratio * max|w| / 7 with
-the ratio from CLIP_RATIOS that minimises the error of the layer's output. With calibration (feed
-dicts for the graph's inputs, e.g. the decoder's inputs on real prompts) the graph runs once per
-feed and each MatMul's input x gives a Gram matrix per block of K, G_b = sum x_b x_b^T (damped),
-so a block's output error is d^T G_b d for d = w_b - dequantized w_b, as AWQ's auto_clip measures
-it; without, the weight's own squared error. Weights are quantized one at a time, each int4 weight
-and scale spilled to disk as it is made, then streamed into the side file by
+Scale search, per block and column: candidates q = round(w / (ratio * s0)) for the ratios of
+CLIP_RATIOS, s0 being the smallest scale that clips nothing (max w / 7, or -min w / 8: the -8
+level serves a block whose extreme is negative, as llama.cpp's Q4_0 uses it), each at its
+least-squares scale, then REFINE_STEPS re-roundings at the best scale; the one with the least
+error sum_k h_k (w_k - q_k s)^2 over the block's rows k is kept. With calibration (feed dicts for
+the graph's inputs, e.g. the decoder's prefills that the build records on clips) h_k is the mean
+square of the MatMul's input channel k over those tokens (damped), AWQ's measure of a channel's
+salience; without, h = 1 (the weight's own error). The full Gram per block (cross terms
+included) models the output error better on the calibration tokens but follows them too closely:
+on SmolLM2-135M (botchan, the perplexity table in docs/performance.md, ratio to fp32) with the
+build's clip prefills (random preset encoders) it gave 1.169, the diagonal 1.122, the weight
+error alone 1.179 (the previous search, ratio * max|w| / 7 without the least-squares fit: 1.157
+on weights, 1.177 on the Gram); on held-out text of the book the Gram gave 1.096, the diagonal
+1.085. llama.cpp's Q4_0 scores 1.149 there. Weights are quantized one at a time, each int4
+weight and scale spilled to disk as it is made, then streamed into the side file by
 vsal.transforms.onnx_io: peak memory is about 3x the largest weight in fp32 (the source read, its
-chunks, the search's temporaries) plus the Grams (K * bs floats per distinct input).
+chunks, the search's temporaries) plus K floats per distinct input.
 
 K not a multiple of the block size: the weight takes the largest power of two <= block_size that
 divides K (576 = 9 * 64 at block 128 -> blocks of 64; the report names each weight's block).
@@ -70,7 +78,8 @@ MIN_IR_VERSION = 10
 QMIN, QMAX = -8, 7
 MIN_BLOCK_SIZE = 16  # ONNX Runtime's smallest MatMulNBits block
 # Decoder logits vs fp32, mean |difference| teacher-forced on 3 held-out text prompts x 17 steps,
-# for block 32 / 64 / 128 (random weights have no outliers; real ones should favour small blocks more):
+# for block 32 / 64 / 128 (random weights have no outliers; real ones should favour small blocks more),
+# with the earlier search (ratio * max|w| / 7; "on activations": the full Gram per block):
 #   tiny package (logits' std 0.16; K = 64 takes blocks of 64 at 128):
 #     round to nearest 0.0166 / 0.0183 / 0.0184, searched on weights 0.0154 / 0.0165 / 0.0166,
 #     on 8 text prompts' activations 0.0145 / 0.0155 / 0.0155;
@@ -82,8 +91,9 @@ MIN_BLOCK_SIZE = 16  # ONNX Runtime's smallest MatMulNBits block
 # 32 is best in every row (llama.cpp's Q4_0 block too); its float32 scales cost 1 bit a weight
 # (5 bits in all, 4.25 at 128).
 DEFAULT_BLOCK_SIZE = 32
-CLIP_RATIOS = tuple(float(r) for r in np.linspace(1.0, 0.5, 21))  # 1.0 first: plain round-to-nearest
-DAMPING = 0.01  # added to each Gram's diagonal, times its mean: few tokens would overfit the search
+CLIP_RATIOS = tuple(float(r) for r in np.linspace(1.0, 0.5, 21))  # 1.0 first: nothing clipped
+REFINE_STEPS = 2  # re-roundings at the best scale after the candidates (SmolLM2: 0.3 % less weight error)
+DAMPING = 0.01  # added to each channel's mean square, times their mean: no channel weighs nothing
 
 
 @dataclass
@@ -147,38 +157,58 @@ def _column_chunks(k: int, n: int) -> Iterator[slice]:
 
 
 def quantize_blocks(
-    w: np.ndarray, block_size: int, gram: np.ndarray | None = None, search: bool = True
+    w: np.ndarray, block_size: int, importance: np.ndarray | None = None, search: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(q int8 [K, N] in [-8, 7], scale float32 [K / block_size, N]) for w [K, N], dequantized as
-    q * scale of its block. search: the ratio of CLIP_RATIOS with the least error per block and
-    column, weighted by `gram` [K / block_size, bs, bs] (each block's input Gram) when given; else
-    scale = max|w| / 7 of the block (round to nearest)."""
+    """(q int8 [K, N] in [-8, 7], scale float32 [K / block_size, N]) for w [K, N] (any float type),
+    dequantized as q * scale of its block. search: per block and column, the candidate of
+    `_search_chunk` with the least error, each row k weighted by `importance` [K] (the mean square
+    of input channel k) when given; else scale = max|w| / 7 of the block (round to nearest)."""
     k, n = w.shape
     if k % block_size:
         raise ValueError(f"K = {k} is not a multiple of the block size {block_size}")
     blocks = w.reshape(k // block_size, block_size, n)
     scale = np.empty((k // block_size, n), np.float32)
     q = np.empty(blocks.shape, np.int8)
+    h = None if importance is None else np.asarray(importance, np.float32).reshape(-1, block_size, 1)
     for cols in _column_chunks(k, n):
         part = blocks[:, :, cols].astype(np.float32)
-        amax = np.abs(part).max(axis=1)
-        base = np.where(amax > 0, amax / QMAX, 1.0).astype(np.float32)
-        best, best_error = base, np.full(base.shape, np.inf, np.float32)
-        for ratio in CLIP_RATIOS if search else ():
-            s = base * np.float32(ratio)
-            d = part / s[:, None]  # in place from here: one temporary of the chunk's size
-            np.clip(np.rint(d, out=d), QMIN, QMAX, out=d)
-            np.subtract(part, np.multiply(d, s[:, None], out=d), out=d)
-            # the cross terms matter: weighting by the Gram's diagonal alone does no better than the
-            # weight error (mean logit error 0.098 vs 0.087 with the whole Gram, block 32, width 512)
-            gd = d if gram is None else np.einsum("bij,bjn->bin", gram, d, optimize=True)
-            error = np.einsum("bkn,bkn->bn", d, gd)
-            better = error < best_error  # ties keep the larger scale (fewer values clipped)
-            best = np.where(better, s, best)
-            best_error = np.where(better, error, best_error)
-        scale[:, cols] = best
-        q[:, :, cols] = np.clip(np.rint(part / best[:, None]), QMIN, QMAX)
+        if search:
+            q[:, :, cols], scale[:, cols] = _search_chunk(part, h)
+        else:
+            amax = np.abs(part).max(axis=1)
+            best = np.where(amax > 0, amax / QMAX, 1.0).astype(np.float32)
+            scale[:, cols] = best
+            q[:, :, cols] = np.clip(np.rint(part / best[:, None]), QMIN, QMAX)
     return q.reshape(k, n), scale
+
+
+def _search_chunk(part: np.ndarray, h: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(q, scale) for part [blocks, bs, columns]: the least error sum_k h_k d_k^2 (d = w - q * s;
+    h [blocks, bs, 1] the rows' importance, else 1) over the candidates q = round(w / (r * s0)),
+    r in CLIP_RATIOS and s0 the smallest scale that clips nothing (max w / 7 or -min w / 8: the -8
+    level serves a negative extreme), each at its least-squares scale s = <w, q>_h / <q, q>_h; then
+    REFINE_STEPS times: w re-rounded at the best scale and fitted again, kept where it does better."""
+    s0 = np.maximum(part.max(axis=1) / QMAX, part.min(axis=1) / QMIN)
+    s0 = np.where(s0 > 0, s0, 1.0).astype(np.float32)
+    gw = part if h is None else part * h  # shared by every candidate
+    best_q = np.empty(part.shape, np.int8)
+    best_s = s0.copy()
+    best_error = np.full(s0.shape, np.inf, np.float32)
+    steps = [s0 * np.float32(r) for r in CLIP_RATIOS] + [None] * REFINE_STEPS
+    for s in steps:
+        q = part / (best_s if s is None else s)[:, None]  # None: re-round at the best scale so far
+        np.clip(np.rint(q, out=q), QMIN, QMAX, out=q)
+        gq = q if h is None else q * h
+        wgq = np.einsum("bkn,bkn->bn", gw, q)
+        qgq = np.einsum("bkn,bkn->bn", q, gq)
+        fit = np.divide(wgq, qgq, out=np.zeros_like(wgq), where=qgq > 0)
+        base = np.where(fit > 0, fit, best_s if s is None else s)  # q = 0: any scale, keep the grid's
+        error = base * (base * qgq - 2 * wgq)  # the error less <w, w>_h, the same for every candidate
+        better = error < best_error  # ties keep the earlier, larger scale
+        best_s = np.where(better, base, best_s)
+        best_error = np.where(better, error, best_error)
+        np.copyto(best_q, q, casting="unsafe", where=better[:, None])
+    return best_q, best_s
 
 
 def dequantize_blocks(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -190,7 +220,8 @@ def dequantize_blocks(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 def weight_stats(w: np.ndarray, q: np.ndarray, scale: np.ndarray) -> dict[str, float]:
     """What the report says of a weight: rel_error |w - dq| / |w|, max_error max |w - dq|, and
-    clipped, the share of scales below their block's max|w| / 7. A column chunk at a time."""
+    clipped, the share of blocks (of one column) whose grid stops short of their extremes (max w
+    above 7 * scale or min w below -8 * scale). A column chunk at a time."""
     k, n = w.shape
     block = k // scale.shape[0]
     squares, norm, worst, clipped = 0.0, 0.0, 0.0, 0
@@ -201,8 +232,8 @@ def weight_stats(w: np.ndarray, q: np.ndarray, scale: np.ndarray) -> dict[str, f
         squares += float(np.einsum("bkn,bkn->", d, d, dtype=np.float64))
         norm += float(np.einsum("bkn,bkn->", part, part, dtype=np.float64))
         worst = max(worst, float(np.abs(d, out=d).max()))
-        amax = np.abs(part, out=part).max(axis=1)
-        clipped += int((scale[:, cols] * QMAX < amax * (1 - 1e-6)).sum())
+        reach = np.maximum(part.max(axis=1) / QMAX, part.min(axis=1) / QMIN) * (1 - 1e-6)
+        clipped += int((scale[:, cols] < reach).sum())
     rel = float(np.sqrt(squares / norm)) if norm else 0.0
     return {"rel_error": rel, "max_error": worst, "clipped": clipped / scale.size}
 
@@ -265,49 +296,39 @@ class SpilledData:
 # --- activations -------------------------------------------------------------------------------------
 
 
-def activation_grams(
-    src: str | os.PathLike, calibration: Sequence[Mapping[str, np.ndarray]], blocks: Mapping[str, int]
+def activation_importance(
+    src: str | os.PathLike, calibration: Sequence[Mapping[str, np.ndarray]], names: Sequence[str]
 ) -> tuple[dict[str, np.ndarray], int]:
-    """({activation: damped Gram per block [K / bs, bs, bs] float32}, tokens seen): the graph `src`
-    runs once per feed dict with the activations `blocks` names (tensor -> its block size) as extra
-    outputs. ONNX Runtime loads the graph for this (external data from its side file)."""
-    from vsal.runtime.backends.sessions import ort_errors, ort_session
+    """({activation: damped mean square per channel [K] float32}, tokens seen): the graph `src`
+    runs on every feed dict, a section of layers at a time (vsal.transforms.sections: the streamed
+    13B decoder never loads whole), and each activation of `names` is folded into its sums of
+    squares as it is made, never kept."""
+    from vsal.transforms.sections import CaseError, SectionedGraph
 
     src = Path(src)
-    probe = onnx.load(str(src), load_external_data=False)
-    names = list(blocks)
-    known = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(helper.make_empty_tensor_value_info(x) for x in names if x not in known)
+    graph = SectionedGraph(src)
     sums: dict[str, np.ndarray] = {}
-    tokens = 0
-    # beside the graph, so the relative location of its side file still resolves
-    handle, name = tempfile.mkstemp(prefix=f".{src.stem}.probe.", suffix=".onnx", dir=src.parent)
-    os.close(handle)
+    rows: dict[int, int] = {}  # case -> tokens, from the first activation
+    first = next(iter(names), None)
+
+    def fold(case: int, x_name: str, x: np.ndarray) -> None:
+        x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+        squares = np.einsum("mk,mk->k", x, x)  # [K]
+        sums[x_name] = sums[x_name] + squares if x_name in sums else squares
+        if x_name == first:
+            rows[case] = x.shape[0]
+
+    outputs = [graph.model.graph.output[0].name]
     try:
-        onnx.save_model(probe, name)
-        del probe
-        session = ort_session(name)
-        for index, feeds in enumerate(calibration):
-            try:
-                outputs = session.run(names, dict(feeds))
-            except (ValueError, *ort_errors()) as e:  # a feed the graph does not take
-                raise QuantizeError(f"{src}: calibration feed {index} does not run: {e}") from e
-            for x_name, x in zip(names, outputs, strict=True):
-                x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
-                xb = x.reshape(x.shape[0], -1, blocks[x_name])  # [tokens, K / bs, bs]
-                gram = np.einsum("mbi,mbj->bij", xb, xb, optimize=True)
-                sums[x_name] = sums[x_name] + gram if x_name in sums else gram
-            tokens += int(np.prod(outputs[0].shape[:-1]))
-        del session
-    finally:
-        Path(name).unlink(missing_ok=True)
-    grams = {}
+        graph.run(outputs, [dict(f) for f in calibration], observe=list(names), observer=fold)
+    except CaseError as e:  # a feed the graph does not take
+        raise QuantizeError(f"{src}: calibration feed {e.case} does not run: {e}") from e
+    tokens = sum(rows.values())
+    importance = {}
     for name, total in sums.items():
-        diag = np.einsum("bii->bi", total)
-        damp = DAMPING * diag.mean(axis=1) + 1e-12  # [blocks]
-        total[:, np.arange(total.shape[1]), np.arange(total.shape[1])] += damp[:, None]
-        grams[name] = (total / max(tokens, 1)).astype(np.float32)
-    return grams, tokens
+        mean = total / max(tokens, 1)
+        importance[name] = (mean + DAMPING * mean.mean() + 1e-12).astype(np.float32)
+    return importance, tokens
 
 
 # --- the graph ---------------------------------------------------------------------------------------
@@ -345,25 +366,25 @@ def quantize_weights_int4(
     inits = {t.name: t for t in graph.initializer}
     blocks = _weight_blocks(src, {w: tuple(inits[w].dims) for w in targets}, block_size)
     inputs_of = _weight_inputs(graph, targets)
-    grams, tokens = {}, 0
+    importance, tokens = {}, 0
     if calibration and search and targets:
-        acts = {x: blocks[w] for w, xs in inputs_of.items() for x in xs}
-        grams, tokens = activation_grams(src, calibration, acts)
-    gram_of = {w: _weight_gram(grams, xs) for w, xs in inputs_of.items()}
+        acts = sorted({x for xs in inputs_of.values() for x in xs})
+        importance, tokens = activation_importance(src, calibration, acts)
+    importance_of = {w: _weight_importance(importance, xs) for w, xs in inputs_of.items()}
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{dst.name}.", dir=dst.parent) as work:
         # each int4 weight and scale goes to disk as soon as it is made, so no step holds them all
         spill = Path(work) / "int4.spill"
         with open(spill, "wb") as out:
-            weights = _quantize_initializers(model, src, data, targets, blocks, gram_of, search, out)
+            weights = _quantize_initializers(model, src, data, targets, blocks, importance_of, search, out)
         staged = save_onnx(model, Path(work) / dst.name, data, external=True if external else None)
         del model, data
         spill.unlink()
         if check:
             check_graph(staged[0], src)
         files = move_into(staged, dst.parent)
-    mode = "none" if not search else ("activations" if grams else "weights")
+    mode = "none" if not search else ("activations" if importance else "weights")
     odd = sorted(w for w, b in blocks.items() if b != block_size)
     notes = [f"{len(weights)} weight tensors int4 (blocks along K, symmetric, opset {OPSET})"]
     if odd:
@@ -412,7 +433,7 @@ def _weight_inputs(graph: onnx.GraphProto, targets: Mapping[str, str]) -> dict[s
     return inputs_of
 
 
-def _quantize_initializers(model, src, data, targets, blocks, gram_of, search, out) -> dict[str, dict]:
+def _quantize_initializers(model, src, data, targets, blocks, importance_of, search, out) -> dict[str, dict]:
     """Replace each weight of `targets` by its int4 values and scales (their bytes spilled to the
     open file `out`, located in `data`) behind a DequantizeLinear; returns the report's weights."""
     graph = model.graph
@@ -425,7 +446,7 @@ def _quantize_initializers(model, src, data, targets, blocks, gram_of, search, o
         stored = data.pop(tensor.name, None)
         w = stored.array() if stored is not None else read_array(tensor, src.parent)
         base, bs = tensor.name, blocks[tensor.name]
-        q, scale = quantize_blocks(w, bs, gram_of[base], search)
+        q, scale = quantize_blocks(w, bs, importance_of[base], search)
         weights[base] = {"shape": list(w.shape), "block_size": bs, **weight_stats(w, q, scale)}
         names = [f"{base}_quantized", f"{base}_scale"]
         initializers += [int4_tensor(names[0], q.shape), declared(names[1], scale)]
@@ -453,10 +474,10 @@ def _quantize_initializers(model, src, data, targets, blocks, gram_of, search, o
     return weights
 
 
-def _weight_gram(grams: Mapping[str, np.ndarray], activations: Sequence[str]) -> np.ndarray | None:
-    """The Gram a weight's error is weighted by: that of its input, summed over the MatMuls that
+def _weight_importance(importance: Mapping[str, np.ndarray], activations: Sequence[str]) -> np.ndarray | None:
+    """What a weight's rows are weighted by: its input's mean squares, summed over the MatMuls that
     share the weight; None without calibration."""
-    found = [grams[x] for x in activations if x in grams]
+    found = [importance[x] for x in activations if x in importance]
     return sum(found[1:], found[0]) if found else None
 
 

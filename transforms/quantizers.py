@@ -131,7 +131,8 @@ class WeightOnlyInt8:
 @dataclass(frozen=True)
 class WeightOnlyInt4:
     """Symmetric int4 weights in blocks along K (DequantizeLinear with block_size, opset 21), float
-    activations (the LLM decoder); a clipping search per block (vsal.transforms.int4)."""
+    activations (the LLM decoder); each block's scale searched with least squares, its error weighed
+    by each input channel's mean square on the recorded prefills (vsal.transforms.int4)."""
 
     name: str = "int4-weight-only"
     calibrated: bool = False  # weight error alone without recorded inputs
