@@ -251,11 +251,15 @@ class SectionedRunner(Runner):
 
 
 def large_graph_runners(package: str | os.PathLike):
-    """A pipeline `backend_factory`: `SectionedRunner` for the package's graphs past
-    LARGE_GRAPH_BYTES, the pipeline's own runner for the rest."""
+    """A pipeline `backend_factory`: `SectionedRunner` for the package's exported graphs past
+    LARGE_GRAPH_BYTES (the streamed 13B decoder), the pipeline's own runner for the rest (a built
+    variant runs as the runtime runs it)."""
+    from vsal.runtime.precisions import EXPORTED
 
     def factory(name: str, info, file: str, precision: str):
         path = os.path.join(package, file)
-        return SectionedRunner(name, info, precision, path) if is_large(path) else None
+        if precision == EXPORTED and is_large(path):
+            return SectionedRunner(name, info, precision, path)
+        return None
 
     return factory

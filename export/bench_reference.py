@@ -34,6 +34,12 @@ def load_model(model_dir: Path, checkpoint: Path | None):
     from vsal.runtime.manifest import load_manifest
 
     manifest = load_manifest(model_dir)
+    llm_source = manifest.weight_sources.get("llm", "")
+    if checkpoint is None and llm_source.startswith("seeded random per tensor"):
+        return None, (
+            f"{model_dir}'s decoder was exported streaming ({llm_source}): PyTorch's seeded build draws "
+            "other values, and the whole model would not fit in memory; give --checkpoint FILE to time it"
+        )
     if checkpoint is not None:
         from vsal.export.weights.consolidated import load_consolidated
 

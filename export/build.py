@@ -615,11 +615,25 @@ def token_agreement(
     del reference
     if manifest is None:
         variant = Pipeline.load(
-            package, verbose=False, precision=precision, exact_precision=True, engine=engine, verify=verify
+            package,
+            verbose=False,
+            precision=precision,
+            exact_precision=True,
+            engine=engine,
+            verify=verify,
+            backend_factory=large_graph_runners(package),
         )
     else:
         provider = "cuda" if engine == "tensorrt" else choose_provider(None)
-        variant = Pipeline(package, manifest, provider, verbose=False, precision=precision, engine=engine)
+        variant = Pipeline(
+            package,
+            manifest,
+            provider,
+            verbose=False,
+            precision=precision,
+            engine=engine,
+            backend_factory=large_graph_runners(package),  # the exported 13B decoder, if it runs
+        )
         variant.exact_precision = True
     got_all = answers(variant)
     equal = total = exact = 0

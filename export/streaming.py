@@ -64,7 +64,7 @@ from vsal.export.onnx_export import (
 from vsal.export.specs import GraphSpec, llm_decoder_spec
 from vsal.export.weights.checkpoints import CheckpointError
 from vsal.transforms.onnx_io import save_onnx
-from vsal.transforms.sections import DEFAULT_SECTION_BYTES, SectionedGraph
+from vsal.transforms.sections import DEFAULT_SECTION_BYTES, CaseError, SectionedGraph
 
 MODULE_PREFIX = "lm."  # LlmDecoderGraph holds the LlamaForCausalLM as `.lm`
 INV_FREQ = "model.rotary_emb.inv_freq"  # a buffer derived from the config, in no checkpoint
@@ -544,7 +544,11 @@ def validate_streaming(
     cases = [spec.make_inputs(s, rng) for s in sizes]
     names = [t.name for t in spec.outputs]
     start = time.perf_counter()
-    got = graph.run(names, [{t.name: feeds[t.name] for t in spec.inputs} for feeds in cases])
+    try:
+        got = graph.run(names, [{t.name: feeds[t.name] for t in spec.inputs} for feeds in cases])
+    except CaseError as e:  # ONNX Runtime failed on a case: a mismatch, as validate_graph says it
+        detail = f"ONNX Runtime failed: {e.detail.splitlines()[0][:300]}"
+        raise ValidationError([Mismatch("runtime", spec.name, "*", dict(sizes[e.case]), detail)]) from e
     seconds_onnx = [(time.perf_counter() - start) / len(cases)] * len(cases)
     del graph
     start = time.perf_counter()

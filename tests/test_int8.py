@@ -369,3 +369,21 @@ def test_int8_on_an_emulated_cpu_without_vnni(beats_int8, tmp_path):
     as_is, re_encoded = (float(x) for x in done.stdout.split())
     assert as_is < 0.995  # measured 0.9899: u8s8 pairs clipped to int16
     assert re_encoded > MIN_COSINE  # measured 0.99995, as on a VNNI CPU
+
+
+def test_a_large_graphs_calibration_feeds_go_one_item_at_a_time():
+    from onnx import TensorProto, helper
+    from vsal.transforms.int8 import _leading_axis_inputs, single_items
+
+    inputs = [
+        helper.make_tensor_value_info("frames", TensorProto.FLOAT, ["N", 3]),
+        helper.make_tensor_value_info("ids", TensorProto.INT64, [1, "L"]),  # fixed first dim: kept whole
+    ]
+    graph = helper.make_graph([], "g", inputs, [])
+    leading = _leading_axis_inputs(graph)
+    assert leading == ["frames"]
+    frames = np.arange(12, dtype=np.float32).reshape(4, 3)
+    ids = np.ones((1, 5), np.int64)
+    split = list(single_items([{"frames": frames, "ids": ids}, {"frames": frames[:1], "ids": ids}], leading))
+    assert len(split) == 5 and all(f["frames"].shape == (1, 3) and f["ids"] is ids for f in split)
+    np.testing.assert_array_equal(np.concatenate([f["frames"] for f in split[:4]]), frames)

@@ -89,3 +89,69 @@ def test_a_graph_without_layer_scopes_is_one_section(tmp_path):
     assert node_sections(model.graph) == [0, 0]
     (out,) = SectionedGraph(path).run(["y"], [{"x": np.array([-1.0, 2.0], np.float32)}])[0]
     np.testing.assert_array_equal(out, [-0.0, -2.0])
+
+
+def _scoped(op, inputs, outputs, layer):
+    node = helper.make_node(op, inputs, outputs)
+    entry = node.metadata_props.add()
+    entry.key, entry.value = "pkg.torch.onnx.name_scopes", f"['lm', 'lm.model.layers.{layer}']"
+    return node
+
+
+@pytest.fixture()
+def three_layers(tmp_path):
+    """x -> layer 0 -> a (a graph output that layer 1 reads) -> layer 1 -> b -> layer 2 (Clip with
+    an empty optional input) -> y; the weight w is read by layers 1 and 2."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n"]) for n in ("a", "y")]
+    w = helper.make_tensor("w", TensorProto.FLOAT, [1], [0.5])
+    top = helper.make_tensor("top", TensorProto.FLOAT, [], [1.0])
+    nodes = [
+        _scoped("Relu", ["x"], ["a"], 0),
+        _scoped("Add", ["a", "w"], ["b"], 1),
+        _scoped("Mul", ["b", "w"], ["m"], 2),
+        _scoped("Clip", ["m", "", "top"], ["y"], 2),
+    ]
+    graph = helper.make_graph(nodes, "g", [x], outs, initializer=[w, top])
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return path
+
+
+def test_outputs_read_later_shared_weights_and_empty_inputs_run_as_one_session(three_layers):
+    graph = SectionedGraph(three_layers, max_section_bytes=1)
+    assert len(graph.sections) == 3
+    assert [t.name for t in graph.sections[2].initializers] == ["w", "top"]  # w: layers 1 and 2
+    cases = [{"x": np.array([-1.0, 0.2, 3.0], np.float32)}, {"x": np.array([4.0], np.float32)}]
+    whole = ort_session(three_layers, optimization="disable")
+    got = graph.run(["a", "y"], cases)
+    for case, have in zip(cases, got, strict=True):
+        for want, value in zip(whole.run(["a", "y"], case), have, strict=True):
+            np.testing.assert_array_equal(want, value)
+
+
+def test_one_section_session_at_a_time_and_no_section_file_left(three_layers):
+    alive, most = [], []
+
+    class Counted:
+        def __init__(self, path):
+            self.inner = ort_session(path, optimization="disable")
+            alive.append(1)
+            most.append(len(alive))
+
+        def run(self, names, feeds):
+            return self.inner.run(names, feeds)
+
+        def __del__(self):
+            alive.pop()
+
+    graph = SectionedGraph(three_layers, max_section_bytes=1, session_factory=Counted)
+    graph.run(["y"], [{"x": np.array([1.0], np.float32)}])
+    assert len(most) == 3 and max(most) == 1  # the last section's is freed before the next loads
+
+    def failing(path):
+        raise RuntimeError("cannot load")
+
+    with pytest.raises(RuntimeError, match="cannot load"):
+        SectionedGraph(three_layers, session_factory=failing).run(["y"], [{"x": np.ones(1, np.float32)}])
+    assert sorted(p.name for p in three_layers.parent.iterdir()) == ["g.onnx"]

@@ -322,7 +322,7 @@ def activation_importance(
     try:
         graph.run(outputs, [dict(f) for f in calibration], observe=list(names), observer=fold)
     except CaseError as e:  # a feed the graph does not take
-        raise QuantizeError(f"{src}: calibration feed {e.case} does not run: {e}") from e
+        raise QuantizeError(f"{src}: calibration feed {e.case} does not run: {e.detail}") from e
     tokens = sum(rows.values())
     importance = {}
     for name, total in sums.items():

@@ -53,7 +53,7 @@ import re
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -334,6 +334,29 @@ class _Feeds:
         self.set_range(0, len(self.feeds))
 
 
+def _leading_axis_inputs(graph: onnx.GraphProto) -> list[str]:
+    """The inputs whose first dimension is the graph's batch axis: a named dimension, the one most
+    inputs lead with (frames N, batch B); inputs with a fixed first dimension are not among them."""
+    leads = {}
+    for value in graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].dim_param:
+            leads.setdefault(dims[0].dim_param, []).append(value.name)
+    return max(leads.values(), key=len) if leads else []
+
+
+def single_items(feeds: Sequence[Mapping[str, np.ndarray]], leading: Sequence[str]) -> Iterator[dict]:
+    """Each feed dict split into one dict per item along axis 0 of the `leading` inputs (the others
+    as they are): the same values, a feed's activations a fraction of the size."""
+    for feed in feeds:
+        sizes = {np.shape(feed[name])[0] for name in leading if name in feed}
+        if len(sizes) != 1 or sizes == {1}:
+            yield dict(feed)
+            continue
+        for i in range(sizes.pop()):
+            yield {k: (v[i : i + 1] if k in leading else v) for k, v in feed.items()}
+
+
 def _check_calibration(model, calibration: Sequence[Mapping[str, np.ndarray]], src: Path) -> list[str]:
     names = [v.name for v in feed_inputs(model.graph)]
     if not calibration:
@@ -413,15 +436,18 @@ def quantize_int8(
         work = Path(work)
         named = work / "named.onnx"
         save_onnx(model, named, external=external)
+        leading = _leading_axis_inputs(model.graph) if external else []
+        del model  # ONNX Runtime's quantizer loads its own copy
         out = work / "quantized.onnx"
-        reader = _Feeds(calibration, names)
+        # A large graph calibrates one item at a time: ONNX Runtime's calibrator keeps every tensor
+        # of a feed (EVA-ViT-g: about 2 GB a frame; a clip's 19 frames at once ran out of memory)
+        reader = _Feeds(list(single_items(calibration, leading)), names)
         if method.startswith("modelopt"):
             _modelopt(named, out, calibration, names, list(reasons), method, external)
         else:
             _ort_static(named, out, reader, to_quantize, list(quantize_ops), method, percentile, external)
         q = onnx.load(str(out), load_external_data=True)
         rewired = _keep_float_inputs(q, set(to_quantize)) if keep_float_inputs else 0
-        del model
         staged = save_onnx(q, work / dst.name)
         if check:
             check_graph(staged[0], src)

@@ -99,9 +99,9 @@ class Section:
 class CaseError(ValueError):
     """A case (feed dict) the graph cannot run: a graph input missing, or ONNX Runtime's failure."""
 
-    def __init__(self, case: int, message: str):
-        super().__init__(f"case {case}: {message}")
-        self.case = case
+    def __init__(self, case: int, detail: str):
+        super().__init__(f"case {case}: {detail}")
+        self.case, self.detail = case, detail
 
 
 class SectionedGraph:
@@ -151,7 +151,7 @@ class SectionedGraph:
             keep = [n for n in section.made if n in later or n in wanted or n in observe]
             if not keep:
                 continue
-            with self._session(section, keep, values[0]) as session:
+            with _SectionSession(self, section, keep, values[0]) as session:
                 for case, env in enumerate(values):
                     try:
                         results = session.run(keep, {n: env[n] for n in section.inputs})
@@ -170,13 +170,12 @@ class SectionedGraph:
             raise KeyError(f"{self.path}: no node makes {sorted(missing)}")
         return [[env[name] for name in outputs] for env in values]
 
-    def _session(self, section: Section, outputs: list[str], example: Mapping[str, np.ndarray]):
-        return _SectionSession(self, section, outputs, example)
-
 
 class _SectionSession:
     """A section's graph written beside the full graph (so its side file's relative location
-    resolves), loaded, and removed with its session."""
+    resolves), loaded, and removed with its session. The `with` target is this object, not the
+    session: the name it binds outlives the block, and must not keep one section's session alive
+    while the next one loads."""
 
     def __init__(self, owner: SectionedGraph, section: Section, outputs: list[str], example):
         model = owner.model
@@ -189,21 +188,28 @@ class _SectionSession:
         )
         sub = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
         sub.functions.extend(model.functions)
-        handle, self.file = tempfile.mkstemp(
-            prefix=f".{owner.path.stem}.section.", suffix=".onnx", dir=owner.path.parent
-        )
-        os.close(handle)
-        self.factory = owner.session_factory
+        self.owner = owner
         self.proto = sub
 
-    def __enter__(self):
-        onnx.save_model(self.proto, self.file)
-        del self.proto
-        self.session = self.factory(self.file)
-        return self.session
+    def __enter__(self) -> _SectionSession:
+        handle, self.file = tempfile.mkstemp(
+            prefix=f".{self.owner.path.stem}.section.", suffix=".onnx", dir=self.owner.path.parent
+        )
+        os.close(handle)
+        try:
+            onnx.save_model(self.proto, self.file)
+            del self.proto
+            self.session = self.owner.session_factory(self.file)
+        except BaseException:  # __exit__ does not run when __enter__ fails
+            Path(self.file).unlink(missing_ok=True)
+            raise
+        return self
+
+    def run(self, outputs: list[str], feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(outputs, feeds)
 
     def __exit__(self, *exc) -> None:
-        del self.session
+        del self.session  # its only reference: the section's weights are freed here
         Path(self.file).unlink(missing_ok=True)
 
 
