@@ -118,12 +118,16 @@ class Pipeline:
         backend_factory: BackendFactory | None = None,
         step_wrapper: StepWrapper | None = None,
         media_cache_size: int = MEDIA_CACHE_SIZE,
+        low_memory: bool = False,
     ):
         """`observers` are told each stage's time and each graph's feeds (vsal.runtime.observe);
         `backend_factory(name, info, file, precision)` opens a graph's backend (None from it: the
         pipeline's own, chosen by `engine` and `provider`); `step_wrapper(step)` wraps the decoder
         step of each request (a server's cancellation check); `media_cache_size` clips keep their
-        encoder outputs (0: none, every question encodes its clip)."""
+        encoder outputs (0: none, every question encodes its clip). `low_memory`: one stage's graphs
+        in memory at a time: the encoders are freed once a question's clip is encoded, the decoder
+        before the next clip's encoders load (13b on a 16 GB module: about 4 GB of int8 encoders and
+        14 GB of int4 decoder session never at once; each question loads what it needs again)."""
         check_backend(engine)  # a ConfigError naming the registered backends
         self.folder = folder
         self.engine = engine  # "onnxruntime" (its execution providers) or "tensorrt" (native engines)
@@ -147,6 +151,8 @@ class Pipeline:
         self._backend_factory = backend_factory
         self._step_wrapper = step_wrapper
         self._media_cache_size = media_cache_size
+        self.low_memory = low_memory
+        self._ran: dict[str, str] = {}  # graph -> the backend that ran it (kept when freed)
 
     # --- hooks for tools (bench, calibration, serving, scripts): nothing outside reaches into it ---
 
@@ -196,6 +202,7 @@ class Pipeline:
         backend_factory: BackendFactory | None = None,
         step_wrapper: StepWrapper | None = None,
         media_cache_size: int = MEDIA_CACHE_SIZE,
+        low_memory: bool = False,
     ) -> Pipeline:
         """Read and check a package (sha256 of every file unless verify=False); backends load lazily.
 
@@ -224,6 +231,7 @@ class Pipeline:
             "backend_factory": backend_factory,
             "step_wrapper": step_wrapper,
             "media_cache_size": media_cache_size,
+            "low_memory": low_memory,
         }
         pipeline = cls(folder, manifest, provider, threads, verbose, precision, engine, **hooks)
         pipeline.exact_precision = exact_precision
@@ -262,7 +270,13 @@ class Pipeline:
                 note = f" ({why})" if why else ""
                 print(f"vsal: {name}: {backend.description}{note}", file=sys.stderr, flush=True)
             self._backends[name] = backend
+            self._ran[name] = backend.description
         return self._backends[name]
+
+    def _free(self, names) -> None:
+        """Close and forget the loaded backends of `names` (low_memory: one stage at a time)."""
+        for name in [n for n in names if n in self._backends]:
+            self._backends.pop(name).close()
 
     def _make_backend(self, name: str, file: str, precision: str) -> Runner:
         """The pipeline's own runner of `name` (`file` is its graph at `precision`, which the
@@ -459,9 +473,13 @@ class Pipeline:
 
     def _prepare(self, prompt, video, audio, options: DecodingOptions) -> tuple[np.ndarray, Answer]:
         prompt = self.check_request(prompt, options, video)
+        if self.low_memory:
+            self._free([DECODER])
         features, cached = self.encode_media(video, audio)
         timings = {} if cached else dict(features.timings)  # a cached clip's encoders did not run
         av = self.av_tokens(features, prompt, timings)
+        if self.low_memory:
+            self._free([n for n in self._backends if n != DECODER])
         embeds = self.inputs_embeds(av, prompt)
         # The token count as the decoder will see it (the estimate above comes from the header).
         self.limits.check(options, embeds.shape[1] - av.shape[1], av.shape[1])
@@ -521,7 +539,7 @@ class Pipeline:
         watch.stage("generate", total)
         answer.token_ids = list(ids)
         answer.text = cut_answer(self.llama.decode(ids))
-        answer.backends = {name: b.description for name, b in self._backends.items()}
+        answer.backends = dict(self._ran)
         return answer
 
 

@@ -93,3 +93,16 @@ def test_a_large_reference_runs_a_section_at_a_time_and_agrees(streamed, tmp_pat
     answer = sectioned.ask("What is it?", audio=audio, options=options)
     assert isinstance(sectioned.backend("llm_decoder"), accuracy_module.SectionedRunner)
     assert answer.token_ids == whole.token_ids
+
+
+def test_low_memory_holds_one_stage_at_a_time_and_answers_the_same(streamed, tmp_path):
+    folder, _ = streamed
+    audio = write_tone(tmp_path / "a.wav", seconds=2.0)
+    options = DecodingOptions(num_beams=1, max_new_tokens=4, eos_token_id=None)
+    want = Pipeline.load(folder, verbose=False).ask("What is it?", audio=audio, options=options)
+    low = Pipeline.load(folder, verbose=False, low_memory=True, media_cache_size=0)
+    for _ in range(2):  # the second question loads the encoders again
+        answer = low.ask("What is it?", audio=audio, options=options)
+        assert answer.token_ids == want.token_ids
+        assert set(low.loaded_backends) == {"llm_decoder"}  # the encoders were freed before it ran
+    assert set(answer.backends) == set(want.backends)  # what ran each graph is still said
