@@ -169,8 +169,8 @@ def _generation_options(fn):
 @click.option(
     "--low-memory",
     is_flag=True,
-    help="One stage's graphs in memory at a time: the encoders are freed before the decoder runs "
-    "(13b on a 16 GB machine).",
+    help="One stage's graphs in memory at a time (the encoders are freed before the decoder runs), "
+    "and ONNX Runtime's int4/int8 weight-only kernels without a packed copy (13b on a 16 GB machine).",
 )
 def run(
     model_dir,

@@ -127,7 +127,9 @@ class Pipeline:
         encoder outputs (0: none, every question encodes its clip). `low_memory`: one stage's graphs
         in memory at a time: the encoders are freed once a question's clip is encoded, the decoder
         before the next clip's encoders load (13b on a 16 GB module: about 4 GB of int8 encoders and
-        14 GB of int4 decoder session never at once; each question loads what it needs again)."""
+        14 GB of int4 decoder session never at once; each question loads what it needs again), and
+        ONNX Runtime's weight-only kernels run float32 activations, without an int8-packed second
+        copy of the weights (backends.onnx_runtime.LOW_MEMORY_CONFIG)."""
         check_backend(engine)  # a ConfigError naming the registered backends
         self.folder = folder
         self.engine = engine  # "onnxruntime" (its execution providers) or "tensorrt" (native engines)
@@ -291,6 +293,7 @@ class Pipeline:
             provider=self.provider,
             threads=self.threads,
             progress=self.verbose,
+            low_memory=self.low_memory,
         )
 
     def _run(self, name: str, **feeds: np.ndarray) -> np.ndarray:

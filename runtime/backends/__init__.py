@@ -95,23 +95,32 @@ def open_backend(
     provider: str,
     threads: int = 0,
     progress: bool = True,
+    low_memory: bool = False,
 ) -> Runner:
     """A runner of graph `name` (its manifest entry `info`) of the package in `folder` on backend
-    `engine`, at `precision` (the graph's fp32 file where that variant was not built); provider and
-    threads are ONNX Runtime's (other backends ignore them)."""
+    `engine`, at `precision` (the graph's fp32 file where that variant was not built); provider,
+    threads and low_memory (weight-only kernels without a packed int8 copy) are ONNX Runtime's
+    (other backends ignore them)."""
     opener = check_backend(engine).opener
-    return opener(Path(folder), name, info, precision, provider=provider, threads=threads, progress=progress)
+    kwargs = {"provider": provider, "threads": threads, "progress": progress}
+    if low_memory:  # only when asked: a registered backend's opener need not know it
+        kwargs["low_memory"] = True
+    return opener(Path(folder), name, info, precision, **kwargs)
 
 
-def _open_onnxruntime(folder, name, info, precision, *, provider, threads, progress) -> Runner:
+def _open_onnxruntime(
+    folder, name, info, precision, *, provider, threads, progress, low_memory=False
+) -> Runner:
     from vsal.runtime.backends.onnx_runtime import OnnxRuntimeBackend
     from vsal.runtime.manifest import ENGINE_DIR
 
     file, got = info.file_for(precision)
-    return OnnxRuntimeBackend(name, folder / file, info, provider, threads, got, folder / ENGINE_DIR)
+    return OnnxRuntimeBackend(
+        name, folder / file, info, provider, threads, got, folder / ENGINE_DIR, low_memory=low_memory
+    )
 
 
-def _open_tensorrt(folder, name, info, precision, *, provider, threads, progress) -> Runner:
+def _open_tensorrt(folder, name, info, precision, *, provider, threads, progress, low_memory=False) -> Runner:
     from vsal.runtime.backends.tensorrt import TensorRTBackend
 
     return TensorRTBackend.for_graph(folder, name, info, precision, progress=progress)

@@ -276,12 +276,21 @@ def _record_shapes(pipeline, shapes: dict) -> None:
 
 
 def bench_runtime(
-    model_dir: Path, media_kwargs: dict, prompt: str, runs: int, tokens: int, precision, threads: int
+    model_dir: Path,
+    media_kwargs: dict,
+    prompt: str,
+    runs: int,
+    tokens: int,
+    precision,
+    threads: int,
+    low_memory: bool = False,
 ) -> dict:
     from vsal.runtime.pipeline import Pipeline
 
     start = time.perf_counter()
-    pipeline = Pipeline.load(model_dir, threads=threads, verbose=False, precision=precision)
+    pipeline = Pipeline.load(
+        model_dir, threads=threads, verbose=False, precision=precision, low_memory=low_memory
+    )
     load_s = time.perf_counter() - start
     shapes: dict = {}
     _record_shapes(pipeline, shapes)
@@ -457,8 +466,10 @@ def run_bench(
     reference: bool = True,
     checkpoint: str | os.PathLike | None = None,
     quick_limits: bool = False,
+    low_memory: bool = False,
 ) -> dict:
-    """The whole bench as a JSON-ready dict (see the module docstring)."""
+    """The whole bench as a JSON-ready dict (see the module docstring). low_memory: the pipeline's
+    (each run loads its encoders again: their stage times include their sessions' loading)."""
     from vsal.runtime.manifest import load_manifest
     from vsal.runtime.tools import machine_limits
 
@@ -474,7 +485,7 @@ def run_bench(
             media = write_clip(Path(tmp) / "clip.mp4", seconds=10.0)
         media = Path(media)
         kwargs = _media_kwargs(media)
-        rt = bench_runtime(model_dir, kwargs, prompt, runs, tokens, precision, threads)
+        rt = bench_runtime(model_dir, kwargs, prompt, runs, tokens, precision, threads, low_memory)
         if reference:
             say("PyTorch reference (a child process)")
             ref = bench_reference(model_dir, kwargs, prompt, runs, tokens, threads, checkpoint)
@@ -640,12 +651,38 @@ def _jsonable(value):
 @click.option(
     "--quick-limits", is_flag=True, hidden=True, help="Small buffers for the machine limits (tests)."
 )
+@click.option(
+    "--low-memory",
+    is_flag=True,
+    help="The pipeline's low-memory mode (vsal run --low-memory); encoder stages then include loading.",
+)
 def bench_cli(
-    model_dir, media, runs, precision, tokens, threads, prompt, reference, checkpoint, as_json, quick_limits
+    model_dir,
+    media,
+    runs,
+    precision,
+    tokens,
+    threads,
+    prompt,
+    reference,
+    checkpoint,
+    as_json,
+    quick_limits,
+    low_memory,
 ):
     result = _jsonable(
         run_bench(
-            model_dir, media, runs, precision, tokens, threads, prompt, reference, checkpoint, quick_limits
+            model_dir,
+            media,
+            runs,
+            precision,
+            tokens,
+            threads,
+            prompt,
+            reference,
+            checkpoint,
+            quick_limits,
+            low_memory,
         )
     )
     if as_json:
