@@ -112,3 +112,17 @@ def test_onnx_runtime_keeps_outputs_and_the_cache_in_ort_values(tiny_package):
         "onnxruntime", tiny_package, "llm_decoder", manifest.graphs["llm_decoder"], "fp32", provider="cpu"
     )
     assert isinstance(decoder.decoder_step(manifest.kv_layout()), BoundDecoderStep)
+
+
+def test_low_memory_runs_weight_only_kernels_without_the_packed_copy(tiny_package):
+    from vsal.runtime.backends.onnx_runtime import LOW_MEMORY_CONFIG
+
+    info = load_manifest(tiny_package).graphs["llm_decoder"]
+    key, value = next(iter(LOW_MEMORY_CONFIG.items()))
+    low = open_backend(
+        "onnxruntime", tiny_package, "llm_decoder", info, "fp32", provider="cpu", low_memory=True
+    )
+    plain = open_backend("onnxruntime", tiny_package, "llm_decoder", info, "fp32", provider="cpu")
+    assert low.session.get_session_options().get_session_config_entry(key) == value
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # ONNX Runtime's default
+        plain.session.get_session_options().get_session_config_entry(key)
