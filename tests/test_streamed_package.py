@@ -106,3 +106,24 @@ def test_low_memory_holds_one_stage_at_a_time_and_answers_the_same(streamed, tmp
         assert answer.token_ids == want.token_ids
         assert set(low.loaded_backends) == {"llm_decoder"}  # the encoders were freed before it ran
     assert set(answer.backends) == set(want.backends)  # what ran each graph is still said
+
+
+def test_calibration_records_the_decoders_prefills_without_loading_it(streamed, tmp_path, monkeypatch):
+    import vsal.runtime.pipeline as pipeline_module
+    from vsal.calib.collect import collect, synthetic_media
+
+    folder, _ = streamed
+    opened = []
+    real = pipeline_module.open_backend
+
+    def spy(engine, folder_, name, *args, **kwargs):
+        opened.append(name)
+        return real(engine, folder_, name, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "open_backend", spy)
+    clips = synthetic_media(tmp_path / "media", count=2)
+    recorded = collect(folder, clips, progress=False, graphs=("llm_decoder", "mrc_qformer"))
+    assert "llm_decoder" not in opened and "mrc_qformer" in opened
+    prefills = recorded["llm_decoder"]
+    assert len(prefills) >= 2 and all(p["past_key_values.0.key"].shape[2] == 0 for p in prefills)
+    assert all(p["inputs_embeds"].shape[1] == p["attention_mask"].shape[1] for p in prefills)
