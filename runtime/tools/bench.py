@@ -656,35 +656,8 @@ def _jsonable(value):
     is_flag=True,
     help="The pipeline's low-memory mode (vsal run --low-memory); encoder stages then include loading.",
 )
-def bench_cli(
-    model_dir,
-    media,
-    runs,
-    precision,
-    tokens,
-    threads,
-    prompt,
-    reference,
-    checkpoint,
-    as_json,
-    quick_limits,
-    low_memory,
-):
-    result = _jsonable(
-        run_bench(
-            model_dir,
-            media,
-            runs,
-            precision,
-            tokens,
-            threads,
-            prompt,
-            reference,
-            checkpoint,
-            quick_limits,
-            low_memory,
-        )
-    )
+def bench_cli(as_json, **options):
+    result = _jsonable(run_bench(**options))  # click's names are run_bench's parameters
     if as_json:
         click.echo(table(result), err=True)
         click.echo(json.dumps(result))
