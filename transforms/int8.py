@@ -5,7 +5,8 @@ QuantizeLinear/DequantizeLinear nodes (design.md, "Precision"). Two forms (the s
 vsal.transforms.weight_only's):
 
 * `quantize_int8` (the five encoder graphs): static PTQ with ONNX Runtime's `quantize_static`
-  (QDQ format), calibrated on feeds recorded from real media (`vsal.calib.collect`). Q/DQ go on the
+  (QDQ format), calibrated on feeds recorded from real media (`vsal.calib.collect`); the ranges
+  are recorded by `vsal.transforms.int8_ranges` for only the tensors that get quantized. Q/DQ go on the
   inputs of MatMul/Conv/Gemm only, as TensorRT wants them: activations per tensor, symmetric int8
   (zero point 0); weights int8 initializers, per output channel, symmetric, behind a
   DequantizeLinear. Outputs are not quantized. ONNX Runtime hands a fake-quantized tensor to every
@@ -67,6 +68,7 @@ from vsal.transforms.graph_index import (
     feed_inputs,
     name_nodes,
 )
+from vsal.transforms.int8_ranges import activation_ranges, quantized_activations
 from vsal.transforms.onnx_io import (
     EXTERNAL_DATA_THRESHOLD,
     graph_bytes,
@@ -400,8 +402,8 @@ def quantize_int8(
                  placement, the fake-quantized tensor shared with every consumer; for comparison)
     check        onnx.checker, ONNX Runtime CPU loads it, same inputs/outputs: before `dst` is written
 
-    Calibration feeds are run one at a time (ranges/histograms merged), so memory is bounded by
-    one feed's activations.
+    Calibration feeds are run one at a time (ranges/histograms merged), and only the inputs of the
+    nodes to quantize are recorded, so memory is bounded by those of one feed.
     """
 
     src, dst = Path(src), Path(dst)
@@ -439,13 +441,14 @@ def quantize_int8(
         leading = _leading_axis_inputs(model.graph) if external else []
         del model  # ONNX Runtime's quantizer loads its own copy
         out = work / "quantized.onnx"
-        # A large graph calibrates one item at a time: ONNX Runtime's calibrator keeps every tensor
-        # of a feed (EVA-ViT-g: about 2 GB a frame; a clip's 19 frames at once ran out of memory)
-        reader = _Feeds(list(single_items(calibration, leading)), names)
         if method.startswith("modelopt"):
             _modelopt(named, out, calibration, names, list(reasons), method, external)
         else:
-            _ort_static(named, out, reader, to_quantize, list(quantize_ops), method, percentile, external)
+            # A large graph calibrates one item at a time (EVA-ViT-g: a clip's 19 frames of recorded
+            # activations at once are about 3 GB)
+            feeds = _Feeds(list(single_items(calibration, leading)), names)
+            ranges = _record_ranges(named, to_quantize, feeds, method, percentile, work / "ranges.json")
+            _ort_static(named, out, ranges, to_quantize, list(quantize_ops), method, external)
         q = onnx.load(str(out), load_external_data=True)
         rewired = _keep_float_inputs(q, set(to_quantize)) if keep_float_inputs else 0
         staged = save_onnx(q, work / dst.name)
@@ -471,7 +474,20 @@ def quantize_int8(
     )
 
 
-def _ort_static(src, dst, reader, nodes, op_types, method, percentile, external) -> None:
+def _record_ranges(src: Path, nodes, feeds, method: str, percentile: float, dst: Path) -> Path:
+    """The activation ranges of `nodes`' inputs over `feeds`, written to `dst` as ONNX Runtime's
+    calibration cache."""
+    from onnxruntime.quantization.calibrate import save_tensors_data
+
+    tensors = quantized_activations(onnx.load(str(src), load_external_data=False), nodes)
+    with _quiet_ort_quantizer():
+        save_tensors_data(activation_ranges(src, tensors, feeds, method, percentile), dst)
+    return dst
+
+
+def _ort_static(src, dst, ranges, nodes, op_types, method, external) -> None:
+    """ONNX Runtime's QDQ quantizer on `src`, with the activation ranges of the file `ranges`
+    (`activation_ranges`, in its calibration-cache form) instead of its own calibrator."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     calibrate = {
@@ -488,15 +504,12 @@ def _ort_static(src, dst, reader, nodes, op_types, method, percentile, external)
         "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1, "Conv": 0},  # output channels
         "DedicatedQDQPair": False,
         "QDQDisableWeightAdjustForInt32Bias": True,
-        "CalibStridedMinMax": 1,  # one feed at a time: bounded memory, ranges merged
-        "CalibPercentile": percentile,
-        "CalibTensorRangeSymmetric": True,
     }
     with _quiet_ort_quantizer():
         quantize_static(
             str(src),
             str(dst),
-            reader,
+            None,
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=op_types,
             nodes_to_quantize=nodes,
@@ -507,6 +520,7 @@ def _ort_static(src, dst, reader, nodes, op_types, method, percentile, external)
             calibrate_method=calibrate,
             use_external_data_format=external,
             extra_options=extra,
+            calibration_cache_path=str(ranges),
         )
 
 
