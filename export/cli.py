@@ -256,23 +256,22 @@ def export(preset, checkpoint, checkpoint_dir, output, opset, graphs, no_slim, o
             "--llm takes the LLM from a folder and the rest from --preset: "
             "give it without --checkpoint or --checkpoint-dir"
         )
-    with tempfile.TemporaryDirectory(prefix="vsal-export-") as tmp:
-        if llm_dir is not None:
-            source, tokenizers = _llm_folder_source(preset, llm_dir)
-            click.echo(LLM_FOLDER_NOTICE.format(folder=llm_dir, name=source.config.name), err=True)
-        else:
-            source, tokenizers = _export_source(preset, checkpoint, checkpoint_dir, Path(tmp))
-            if source.random_weights:
-                click.echo(RANDOM_WEIGHTS_NOTICE.format(name=source.config.name), err=True)
-        manifest = export_package(
-            source,
-            output,
-            tokenizers,
-            graphs=chosen,
-            opset=opset or DEFAULT_OPSET,
-            slim=not no_slim,
-            overwrite=overwrite,
-        )
+    if llm_dir is not None:
+        source, tokenizers = _llm_folder_source(preset, llm_dir)
+        click.echo(LLM_FOLDER_NOTICE.format(folder=llm_dir, name=source.config.name), err=True)
+    else:
+        source, tokenizers = _export_source(preset, checkpoint, checkpoint_dir)
+        if source.random_weights:
+            click.echo(RANDOM_WEIGHTS_NOTICE.format(name=source.config.name), err=True)
+    manifest = export_package(
+        source,
+        output,
+        tokenizers,
+        graphs=chosen,
+        opset=opset or DEFAULT_OPSET,
+        slim=not no_slim,
+        overwrite=overwrite,
+    )
     click.echo(f"exported {len(manifest.graphs)} graphs to {output}")
 
 
@@ -305,8 +304,9 @@ def _check_weights(preset, checkpoint: Path | None, checkpoint_dir: Path | None)
         check_checkpoint_dir(checkpoint_dir)
 
 
-def _export_source(preset, checkpoint, checkpoint_dir, tmp: Path):
-    """(ExportSource, TokenizerFiles) for the chosen weights; part loaders never hold the whole model."""
+def _export_source(preset, checkpoint, checkpoint_dir):
+    """(ExportSource, TokenizerFiles) for the chosen weights; part loaders never hold the whole model,
+    and nothing but the package is written (the released files are read as they lie)."""
     from vsal.export import build_model, presets
     from vsal.export.assets import ensure_tokenizer_assets
     from vsal.export.package import ExportSource, TokenizerFiles, consolidated_filler, streamed_llm_weights
@@ -316,17 +316,17 @@ def _export_source(preset, checkpoint, checkpoint_dir, tmp: Path):
     assets = ensure_tokenizer_assets()
     tokenizers = TokenizerFiles(assets.llama_dir, assets.bert_vocab)
     if checkpoint_dir is not None:
-        from vsal.export.weights.consolidated import convert_release_files
+        from vsal.export.weights.release_files import VICUNA_FOLDER
+        from vsal.export.weights.release_stream import release_part_filler
 
         config = presets.get(preset or "13b")
-        consolidated = tmp / "consolidated.safetensors"
-        click.echo(f"converting the released files in {checkpoint_dir} (streamed, LoRA merged)", err=True)
-        convert_release_files(checkpoint_dir, consolidated, config, progress=True)
-        vicuna = Path(checkpoint_dir) / "vicuna-13b-v1.5"
+        click.echo(f"reading the released files in {checkpoint_dir} part by part (LoRA merged)", err=True)
+        vicuna = Path(checkpoint_dir) / VICUNA_FOLDER
         if (vicuna / "tokenizer.model").is_file():
             tokenizers = TokenizerFiles(vicuna, assets.bert_vocab)
-        llm = streamed_llm_weights(config, checkpoint=consolidated)
-        return ExportSource(config, False, consolidated_filler(consolidated), llm_weights=llm), tokenizers
+        fill = release_part_filler(checkpoint_dir, config)  # every part checked before any export
+        llm = streamed_llm_weights(config, release_dir=checkpoint_dir)
+        return ExportSource(config, False, fill, llm_weights=llm), tokenizers
     if checkpoint is not None:
         from vsal.export.weights.consolidated import FORMAT, read_consolidated_config
 

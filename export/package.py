@@ -118,12 +118,14 @@ def streamed_llm_weights(
     random_seed: int | None = 0,
     checkpoint: Path | None = None,
     files: list[Path] | None = None,
+    release_dir: Path | None = None,
 ):
     """The LLM's tensors one at a time where the LLM is too large to build (STREAM_LLM_BYTES in
     float32: the 13b preset), else None. The 13b preset's random weights are float16, as the
     released Vicuna is, drawn per tensor (vsal.export.streaming.RandomWeights: not the values
     `build_model` would draw); a consolidated `checkpoint`, or a folder's safetensors `files`, are
-    memory-mapped in their own dtype."""
+    memory-mapped in their own dtype; the six released files in `release_dir` are read as they lie,
+    the LoRA merged per tensor (vsal.export.weights.release_stream)."""
     from vsal.export.streaming import RandomWeights, SafetensorsWeights, consolidated_weights, llama_shapes
 
     params = sum(int(np.prod(shape)) for shape in llama_shapes(config.llm).values())
@@ -133,6 +135,10 @@ def streamed_llm_weights(
         return consolidated_weights(checkpoint)
     if files is not None:
         return SafetensorsWeights(files)
+    if release_dir is not None:
+        from vsal.export.weights.release_stream import ReleaseLlmWeights
+
+        return ReleaseLlmWeights(release_dir, config)
     return RandomWeights(config.llm, seed=random_seed or 0, dtype="float16")
 
 

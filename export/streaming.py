@@ -32,6 +32,8 @@ transformers' LlamaForCausalLM state dict ("model.layers.0.self_attn.q_proj.weig
                       does not need them equal: both sides read the same source.
   SafetensorsWeights  safetensors files, memory-mapped (a transformers folder's shards, or the
                       consolidated checkpoint's `llm.model.` tensors: `consolidated_weights`).
+  ReleaseLlmWeights   the six released files as they lie (vsal.export.weights.release_stream): the
+                      Vicuna folder's tensors, the delta's LoRA merged into each as it is read.
 """
 
 from __future__ import annotations

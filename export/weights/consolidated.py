@@ -4,19 +4,22 @@
 a first pass over the files' metadata (shapes and dtypes only, on the meta device) plans the
 safetensors header and checks every shape, a second pass copies the tensors one at a time. The
 file is written under a temporary name and renamed when complete.
+
+The same two passes, limited to the keys a caller wants (`keep`), let an export read the released
+files part by part with no consolidated file at all (vsal.export.weights.release_stream).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from vsal.export.config import ModelConfig
 from vsal.export.weights.checkpoints import _LORA, CheckpointError, LoadReport, ReleaseLoader, _derived
 from vsal.export.weights.lora import merge_lora
-from vsal.export.weights.release_files import RELEASE_SOURCES, check_release_dir, read_source
+from vsal.export.weights.release_files import RELEASE_SOURCES, ReleaseSource, check_release_dir, read_source
 from vsal.runtime.package_lock import replacing
 
 FORMAT = "vsal-consolidated"
@@ -41,45 +44,70 @@ def _meta_model(config: ModelConfig):
         return build_model(config)
 
 
-def _consolidate(
-    folder: Path, config: ModelConfig, loader: ReleaseLoader, meta: bool
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (vsal key, tensor) once per filled key, in a fixed order; problems go to the loader.
+Keep = Callable[[str], bool]  # vsal key -> whether a pass wants it
 
-    The delta (last file) is read first and held: the release loads it over everything else
-    (strict=False), so its tensors win, and its LoRA factors must be at hand when the base
-    weights stream past.
-    """
-    paths = check_release_dir(folder)
-    report, scale = loader.report, config.lora.scale
-    *bases, (delta_source, delta_path) = list(zip(RELEASE_SOURCES, paths, strict=True))
 
-    def read(source, path):
-        for key, release_key, tensor in read_source(path, source, config):
-            if meta:
-                tensor = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
-            yield source, key, release_key, tensor
-
+def _read_delta(
+    path: Path,
+    source: ReleaseSource,
+    config: ModelConfig,
+    loader: ReleaseLoader,
+    meta: bool,
+    keep: Keep | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """The delta's tensors by vsal key, and its LoRA factors by the vsal weight they update
+    ({"A": .., "B": ..}); problems go to the loader. With `keep`, only the keys it wants (and
+    nothing is reported of the rest)."""
+    report = loader.report
     delta: dict[str, torch.Tensor] = {}
     lora: dict[str, dict[str, torch.Tensor]] = {}
-    for _, _, release_key, tensor in read(delta_source, delta_path):
+    for _, release_key, tensor in read_source(path, source, config, meta=meta):
         m = _LORA.match(release_key)
         if m:
             dest = loader.target(m["base"] + ".weight")
+            if keep is not None and (dest is None or not keep(dest.key)):
+                continue
             if dest is None or dest.key not in loader.params:
                 report.unexpected.append(release_key)
             else:
                 lora.setdefault(dest.key, {})[m["ab"]] = tensor
             continue
         dest = None if loader._ignored(release_key) else loader.target(release_key)
+        if keep is not None and (dest is None or not keep(dest.key)):
+            continue
         if dest is None or dest.key not in loader.params or dest.third is not None:
             (report.ignored if loader._ignored(release_key) else report.unexpected).append(release_key)
             continue
         delta[dest.key] = tensor
+    return delta, lora
+
+
+def _consolidate(
+    folder: Path, config: ModelConfig, loader: ReleaseLoader, meta: bool, keep: Keep | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (vsal key, tensor) once per filled key, in a fixed order; problems go to the loader.
+
+    The delta (last file) is read first and held: the release loads it over everything else
+    (strict=False), so its tensors win, and its LoRA factors must be at hand when the base
+    weights stream past. With `keep` (one part's keys), no other key is yielded and no other
+    tensor of the base files is read.
+    """
+    paths = check_release_dir(folder)
+    report, scale = loader.report, config.lora.scale
+    *bases, (delta_source, delta_path) = list(zip(RELEASE_SOURCES, paths, strict=True))
+    delta, lora = _read_delta(delta_path, delta_source, config, loader, meta, keep)
+
+    def wanted(release_key: str | None) -> bool:  # decided before a tensor's data is read
+        if keep is None:
+            return True
+        if release_key is None or loader._ignored(release_key):
+            return False
+        dest = loader.target(release_key)
+        return dest is not None and keep(dest.key)
 
     thirds: dict[str, dict[int, torch.Tensor]] = {}
     for source, path in bases:
-        for _, key, release_key, tensor in read(source, path):
+        for key, release_key, tensor in read_source(path, source, config, wanted, meta):
             if release_key is None or loader._ignored(release_key):
                 report.ignored.append(f"{source.name}:{key}")
                 continue
@@ -98,34 +126,48 @@ def _consolidate(
                 continue
             pair = lora.pop(dest.key, None)
             if pair is not None:
-                if set(pair) != {"A", "B"}:
-                    loader._errors.append(f"LoRA for {dest.key} has only lora_{''.join(pair)}")
-                else:
-                    try:
-                        tensor = merge_lora(tensor, pair["A"], pair["B"], scale)
-                        report.lora_merged.append(dest.key)
-                    except ValueError as exc:
-                        loader._errors.append(f"LoRA for {dest.key}: {exc}")
+                tensor = _merged(dest.key, tensor, pair, scale, loader)
             yield dest.key, tensor
     for dest in lora:
         loader._errors.append(f"LoRA for {dest} arrived but its base weight was never loaded")
     yield from delta.items()
 
 
-def convert_release_files(
-    folder: str | Path, output: str | Path, config: ModelConfig, progress: bool = False
-) -> LoadReport:
-    """Stream the six released files into one consolidated safetensors file; returns the report."""
-    from tqdm import tqdm
+def _merged(
+    key: str, tensor: torch.Tensor, pair: dict[str, torch.Tensor], scale: float, loader: ReleaseLoader
+) -> torch.Tensor:
+    """The base weight `key` with its LoRA pair merged; an incomplete or misfit pair is an error
+    in the loader and leaves the weight as it is."""
+    if set(pair) != {"A", "B"}:
+        loader._errors.append(f"LoRA for {key} has only lora_{''.join(pair)}")
+        return tensor
+    try:
+        merged = merge_lora(tensor, pair["A"], pair["B"], scale)
+    except ValueError as exc:
+        loader._errors.append(f"LoRA for {key}: {exc}")
+        return tensor
+    loader.report.lora_merged.append(key)
+    return merged
 
-    folder, output = Path(folder), Path(output)
-    shapes = {k: tuple(v.shape) for k, v in _meta_model(config).state_dict().items() if not _derived(k)}
 
-    # Pass 1: metadata only. Plan the header, check every shape, collect the report.
-    planner = ReleaseLoader(_meta_model(config))
-    plan: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+Plan = list[tuple[str, torch.dtype, tuple[int, ...]]]  # (vsal key, dtype, shape) in writing order
+
+
+def plan_release_files(
+    folder: str | Path, config: ModelConfig, keep: Keep | None = None, model=None
+) -> tuple[Plan, LoadReport]:
+    """Metadata only: every key the release files fill (those `keep` wants), with its dtype and
+    shape; CheckpointError lists every shape that differs from the model's, every LoRA problem and
+    every key missing. `model`: a VideoSalmonn of `config` on the meta device, when one is at hand."""
+    folder = Path(folder)
+    model = _meta_model(config) if model is None else model
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if not _derived(k)}
+    if keep is not None:
+        shapes = {k: v for k, v in shapes.items() if keep(k)}
+    planner = ReleaseLoader(model)
+    plan: Plan = []
     planned: set[str] = set()
-    for key, tensor in _consolidate(folder, config, planner, meta=True):
+    for key, tensor in _consolidate(folder, config, planner, meta=True, keep=keep):
         if key in planned:
             continue
         planned.add(key)
@@ -145,6 +187,18 @@ def convert_release_files(
         raise CheckpointError(
             f"{folder}: {len(report.missing)} model tensors not found: " + ", ".join(report.missing[:8])
         )
+    return plan, report
+
+
+def convert_release_files(
+    folder: str | Path, output: str | Path, config: ModelConfig, progress: bool = False
+) -> LoadReport:
+    """Stream the six released files into one consolidated safetensors file; returns the report."""
+    from tqdm import tqdm
+
+    folder, output = Path(folder), Path(output)
+    # Pass 1: metadata only. Plan the header, check every shape, collect the report.
+    plan, report = plan_release_files(folder, config)
 
     # Pass 2: data, one tensor at a time, in the planned order.
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": json.dumps(config.to_dict())}

@@ -40,6 +40,9 @@ class ReleaseSource:
     has_beats_cfg: bool = False
 
 
+VICUNA_FOLDER = "vicuna-13b-v1.5"  # the LLM's Hugging Face folder (weights and tokenizer.model)
+DELTA_FILE = "pytorch_model_4_5001.pt"  # video-SALMONN's own tensors and LoRA, read over the rest
+
 RELEASE_SOURCES = (
     ReleaseSource("eva_vit_g.pth", "EVA-ViT-g (LAVIS)", lambda k: "visual_encoder." + k),
     ReleaseSource(
@@ -54,9 +57,9 @@ RELEASE_SOURCES = (
     ),
     ReleaseSource("whisper-large-v2", "Whisper large-v2 (HF folder)", _whisper_key),
     ReleaseSource(
-        "vicuna-13b-v1.5", "Vicuna-13B v1.5 (HF folder)", lambda k: "llama_model.base_model.model." + k
+        VICUNA_FOLDER, "Vicuna-13B v1.5 (HF folder)", lambda k: "llama_model.base_model.model." + k
     ),
-    ReleaseSource("pytorch_model_4_5001.pt", "video-SALMONN delta", lambda k: k),
+    ReleaseSource(DELTA_FILE, "video-SALMONN delta", lambda k: k),
 )
 
 
@@ -90,29 +93,66 @@ def _torch_load(path: Path):
         raise CheckpointError(f"{path}: cannot read it as a torch checkpoint ({exc})") from None
 
 
-def _hf_folder_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    shards = sorted(folder.glob("*.safetensors"))
-    if shards:
-        from safetensors import safe_open
-
-        for shard in shards:
-            with safe_open(str(shard), framework="pt") as f:
-                for key in f.keys():
-                    yield key, f.get_tensor(key)
-        return
-    shards = sorted(folder.glob("pytorch_model*.bin"))
+def hf_weight_files(folder: Path) -> list[Path]:
+    """A Hugging Face folder's weight files: its safetensors shards, else its pytorch_model*.bin."""
+    shards = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
     if not shards:
         raise CheckpointError(f"{folder}: no *.safetensors or pytorch_model*.bin weights in this folder")
-    for shard in shards:
-        yield from _torch_load(shard).items()
+    return shards
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _hf_folder_tensors(
+    folder: Path, wanted: Callable[[str], bool], meta: bool
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(file key, tensor) of the keys `wanted` accepts; no other tensor's data is read, and none
+    at all when `meta` (shapes and dtypes from the safetensors headers)."""
+    for shard in hf_weight_files(folder):
+        if shard.suffix != ".safetensors":
+            yield from ((k, t) for k, t in _torch_load(shard).items() if wanted(k))
+            continue
+        from safetensors import safe_open
+
+        with safe_open(str(shard), framework="pt") as f:
+            for key in filter(wanted, f.keys()):
+                if not meta:
+                    yield key, f.get_tensor(key)
+                    continue
+                entry = f.get_slice(key)
+                dtype = _SAFETENSORS_DTYPES.get(entry.get_dtype())
+                if dtype is None:
+                    raise CheckpointError(f"{shard}: {key} is {entry.get_dtype()}, which torch cannot hold")
+                yield key, torch.empty(entry.get_shape(), dtype=dtype, device="meta")
 
 
 def read_source(
-    path: Path, source: ReleaseSource, config: ModelConfig
+    path: Path,
+    source: ReleaseSource,
+    config: ModelConfig,
+    wanted: Callable[[str | None], bool] | None = None,
+    meta: bool = False,
 ) -> Iterator[tuple[str, str | None, torch.Tensor]]:
-    """Yield (file key, release key or None if unused, tensor) for one released file or folder."""
+    """Yield (file key, release key or None if unused, tensor) for one released file or folder;
+    with `wanted` (release key or None -> bool), only the entries it accepts; with `meta`, tensors
+    on the meta device (shapes and dtypes: no tensor data is read)."""
+
+    def accepted(key: str) -> bool:
+        return wanted is None or wanted(source.rename(key))
+
     if path.is_dir():
-        items = _hf_folder_tensors(path)
+        items = _hf_folder_tensors(path, accepted, meta)
     else:
         loaded = _torch_load(path)
         if source.has_beats_cfg:
@@ -123,10 +163,12 @@ def read_source(
             loaded = loaded[source.inner_key]
         if not isinstance(loaded, dict):
             raise CheckpointError(f"{path}: expected a state dict, found {type(loaded).__name__}")
-        items = iter(loaded.items())
+        items = ((k, t) for k, t in loaded.items() if accepted(k))  # memory-mapped: unread until used
     for key, tensor in items:
         if not isinstance(tensor, torch.Tensor):
             raise CheckpointError(f"{path}: entry {key!r} is a {type(tensor).__name__}, not a tensor")
+        if meta and not tensor.is_meta:
+            tensor = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
         yield key, source.rename(key), tensor
 
 
