@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from vsal.export.build_fused import FUSED_PRECISIONS
 from vsal.export.onnx_export import ExportError
 from vsal.export.package_update import (
     Update,
@@ -354,6 +355,23 @@ def _build_variant(
     candidate.graphs[name].variants[report.precision] = result.variant
     update.variants[name] = result.variant
     _check(report, name, thresholds)
+    if name == DECODER and report.precision in FUSED_PRECISIONS:
+        _build_fused_variant(report, update, package, candidate, checks)
+
+
+def _build_fused_variant(report, update, package, candidate, checks) -> None:
+    """The decoder variant's fused twin for ONNX Runtime (vsal.export.build_fused), checked against
+    it; recorded with the build, its problems the build's."""
+    from vsal.export.build_fused import build_fused
+
+    rel = variant_file(DECODER, report.precision, report.build_id, fused=True)
+    update.written += [package / rel, package / f"{rel}.data"]  # removed if the build is not recorded
+    feeds = checks.get(DECODER) or _random_feeds(candidate, DECODER)
+    fused = build_fused(package, candidate, report.precision, report.build_id, feeds)
+    candidate.graphs[DECODER].fused[report.precision] = fused.variant
+    update.fused[DECODER] = fused.variant
+    report.graphs[DECODER]["notes"] += f"; {fused.summary}"
+    report.problems += fused.problems
 
 
 def _check_engine(report, update, package, candidate, name, checks, thresholds, workspace_bytes) -> None:
@@ -381,7 +399,7 @@ def _record(report: BuildReport, update: Update, package: Path, allow_below: boo
             f"WARNING: recording {report.precision} variants BELOW the accuracy "
             f"thresholds (--allow-below): {'; '.join(report.problems)}",
         )
-        for variant in update.variants.values():
+        for variant in (*update.variants.values(), *update.fused.values()):
             variant.accuracy["below_threshold"] = True
             variant.accuracy["problems"] = list(report.problems)
     removed = commit(package, update)

@@ -37,9 +37,12 @@ from vsal.runtime.package_paths import package_folder
 _OLD_PARTIAL = re.compile(r"^\..+\.partial(\.npz)?$")
 
 
-def variant_file(name: str, precision: str, build_id: str) -> str:
-    """The package-relative file of a new variant: a name no earlier build used."""
-    return f"{GRAPH_DIR}/{name}.{precision}.{build_id}.onnx"
+def variant_file(name: str, precision: str, build_id: str, fused: bool = False) -> str:
+    """The package-relative file of a new variant (or fused variant): a name no earlier build used."""
+    return f"{GRAPH_DIR}/{name}.{precision}.{build_id}{FUSED_SUFFIX if fused else ''}.onnx"
+
+
+FUSED_SUFFIX = ".fused"  # in a fused variant's file name, before .onnx
 
 
 @dataclass
@@ -48,6 +51,7 @@ class Update:
 
     precision: str
     variants: dict[str, VariantInfo] = field(default_factory=dict)
+    fused: dict[str, VariantInfo] = field(default_factory=dict)  # graph -> its fused variant
     engines: dict[str, list[dict]] = field(default_factory=dict)  # graph -> records to add or replace
     written: list[Path] = field(default_factory=list)  # new files, removed again if not recorded
     committed: bool = False  # the manifest names them now: never discard
@@ -64,11 +68,13 @@ def commit(package: Path, update: Update) -> list[str]:
     durable rename; then remove the files of the variants it replaced. Returns those files."""
     manifest = load_manifest(package)
     replaced = []
-    for name, variant in update.variants.items():
-        old = manifest.graphs[name].variants.get(update.precision)
-        if old is not None:
-            replaced += [old.file, *old.external_data]
-        manifest.graphs[name].variants[update.precision] = variant
+    for key in ("variants", "fused"):
+        for name, variant in getattr(update, key).items():
+            recorded = getattr(manifest.graphs[name], key)
+            old = recorded.get(update.precision)
+            if old is not None:
+                replaced += [old.file, *old.external_data]
+            recorded[update.precision] = variant
     for name, records in update.engines.items():
         files = {r["file"] for r in records}
         info = manifest.graphs[name]
@@ -129,8 +135,9 @@ def _variant_pattern(manifest: Manifest) -> re.Pattern:
     """Names our builds give variant files and their temporaries (`<graph>.<precision>[.<id>].onnx`,
     `.data`, `.partial`, quantize_int8's work folder), for every registered variant precision."""
     graphs = "|".join(re.escape(g) for g in manifest.graphs)
-    variants = "|".join(re.escape(p) for p in precisions.variant_names())
-    return re.compile(rf"^({graphs})\.({variants})(\.[0-9a-f]+)?\.onnx(\.data)?(\.partial|\..+)?$")
+    variants = "|".join(re.escape(p) for p in (*precisions.variant_names(), precisions.EXPORTED))
+    fused = re.escape(FUSED_SUFFIX)
+    return re.compile(rf"^({graphs})\.({variants})(\.[0-9a-f]+)?({fused})?\.onnx(\.data)?(\.partial|\..+)?$")
 
 
 def _remove_variant_file(package: Path, rel: str) -> bool:

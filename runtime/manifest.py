@@ -11,6 +11,7 @@ import hashlib
 import os
 import string
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -94,14 +95,29 @@ class GraphInfo:
     external_data: dict[str, str] = field(default_factory=dict)  # weight files beside the graph -> sha256
     engines: list[dict[str, Any]] = field(default_factory=list)  # filled by `vsal-export build`
     variants: dict[str, VariantInfo] = field(default_factory=dict)  # precision -> fp16/int8 copy
+    # precision -> the decoder rebuilt with ONNX Runtime's fused ops (vsal.transforms.fused_decoder),
+    # from that precision's graph: its own interface (inputs, outputs), run only by ONNX Runtime
+    fused: dict[str, VariantInfo] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GraphInfo:
         data = dict(data)
         data["inputs"] = [TensorInfo(**t) for t in data["inputs"]]
         data["outputs"] = [TensorInfo(**t) for t in data["outputs"]]
-        data["variants"] = {k: VariantInfo.from_dict(v) for k, v in data.get("variants", {}).items()}
+        for key in ("variants", "fused"):
+            data[key] = {k: VariantInfo.from_dict(v) for k, v in data.get(key, {}).items()}
         return cls(**data)
+
+    def all_variants(self) -> Iterator[tuple[str, VariantInfo]]:
+        """(where, variant) for every variant and fused variant ("variants.int8", "fused.int4")."""
+        for key in ("variants", "fused"):
+            for precision, variant in getattr(self, key).items():
+                yield f"{key}.{precision}", variant
+
+    def fused_interface(self, precision: str) -> GraphInfo:
+        """This entry as its fused `precision` variant runs it: that variant's own inputs and outputs."""
+        variant = self.fused[precision]
+        return replace(self, inputs=variant.inputs, outputs=variant.outputs, variants={}, fused={})
 
     def interface(self, precision: str) -> GraphInfo:
         """This entry as the `precision` variant runs it: its inputs and outputs where the variant
@@ -165,6 +181,8 @@ class Manifest:
             if not data[key]:
                 del data[key]
         for graph in data["graphs"].values():
+            if not graph["fused"]:  # a package without fused variants stays as it was written
+                del graph["fused"]
             for variant in graph["variants"].values():
                 for key in ("inputs", "outputs"):  # the graph's interface: not repeated
                     if not variant[key]:
@@ -198,7 +216,7 @@ class Manifest:
         for graph in self.graphs.values():
             out[graph.file] = graph.sha256
             out.update(graph.external_data)
-            for variant in graph.variants.values():
+            for _, variant in graph.all_variants():
                 out[variant.file] = variant.sha256
                 out.update(variant.external_data)
         for info in (self.embeddings, self.llm_tokenizer, self.instruction_tokenizer):
@@ -213,11 +231,9 @@ class Manifest:
             out[f"{at}.file"] = graph.file
             out.update({f"{at}.external_data[{f!r}]": f for f in graph.external_data})
             out.update({f"{at}.engines[{i}].file": e["file"] for i, e in enumerate(graph.engines)})
-            for precision, variant in graph.variants.items():
-                out[f"{at}.variants.{precision}.file"] = variant.file
-                out.update(
-                    {f"{at}.variants.{precision}.external_data[{f!r}]": f for f in variant.external_data}
-                )
+            for where, variant in graph.all_variants():
+                out[f"{at}.{where}.file"] = variant.file
+                out.update({f"{at}.{where}.external_data[{f!r}]": f for f in variant.external_data})
         for key in ("embeddings", "llm_tokenizer", "instruction_tokenizer"):
             out[f"{key}.file"] = getattr(self, key).file
         return out
@@ -322,6 +338,11 @@ def _check_interfaces(manifest: Manifest, folder: Path) -> None:
             where = f"graphs.{name}.variants.{precision}"
             _check_variant_interface(folder / MANIFEST_NAME, where, variant, info)
             _check_interface(folder, where, variant.file, variant.sha256, info.interface(precision))
+        for precision, variant in info.fused.items():
+            where = f"graphs.{name}.fused.{precision}"
+            if not variant.inputs or not variant.outputs:
+                raise PackageError(f"{folder / MANIFEST_NAME}: {where} declares no inputs and outputs")
+            _check_interface(folder, where, variant.file, variant.sha256, info.fused_interface(precision))
 
 
 # The float types a variant's inputs and outputs may take instead of the graph's.

@@ -47,6 +47,7 @@ _GRAPH = Record(
         "external_data": {"": str},
         "engines": [_ENGINE],
         "variants": {"precision": _VARIANT},
+        "fused": {"precision": _VARIANT},
     },
 )
 _FILE = Record({"file": str, "sha256": str})

@@ -119,6 +119,7 @@ class Pipeline:
         step_wrapper: StepWrapper | None = None,
         media_cache_size: int = MEDIA_CACHE_SIZE,
         low_memory: bool = False,
+        portable_decoder: bool = False,
     ):
         """`observers` are told each stage's time and each graph's feeds (vsal.runtime.observe);
         `backend_factory(name, info, file, precision)` opens a graph's backend (None from it: the
@@ -129,7 +130,8 @@ class Pipeline:
         before the next clip's encoders load (13b on a 16 GB module: about 4 GB of int8 encoders and
         14 GB of int4 decoder session never at once; each question loads what it needs again), and
         ONNX Runtime's weight-only kernels run float32 activations, without an int8-packed second
-        copy of the weights (backends.onnx_runtime.LOW_MEMORY_CONFIG)."""
+        copy of the weights (backends.onnx_runtime.LOW_MEMORY_CONFIG). `portable_decoder`: ONNX
+        Runtime runs the decoder's portable graph even where its fused variant is built."""
         check_backend(engine)  # a ConfigError naming the registered backends
         self.folder = folder
         self.engine = engine  # "onnxruntime" (its execution providers) or "tensorrt" (native engines)
@@ -154,6 +156,7 @@ class Pipeline:
         self._step_wrapper = step_wrapper
         self._media_cache_size = media_cache_size
         self.low_memory = low_memory
+        self.portable_decoder = portable_decoder
         self._ran: dict[str, str] = {}  # graph -> the backend that ran it (kept when freed)
 
     # --- hooks for tools (bench, calibration, serving, scripts): nothing outside reaches into it ---
@@ -185,9 +188,10 @@ class Pipeline:
         """The backends loaded so far, by graph name (they load lazily, at a graph's first run)."""
         return dict(self._backends)
 
-    def decoder_step(self) -> DecoderStep:
-        """The llm_decoder backend's own decoder step (see `_step`)."""
-        return self._step()
+    def decoder_step(self, all_logits: bool = False) -> DecoderStep:
+        """The llm_decoder backend's own decoder step (see `_step`); `all_logits`: logits at every
+        position (a step may return the last position's only, all that generation reads)."""
+        return self._step(all_logits)
 
     @classmethod
     def load(
@@ -205,6 +209,7 @@ class Pipeline:
         step_wrapper: StepWrapper | None = None,
         media_cache_size: int = MEDIA_CACHE_SIZE,
         low_memory: bool = False,
+        portable_decoder: bool = False,
     ) -> Pipeline:
         """Read and check a package (sha256 of every file unless verify=False); backends load lazily.
 
@@ -215,7 +220,8 @@ class Pipeline:
 
         engine "tensorrt" runs every graph as a native TensorRT engine (from the package's engine
         cache, built from the ONNX when missing or foreign); "onnxruntime" uses its providers.
-        `observers`, `backend_factory`, `step_wrapper`, `media_cache_size`: see the constructor.
+        `observers`, `backend_factory`, `step_wrapper`, `media_cache_size`, `low_memory`,
+        `portable_decoder`: see the constructor.
         """
         if precision is not None:
             precisions.get(precision)  # a ConfigError naming the choices
@@ -234,6 +240,7 @@ class Pipeline:
             "step_wrapper": step_wrapper,
             "media_cache_size": media_cache_size,
             "low_memory": low_memory,
+            "portable_decoder": portable_decoder,
         }
         pipeline = cls(folder, manifest, provider, threads, verbose, precision, engine, **hooks)
         pipeline.exact_precision = exact_precision
@@ -294,6 +301,7 @@ class Pipeline:
             threads=self.threads,
             progress=self.verbose,
             low_memory=self.low_memory,
+            portable=self.portable_decoder,
         )
 
     def _run(self, name: str, **feeds: np.ndarray) -> np.ndarray:
@@ -438,10 +446,14 @@ class Pipeline:
         step = self._step()
         return step if self._step_wrapper is None else self._step_wrapper(step)
 
-    def _step(self) -> DecoderStep:
+    def _step(self, all_logits: bool = False) -> DecoderStep:
         """The decoder backend's own step: on ONNX Runtime (IO binding) and TensorRT (device buffers)
-        the KV cache stays on the device between tokens; other runners go through the host."""
-        return self.backend(DECODER).decoder_step(self.manifest.kv_layout())
+        the KV cache stays on the device between tokens (the fused variant's, in place); other
+        runners go through the host."""
+        backend = self.backend(DECODER)
+        if all_logits:  # only when asked: a factory's runner need not know the option
+            return backend.decoder_step(self.manifest.kv_layout(), all_logits=True)
+        return backend.decoder_step(self.manifest.kv_layout())
 
     def check_request(self, prompt: str | bytes, options: DecodingOptions | None = None, video=None) -> str:
         """The prompt as text when the request fits the decoder, else a PromptError or LimitError.

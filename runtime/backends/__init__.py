@@ -96,31 +96,41 @@ def open_backend(
     threads: int = 0,
     progress: bool = True,
     low_memory: bool = False,
+    portable: bool = False,
 ) -> Runner:
     """A runner of graph `name` (its manifest entry `info`) of the package in `folder` on backend
     `engine`, at `precision` (the graph's fp32 file where that variant was not built); provider,
-    threads and low_memory (weight-only kernels without a packed int8 copy) are ONNX Runtime's
-    (other backends ignore them)."""
+    threads, low_memory (weight-only kernels without a packed int8 copy) and portable (the portable
+    decoder even where its fused variant is built) are ONNX Runtime's (other backends ignore them)."""
     opener = check_backend(engine).opener
     kwargs = {"provider": provider, "threads": threads, "progress": progress}
     if low_memory:  # only when asked: a registered backend's opener need not know it
         kwargs["low_memory"] = True
+    if portable:
+        kwargs["portable"] = True
     return opener(Path(folder), name, info, precision, **kwargs)
 
 
 def _open_onnxruntime(
-    folder, name, info, precision, *, provider, threads, progress, low_memory=False
+    folder, name, info, precision, *, provider, threads, progress, low_memory=False, portable=False
 ) -> Runner:
     from vsal.runtime.backends.onnx_runtime import OnnxRuntimeBackend
     from vsal.runtime.manifest import ENGINE_DIR
 
     file, got = info.file_for(precision)
+    if provider == "cpu" and got in info.fused and not portable:  # the decoder's fused variant
+        from vsal.runtime.backends.fused_decoder import FusedDecoderBackend
+
+        fused = info.fused[got]
+        return FusedDecoderBackend(name, folder / fused.file, info.fused_interface(got), threads, got)
     return OnnxRuntimeBackend(
         name, folder / file, info, provider, threads, got, folder / ENGINE_DIR, low_memory=low_memory
     )
 
 
-def _open_tensorrt(folder, name, info, precision, *, provider, threads, progress, low_memory=False) -> Runner:
+def _open_tensorrt(
+    folder, name, info, precision, *, provider, threads, progress, low_memory=False, portable=False
+) -> Runner:
     from vsal.runtime.backends.tensorrt import TensorRTBackend
 
     return TensorRTBackend.for_graph(folder, name, info, precision, progress=progress)

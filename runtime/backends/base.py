@@ -180,10 +180,12 @@ class Runner(ABC):
         long its tensors stay valid."""
         return {name: HostTensor(array) for name, array in self.run(feeds, outputs).items()}
 
-    def decoder_step(self, layout: KVLayout) -> DecoderStep:
+    def decoder_step(self, layout: KVLayout, all_logits: bool = False) -> DecoderStep:
         """The generator's step over this runner of the llm_decoder graph. This default sends the KV
         cache through the host each token (`GraphDecoderStep` over `run`). `layout`: the manifest's;
-        the cache is kept in the dtype of the running variant's past (`GraphInfo.kv_layout`)."""
+        the cache is kept in the dtype of the running variant's past (`GraphInfo.kv_layout`).
+        `all_logits`: every position's logits (a step may return only the last position's, which
+        is what generation reads; this one always returns all)."""
         return GraphDecoderStep(self.run, self.info.kv_layout(layout))
 
     def close(self) -> None:  # noqa: B027 (a runner on the host holds nothing to free)

@@ -170,7 +170,7 @@ class OnnxRuntimeBackend(Runner):
             raise ort_failure(self.name, exc) from None
         return binding.get_outputs()
 
-    def decoder_step(self, layout: KVLayout) -> BoundDecoderStep:
+    def decoder_step(self, layout: KVLayout, all_logits: bool = False) -> BoundDecoderStep:
         return BoundDecoderStep(self, self.info.kv_layout(layout))
 
 

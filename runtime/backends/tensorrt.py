@@ -246,7 +246,7 @@ class TensorRTBackend(Runner):
         on_device = self._execute(feeds)
         return {name: on_device[name] for name in outputs or self._outputs}
 
-    def decoder_step(self, layout: KVLayout) -> TensorRTDecoderStep:
+    def decoder_step(self, layout: KVLayout, all_logits: bool = False) -> TensorRTDecoderStep:
         """The device-resident step (one per layout, kept: its KV buffers are allocated once), its
         cache in the dtype of the engine's graph's past (`GraphInfo.kv_layout`)."""
         layout = self.info.kv_layout(layout)

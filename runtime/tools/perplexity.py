@@ -219,7 +219,7 @@ def score_windows(
 ) -> float:
     """Total NLL (nats) of the plan's scored tokens: one prefill of the decoder per window."""
     bos = pipeline.manifest.special_tokens["bos"]
-    step = pipeline.decoder_step()
+    step = pipeline.decoder_step(all_logits=True)
     every = max(1, len(plan) // PROGRESS_LINES)
     total = 0.0
     for number, w in enumerate(plan, 1):

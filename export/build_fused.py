@@ -1,0 +1,171 @@
+"""The build's fused decoder: each decoder variant rebuilt for ONNX Runtime, checked, recorded.
+
+`vsal-export build --precision int8|int4` writes, beside the decoder's portable variant (what
+TensorRT builds from), its fused twin (vsal.transforms.fused_decoder: GroupQueryAttention,
+SkipSimplifiedLayerNormalization, MatMulNBits over the same quantized values), which the runtime
+runs where ONNX Runtime runs the decoder. It is checked against the portable variant on prompts
+(the held-out clips' prefills, else the spec's validation inputs): greedy tokens equal, token for
+token, and the logits within FUSED_TOLERANCE of the portable graph's largest. The portable graph
+runs first and is freed before the fused one loads, so the 13b int4 check holds one at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from vsal.export.package_update import variant_file, written_folder
+from vsal.runtime.graphs import DECODER
+from vsal.runtime.manifest import GRAPH_DIR, TensorInfo, VariantInfo, sha256_file
+
+FUSED_PRECISIONS = ("int8", "int4")  # the decoder variants a build fuses (float32 fused: see docs)
+# max |fused - portable| logits over max |portable logits|: measured 6e-7 on the tiny decoder (the
+# same MatMulNBits kernels as ONNX Runtime's own fusion of the portable graph)
+FUSED_TOLERANCE = 1e-3
+GREEDY_TOKENS = 16
+MAX_PROMPTS = 3
+
+
+@dataclass
+class FusedBuild:
+    variant: VariantInfo
+    problems: list[str]
+    summary: str
+
+
+def build_fused(package: Path, manifest, precision: str, build_id: str, feeds, progress=None) -> FusedBuild:
+    """The fused twin of the decoder's `precision` graph (as `manifest` names it), written under
+    this build's name and compared with it on the prompts of `feeds` (decoder feed dicts)."""
+    from vsal.transforms.fused_decoder import fuse_decoder
+
+    info = manifest.graphs[DECODER]
+    src = package / info.file_for(precision)[0]
+    rel = variant_file(DECODER, precision, build_id, fused=True)
+    written_folder(package, GRAPH_DIR)
+    dst = package / rel
+    context = info.profile["P"]["max"] + 1
+    report = fuse_decoder(src, dst, max_positions=context)
+    table = manifest.load_embeddings(package)
+    prompts = _prompts(feeds)
+    expected = _greedy(_PortableRun(src), prompts, table)
+    got = _greedy(_FusedRun(dst), prompts, table)
+    error = max(
+        np.abs(a - b).max() / max(np.abs(a).max(), 1e-30) for a, b in zip(expected[1], got[1], strict=True)
+    )
+    equal = sum(
+        int(x == y) for e, g in zip(expected[0], got[0], strict=True) for x, y in zip(e, g, strict=True)
+    )
+    total = sum(len(e) for e in expected[0])
+    problems = []
+    if equal != total:
+        problems.append(
+            f"{DECODER}: fused {precision} greedy tokens equal to its portable graph's {equal}/{total}"
+        )
+    if error > FUSED_TOLERANCE:
+        problems.append(
+            f"{DECODER}: fused {precision} logits differ by {error:.2g} of their scale > {FUSED_TOLERANCE}"
+        )
+    inputs, outputs = _interface(dst)
+    files = [Path(f) for f in report.files if Path(f) != dst]
+    variant = VariantInfo(
+        precision=precision,
+        file=rel,
+        sha256=sha256_file(dst),
+        external_data={str(f.relative_to(package)): sha256_file(f) for f in files},
+        accuracy={
+            "against": info.file_for(precision)[0],
+            "greedy_tokens_equal": equal,
+            "greedy_tokens": total,
+            "prompts": len(prompts),
+            "max_relative_logits_error": float(error),
+        },
+        notes=report.summary(),
+        inputs=inputs,
+        outputs=outputs,
+    )
+    summary = (
+        f"fused for ONNX Runtime: {report.src_nodes} -> {report.nodes} nodes; greedy tokens equal to the "
+        f"portable graph's {equal}/{total} ({len(prompts)} prompts), logits within {error:.2g} of their scale"
+    )
+    return FusedBuild(variant, problems, summary)
+
+
+def _prompts(feeds) -> list[np.ndarray]:
+    """Up to MAX_PROMPTS prompts [1, T, H]: the prefills among `feeds` (no past), first row each."""
+    found = []
+    for feed in feeds:
+        past = [v for k, v in feed.items() if k.startswith("past_key_values.")]
+        if all(v.shape[2] == 0 for v in past) and feed["inputs_embeds"].shape[1] > 1:
+            found.append(np.ascontiguousarray(feed["inputs_embeds"][:1], dtype=np.float32))
+    return found[:MAX_PROMPTS]
+
+
+def _interface(path: Path) -> tuple[list[TensorInfo], list[TensorInfo]]:
+    graph = onnx.load(str(path), load_external_data=False).graph
+
+    def info(value) -> TensorInfo:
+        tensor = value.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+        return TensorInfo(value.name, dtype, [d.dim_param or d.dim_value for d in tensor.shape.dim])
+
+    return [info(v) for v in graph.input], [info(v) for v in graph.output]
+
+
+class _PortableRun:
+    """One step of the portable decoder: (logits of the last position [B, V], the presents)."""
+
+    def __init__(self, path: Path):
+        from vsal.runtime.backends import ort_session
+
+        self.session = ort_session(path)
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+
+    def empty(self):
+        return {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in self.past}
+
+    def __call__(self, x, length, past):
+        t = x.shape[1]
+        feed = {
+            "inputs_embeds": x,
+            "attention_mask": np.ones((1, length + t), np.int64),
+            "position_ids": np.arange(length, length + t)[None],
+            **past,
+        }
+        values = self.session.run(self.outputs, feed)
+        presents = {i.name: v for i, v in zip(self.past, values[1:], strict=True)}
+        return values[0][:, -1], presents
+
+
+class _FusedRun(_PortableRun):
+    def __call__(self, x, length, past):
+        t = x.shape[1]
+        feed = {
+            "inputs_embeds": x,
+            "position_ids": np.arange(length, length + t)[None],
+            "seqlens_k": np.array([length + t - 1], np.int32),
+            "total_sequence_length": np.array(length + t, np.int32),
+            "logits_to_keep": np.array(1, np.int64),
+            **past,
+        }
+        values = self.session.run(self.outputs, feed)
+        presents = {i.name: v for i, v in zip(self.past, values[1:], strict=True)}
+        return values[0][:, -1], presents
+
+
+def _greedy(run: _PortableRun, prompts, table) -> tuple[list[list[int]], list[np.ndarray]]:
+    """GREEDY_TOKENS greedy tokens per prompt and the prefill's last logits; the session is freed."""
+    tokens, logits = [], []
+    for prompt in prompts:
+        last, past = run(prompt, 0, run.empty())
+        logits.append(last[0])
+        found, length = [], prompt.shape[1]
+        for _ in range(GREEDY_TOKENS):
+            found.append(int(last[0].argmax()))
+            last, past = run(np.asarray(table[found[-1]], np.float32)[None, None], length, past)
+            length += 1
+        tokens.append(found)
+    del run.session
+    return tokens, logits

@@ -1,0 +1,144 @@
+"""The fused decoder through the build and the runtime: `vsal-export build --precision int4` records
+the decoder's fused twin, checked against its portable graph; the CPU pipeline runs it with the KV
+cache in place and answers as the portable graph does (greedy, beams, past a buffer's growth)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from vsal.export.build import build
+from vsal.runtime.backends import fused_decoder
+from vsal.runtime.backends.base import BackendError
+from vsal.runtime.backends.fused_decoder import FusedDecoderBackend, FusedKVCache
+from vsal.runtime.generation import beam_search, generate_tokens
+from vsal.runtime.graphs import DECODER
+from vsal.runtime.manifest import load_manifest, verify_files
+from vsal.runtime.pipeline import Pipeline
+from vsal.runtime.prompt import DecodingOptions
+from vsal.runtime.tools.perplexity import perplexity
+
+
+@pytest.fixture(scope="module")
+def built(tiny_package, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fused") / "tiny"
+    shutil.copytree(tiny_package, folder)
+    return folder, build(folder, "int4", progress=False, allow_below=True)  # tiny: agreement ~30 %
+
+
+def pipelines(folder):
+    return (
+        Pipeline.load(folder, verbose=False, precision="int4", verify=False),
+        Pipeline.load(folder, verbose=False, precision="int4", verify=False, portable_decoder=True),
+    )
+
+
+def test_the_build_records_the_fused_twin_checked_against_its_portable_graph(built):
+    folder, report = built
+    manifest = load_manifest(folder)
+    decoder = manifest.graphs[DECODER]
+    fused = decoder.fused["int4"]
+    assert verify_files(manifest, folder) == []
+    assert fused.file.endswith(".fused.onnx") and fused.file in manifest.files()
+    assert fused.accuracy["against"] == decoder.variants["int4"].file
+    assert fused.accuracy["greedy_tokens_equal"] == fused.accuracy["greedy_tokens"] > 0
+    assert fused.accuracy["max_relative_logits_error"] < 1e-3
+    assert [t.name for t in fused.inputs][:5] == [
+        "inputs_embeds",
+        "position_ids",
+        "seqlens_k",
+        "total_sequence_length",
+        "logits_to_keep",
+    ]
+    assert not any("fused" in p for p in report.problems)
+    assert "fused for ONNX Runtime" in report.graphs[DECODER]["notes"]
+
+
+def test_a_tampered_fused_graph_is_refused_at_load(built, tmp_path):
+    folder = tmp_path / "tiny"
+    shutil.copytree(built[0], folder)
+    fused = folder / load_manifest(folder).graphs[DECODER].fused["int4"].file
+    fused.write_bytes(fused.read_bytes()[:-8] + b"\0" * 8)
+    assert any("sha256 differs" in p for p in verify_files(load_manifest(folder), folder))
+
+
+def test_the_cpu_pipeline_runs_the_fused_decoder_and_answers_as_the_portable_one(built, clip_10s):
+    fast, portable = pipelines(built[0])
+    assert isinstance(fast.backend(DECODER), FusedDecoderBackend)
+    assert not isinstance(portable.backend(DECODER), FusedDecoderBackend)
+    assert "fused" in fast.backend(DECODER).description
+    for beams in (1, 3):
+        options = DecodingOptions(num_beams=beams, max_new_tokens=12)
+        answers = [
+            p.ask("What happens?", video=clip_10s, options=options).token_ids for p in (fast, portable)
+        ]
+        assert answers[0] == answers[1], beams
+
+
+def test_the_cache_grows_and_keeps_the_tokens(built, monkeypatch):
+    """Buffers grow by 16 here: a prompt of 12 positions takes 32, its 24th new token 64."""
+    monkeypatch.setattr(fused_decoder, "GROW", 16)
+    fast, portable = pipelines(built[0])
+    rng = np.random.default_rng(5)
+    prompt = rng.standard_normal((1, 12, fast.llm["hidden_size"])).astype(np.float32)
+    options = DecodingOptions(num_beams=1, max_new_tokens=24, eos_token_id=None)
+
+    def embed(ids):
+        return fast.embeddings[ids]
+
+    caches = []
+    step = fast.decoder_step()
+
+    def watched(*args):
+        logits, cache = step(*args)
+        caches.append((cache.capacity, cache.length))
+        return logits, cache
+
+    got = list(generate_tokens(watched, embed, prompt, options))
+    assert got == list(generate_tokens(portable.decoder_step(), embed, prompt, options))
+    assert [caches[0], caches[-1]] == [(32, 12), (64, 12 + 23)]  # grew once
+    beams = DecodingOptions(num_beams=3, max_new_tokens=8, eos_token_id=None)
+    short = prompt[:, :20]
+    assert beam_search(fast.decoder_step(), embed, short, beams) == beam_search(
+        portable.decoder_step(), embed, short, beams
+    )
+
+
+def test_reorder_gathers_rows_in_place(built):
+    fast, _ = pipelines(built[0])
+    layout = fast.manifest.kv_layout()
+    cache = FusedKVCache.allocate(layout, 3, 8)
+    for i, buffer in enumerate(cache.buffers):
+        buffer[:] = np.arange(3)[:, None, None, None] + 10 * i
+    cache.length = 5
+    same = cache.reorder(np.array([2, 2, 0]))
+    assert same is cache and same.buffers[1][:, 0, 0, 0].tolist() == [12, 12, 10]
+    wider = cache.reorder(np.array([0, 0, 1, 1, 2]))
+    assert wider.batch == 5 and wider.length == 5 and wider.buffers[0][:, 0, 4, 0].tolist() == [2, 2, 2, 2, 0]
+
+
+def test_a_padded_mask_is_refused_by_name(built):
+    fast, _ = pipelines(built[0])
+    step = fast.decoder_step()
+    x = np.zeros((1, 3, fast.llm["hidden_size"]), np.float32)
+    with pytest.raises(BackendError, match="takes no padding.*--portable-decoder"):
+        step(x, np.array([[0, 1, 1]]), np.arange(3)[None], None)
+
+
+def test_perplexity_scores_every_position_through_the_fused_decoder(built, tmp_path):
+    """`vsal perplexity` asks the step for every position's logits: the same figure either way."""
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 30)
+    fused = perplexity(built[0], text, precision="int4", window=64, progress=False)
+    assert "fused" in fused.backends[DECODER]
+    manifest = load_manifest(built[0])
+    del manifest.graphs[DECODER].fused["int4"]
+    portable = tmp_path / "portable"
+    shutil.copytree(built[0], portable)
+    from vsal.runtime.manifest import save_manifest
+
+    save_manifest(manifest, portable)
+    plain = perplexity(portable, text, precision="int4", window=64, progress=False)
+    assert "fused" not in plain.backends[DECODER]
+    assert fused.perplexity == pytest.approx(plain.perplexity, rel=1e-4)
