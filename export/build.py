@@ -153,7 +153,12 @@ def build(
         report = BuildReport(precision, build_id=secrets.token_hex(4))
         _clean(report, package, manifest, progress)
         if row.is_export and not engines:
-            report.notes.append(f"{precision}: the exported graphs are used as they are (nothing to record)")
+            if DECODER in names and precision in FUSED_PRECISIONS:
+                _verify(package, manifest)
+                _build_exported_fused(report, package, manifest, allow_below, progress)
+                _save_report(report, package)
+            else:
+                report.notes.append(f"{precision}: the exported graphs are used as they are (nothing to record)")
             _tensorrt_note(report)
             return report
         _verify(package, manifest)
@@ -359,6 +364,18 @@ def _build_variant(
         _build_fused_variant(report, update, package, candidate, checks)
 
 
+def _build_exported_fused(report, package, manifest, allow_below: bool, progress: bool) -> None:
+    """`--precision fp32`: the exported decoder's fused twin (checked on the spec's prompts, no
+    media needed), recorded like a variant."""
+    update = Update(report.precision)
+    try:
+        _build_fused_variant(report, update, package, copy.deepcopy(manifest), {})
+        _record(report, update, package, allow_below, progress)
+    except BaseException:
+        update.discard()
+        raise
+
+
 def _build_fused_variant(report, update, package, candidate, checks) -> None:
     """The decoder variant's fused twin for ONNX Runtime (vsal.export.build_fused), checked against
     it; recorded with the build, its problems the build's."""
@@ -370,7 +387,10 @@ def _build_fused_variant(report, update, package, candidate, checks) -> None:
     fused = build_fused(package, candidate, report.precision, report.build_id, feeds)
     candidate.graphs[DECODER].fused[report.precision] = fused.variant
     update.fused[DECODER] = fused.variant
-    report.graphs[DECODER]["notes"] += f"; {fused.summary}"
+    if DECODER in report.graphs:
+        report.graphs[DECODER]["notes"] += f"; {fused.summary}"
+    else:
+        report.notes.append(f"{DECODER}: {fused.summary}")
     report.problems += fused.problems
 
 

@@ -20,7 +20,7 @@ from vsal.export.package_update import variant_file, written_folder
 from vsal.runtime.graphs import DECODER
 from vsal.runtime.manifest import GRAPH_DIR, TensorInfo, VariantInfo, sha256_file
 
-FUSED_PRECISIONS = ("int8", "int4")  # the decoder variants a build fuses (float32 fused: see docs)
+FUSED_PRECISIONS = ("fp32", "int8", "int4")  # the decoder precisions a build fuses (fp32: the export's)
 # max |fused - portable| logits over max |portable logits|: measured 6e-7 on the tiny decoder (the
 # same MatMulNBits kernels as ONNX Runtime's own fusion of the portable graph)
 FUSED_TOLERANCE = 1e-3

@@ -172,6 +172,11 @@ def _generation_options(fn):
     help="One stage's graphs in memory at a time (the encoders are freed before the decoder runs), "
     "and ONNX Runtime's int4/int8 weight-only kernels without a packed copy (13b on a 16 GB machine).",
 )
+@click.option(
+    "--portable-decoder",
+    is_flag=True,
+    help="Run the decoder's portable graph on ONNX Runtime even where its fused variant is built.",
+)
 def run(
     model_dir,
     server,
@@ -190,6 +195,7 @@ def run(
     precision,
     as_json,
     low_memory,
+    portable_decoder,
 ) -> None:
     from vsal.runtime.pipeline import Pipeline
     from vsal.runtime.prompt import check_prompt
@@ -203,9 +209,10 @@ def run(
     if server is not None:
         from vsal.runtime.serving.client import Client
 
-        if provider or precision or engine != "onnxruntime" or low_memory:
+        if provider or precision or engine != "onnxruntime" or low_memory or portable_decoder:
             raise click.UsageError(
-                "--provider, --backend, --precision and --low-memory are the server's choice: leave them out"
+                "--provider, --backend, --precision, --low-memory and --portable-decoder are the server's "
+                "choice: leave them out"
             )
 
         pipeline = Client(server)  # the same ask() as the pipeline's
@@ -217,6 +224,7 @@ def run(
             precision=precision,
             engine=engine,
             low_memory=low_memory,
+            portable_decoder=portable_decoder,
         )
     if as_json:
         answer = pipeline.ask(prompt, video=video, audio=audio, options=options)

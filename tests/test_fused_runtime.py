@@ -142,3 +142,12 @@ def test_perplexity_scores_every_position_through_the_fused_decoder(built, tmp_p
     plain = perplexity(portable, text, precision="int4", window=64, progress=False)
     assert "fused" not in plain.backends[DECODER]
     assert fused.perplexity == pytest.approx(plain.perplexity, rel=1e-4)
+
+
+def test_an_fp32_build_fuses_the_exported_decoder(tiny_package, tmp_path):
+    folder = tmp_path / "tiny"
+    shutil.copytree(tiny_package, folder)
+    report = build(folder, "fp32", progress=False)
+    fused = load_manifest(folder).graphs[DECODER].fused["fp32"]
+    assert report.recorded and report.problems == [] and fused.accuracy["greedy_tokens_equal"] > 0
+    assert isinstance(Pipeline.load(folder, verbose=False, precision="fp32").backend(DECODER), FusedDecoderBackend)

@@ -188,10 +188,14 @@ def kv_bytes_per_position(manifest, precision: str) -> int:
     return 2 * layout.layers * layout.kv_heads * layout.head_dim * np.dtype(layout.dtype).itemsize
 
 
-def graph_bytes(folder: Path, manifest, graph: str, precision: str) -> int:
-    """Bytes of the graph file that runs at `precision` (+ its external weight files)."""
+def graph_bytes(folder: Path, manifest, graph: str, precision: str, fused: bool = False) -> int:
+    """Bytes of the graph file that runs at `precision` (+ its external weight files); `fused`: of
+    its fused variant."""
     info = manifest.graphs[graph]
-    if precision in info.variants:
+    if fused:
+        variant = info.fused[precision]
+        files = [variant.file, *variant.external_data]
+    elif precision in info.variants:
         variant = info.variants[precision]
         files = [variant.file, *variant.external_data]
     else:
@@ -284,12 +288,19 @@ def bench_runtime(
     precision,
     threads: int,
     low_memory: bool = False,
+    portable_decoder: bool = False,
 ) -> dict:
+    from vsal.runtime.backends.fused_decoder import FusedDecoderBackend
     from vsal.runtime.pipeline import Pipeline
 
     start = time.perf_counter()
     pipeline = Pipeline.load(
-        model_dir, threads=threads, verbose=False, precision=precision, low_memory=low_memory
+        model_dir,
+        threads=threads,
+        verbose=False,
+        precision=precision,
+        low_memory=low_memory,
+        portable_decoder=portable_decoder,
     )
     load_s = time.perf_counter() - start
     shapes: dict = {}
@@ -314,6 +325,7 @@ def bench_runtime(
         "peak_rss_bytes": peak_rss_bytes(),
         "backends": {name: b.description for name, b in backends.items()},
         "precisions": {name: b.precision for name, b in backends.items()},
+        "fused_decoder": isinstance(backends.get("llm_decoder"), FusedDecoderBackend),
         "shapes": shapes,
         "_manifest": pipeline.manifest,
     }
@@ -404,7 +416,7 @@ def roofline(runtime: dict, limits: dict, model_dir: Path, tokens: int) -> dict:
     config = manifest.config
     shapes = runtime["shapes"]
     precision = runtime["precisions"].get("llm_decoder", "fp32")
-    weights = graph_bytes(model_dir, manifest, "llm_decoder", precision)
+    weights = graph_bytes(model_dir, manifest, "llm_decoder", precision, runtime.get("fused_decoder", False))
     mean_context = shapes["prompt_length"] + tokens / 2
     kv_bytes = kv_bytes_per_position(manifest, precision) * mean_context
     per_token = weights + kv_bytes
@@ -467,9 +479,11 @@ def run_bench(
     checkpoint: str | os.PathLike | None = None,
     quick_limits: bool = False,
     low_memory: bool = False,
+    portable_decoder: bool = False,
 ) -> dict:
     """The whole bench as a JSON-ready dict (see the module docstring). low_memory: the pipeline's
-    (each run loads its encoders again: their stage times include their sessions' loading)."""
+    (each run loads its encoders again: their stage times include their sessions' loading);
+    portable_decoder: the decoder's portable graph even where its fused variant is built."""
     from vsal.runtime.manifest import load_manifest
     from vsal.runtime.tools import machine_limits
 
@@ -485,7 +499,9 @@ def run_bench(
             media = write_clip(Path(tmp) / "clip.mp4", seconds=10.0)
         media = Path(media)
         kwargs = _media_kwargs(media)
-        rt = bench_runtime(model_dir, kwargs, prompt, runs, tokens, precision, threads, low_memory)
+        rt = bench_runtime(
+            model_dir, kwargs, prompt, runs, tokens, precision, threads, low_memory, portable_decoder
+        )
         if reference:
             say("PyTorch reference (a child process)")
             ref = bench_reference(model_dir, kwargs, prompt, runs, tokens, threads, checkpoint)
@@ -496,7 +512,7 @@ def run_bench(
     manifest = rt["_manifest"]
     decoder_precision = rt["precisions"].get("llm_decoder", "fp32")
     say("measuring this machine's limits (bandwidth, GEMM rates)")
-    weights = graph_bytes(model_dir, manifest, "llm_decoder", decoder_precision)
+    weights = graph_bytes(model_dir, manifest, "llm_decoder", decoder_precision, rt.get("fused_decoder", False))
     limits = machine_limits.measure(working_set_bytes=weights, quick=quick_limits, threads=threads)
     out = {
         "model": {
@@ -655,6 +671,11 @@ def _jsonable(value):
     "--low-memory",
     is_flag=True,
     help="The pipeline's low-memory mode (vsal run --low-memory); encoder stages then include loading.",
+)
+@click.option(
+    "--portable-decoder",
+    is_flag=True,
+    help="Time the decoder's portable graph even where its fused variant is built (vsal run's option).",
 )
 def bench_cli(as_json, **options):
     result = _jsonable(run_bench(**options))  # click's names are run_bench's parameters
