@@ -90,8 +90,9 @@ def defaults_for(device: str) -> tuple[str, ...]:
 def choose(variants, wanted: str | None, device: str, exact: bool = False) -> tuple[str, str | None]:
     """(precision to run, why it differs from `wanted`) for a graph whose built variants are
     `variants` (names). None wanted: the first of `defaults_for(device)` that is built, else the
-    export. A precision the graph lacks runs the export; a gpu_only one runs the export on the CPU
-    unless `exact` (the build's accuracy check runs fp16 graphs on the CPU)."""
+    export. A gpu_only one runs the export on the CPU unless `exact` (the build's accuracy check runs
+    fp16 graphs on the CPU). A precision the graph lacks runs its best other: the fewest-bit default
+    built for `device` with at least as many bits, else the export."""
     if wanted is None:
         built = [p for p in defaults_for(device) if p in variants]
         return (built[0] if built else EXPORTED), None
@@ -101,7 +102,11 @@ def choose(variants, wanted: str | None, device: str, exact: bool = False) -> tu
     if row.gpu_only and device != "gpu" and not exact:
         return EXPORTED, f"{wanted} graphs are for GPUs; on the CPU they only add casts"
     if wanted not in variants:
-        return EXPORTED, f"no {wanted} variant usable here"
+        # the graph's best other: the fewest-bit default built here with at least as many bits
+        # (int4 asked, an encoder built int8 runs int8; int8 asked, a decoder built int4 runs fp32)
+        wider = [p for p in defaults_for(device) if p in variants and get(p).weight_bits >= row.weight_bits]
+        other = wider[0] if wider else EXPORTED
+        return other, f"no {wanted} variant built: {other}"
     return wanted, None
 
 

@@ -118,3 +118,12 @@ def test_unknown_quantizers_and_taken_names_are_refused(tiny_package):
     with pytest.raises(ConfigError, match="--precision 'int3': unknown precision; choose fp32, fp16, int8"):
         build(tiny_package, "int3", progress=False)
     assert "int8" in precisions.variant_names() and "fp32" not in precisions.variant_names()
+
+
+def test_a_precision_a_graph_lacks_runs_its_best_other_with_as_many_bits():
+    from vsal.runtime import precisions
+
+    assert precisions.choose({"int8": 1}, "int4", "cpu") == ("int8", "no int4 variant built: int8")
+    assert precisions.choose({"int4": 1}, "int8", "cpu") == ("fp32", "no int8 variant built: fp32")
+    assert precisions.choose({}, "int4", "cpu")[0] == "fp32"
+    assert precisions.choose({"int8": 1, "int4": 1}, "int4", "cpu") == ("int4", None)
