@@ -4,13 +4,23 @@
 TensorRT builds from), its fused twin (vsal.transforms.fused_decoder: GroupQueryAttention,
 SkipSimplifiedLayerNormalization, MatMulNBits over the same quantized values), which the runtime
 runs where ONNX Runtime runs the decoder. It is checked against the portable variant on prompts
-(the held-out clips' prefills, else the spec's validation inputs): greedy tokens equal, token for
-token, and the logits within FUSED_TOLERANCE of the portable graph's largest. The portable graph
-runs first and is freed before the fused one loads, so the 13b int4 check holds one at a time.
+(the held-out clips' prefills, else the spec's validation inputs), twice:
+
+* exact: both graphs with float32 activations (the fused graph's MatMulNBits at accuracy level 1,
+  the portable graph's DequantizeLinear -> MatMul fused by ONNX Runtime at level 1 too), the
+  prefill's logits within FUSED_TOLERANCE of their scale: the same weights, values and math;
+* as they run: int8 activations in MatMulNBits (level 4, ONNX Runtime's default and 10-30x faster
+  on this CPU than level 1), greedy tokens compared token for token. The two graphs quantize
+  activations in kernels of different shapes (q, k and v as one projection), so their logits
+  differ by about 2 % of their scale (SmolLM2-135M, int4 and int8) and greedy tokens may part:
+  reported, a problem only for float32 weights, where nothing is quantized.
+
+Each graph runs and is freed before the next loads, so the 13b int4 check holds one at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +31,10 @@ from vsal.runtime.graphs import DECODER
 from vsal.runtime.manifest import GRAPH_DIR, TensorInfo, VariantInfo, sha256_file
 
 FUSED_PRECISIONS = ("fp32", "int8", "int4")  # the decoder precisions a build fuses (fp32: the export's)
-# max |fused - portable| logits over max |portable logits|: measured 6e-7 on the tiny decoder (the
-# same MatMulNBits kernels as ONNX Runtime's own fusion of the portable graph)
-FUSED_TOLERANCE = 1e-3
+# max |fused - portable| prefill logits over max |portable logits|, float32 activations: measured
+# 2.5e-6 (SmolLM2-135M int8 and int4), 6e-7 (the tiny decoder)
+FUSED_TOLERANCE = 1e-4
+EXACT_LEVEL = 1  # MatMulNBits accuracy level with float32 activations
 GREEDY_TOKENS = 16
 MAX_PROMPTS = 3
 
@@ -49,24 +60,21 @@ def build_fused(package: Path, manifest, precision: str, build_id: str, feeds, p
     report = fuse_decoder(src, dst, max_positions=context)
     table = manifest.load_embeddings(package)
     prompts = _prompts(feeds)
+    exact = _prefill_logits(_PortableRun(src, EXACT_LEVEL), prompts)
+    with _at_level(dst, EXACT_LEVEL) as exact_graph:
+        error = _worst_error(exact, _prefill_logits(_FusedRun(exact_graph), prompts))
     expected = _greedy(_PortableRun(src), prompts, table)
     got = _greedy(_FusedRun(dst), prompts, table)
-    error = max(
-        np.abs(a - b).max() / max(np.abs(a).max(), 1e-30) for a, b in zip(expected[1], got[1], strict=True)
-    )
-    equal = sum(
-        int(x == y) for e, g in zip(expected[0], got[0], strict=True) for x, y in zip(e, g, strict=True)
-    )
-    total = sum(len(e) for e in expected[0])
+    equal = sum(int(x == y) for e, g in zip(expected, got, strict=True) for x, y in zip(e, g, strict=True))
+    total = sum(len(e) for e in expected)
     problems = []
-    if equal != total:
-        problems.append(
-            f"{DECODER}: fused {precision} greedy tokens equal to its portable graph's {equal}/{total}"
-        )
     if error > FUSED_TOLERANCE:
         problems.append(
-            f"{DECODER}: fused {precision} logits differ by {error:.2g} of their scale > {FUSED_TOLERANCE}"
+            f"{DECODER}: fused {precision} logits differ by {error:.2g} of their scale from its portable "
+            f"graph's (float32 activations) > {FUSED_TOLERANCE}"
         )
+    if equal != total and precision == "fp32":
+        problems.append(f"{DECODER}: fused fp32 greedy tokens equal to the portable graph's {equal}/{total}")
     inputs, outputs = _interface(dst)
     files = [Path(f) for f in report.files if Path(f) != dst]
     variant = VariantInfo(
@@ -79,15 +87,16 @@ def build_fused(package: Path, manifest, precision: str, build_id: str, feeds, p
             "greedy_tokens_equal": equal,
             "greedy_tokens": total,
             "prompts": len(prompts),
-            "max_relative_logits_error": float(error),
+            "max_relative_logits_error": float(error),  # float32 activations (exact math)
         },
         notes=report.summary(),
         inputs=inputs,
         outputs=outputs,
     )
     summary = (
-        f"fused for ONNX Runtime: {report.src_nodes} -> {report.nodes} nodes; greedy tokens equal to the "
-        f"portable graph's {equal}/{total} ({len(prompts)} prompts), logits within {error:.2g} of their scale"
+        f"fused for ONNX Runtime: {report.src_nodes} -> {report.nodes} nodes; logits within {error:.2g} of "
+        f"the portable graph's (float32 activations); greedy tokens equal to its {equal}/{total} as they run "
+        f"({len(prompts)} prompts)"
     )
     return FusedBuild(variant, problems, summary)
 
@@ -114,12 +123,14 @@ def _interface(path: Path) -> tuple[list[TensorInfo], list[TensorInfo]]:
 
 
 class _PortableRun:
-    """One step of the portable decoder: (logits of the last position [B, V], the presents)."""
+    """One step of the portable decoder: (logits of the last position [B, V], the presents).
+    `level`: the accuracy level ONNX Runtime fuses its DequantizeLinear -> MatMul at (None: its own)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, level: int | None = None):
         from vsal.runtime.backends import ort_session
 
-        self.session = ort_session(path)
+        config = None if level is None else {"session.qdq_matmulnbits_accuracy_level": str(level)}
+        self.session = ort_session(path, config=config)
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
 
@@ -155,12 +166,41 @@ class _FusedRun(_PortableRun):
         return values[0][:, -1], presents
 
 
-def _greedy(run: _PortableRun, prompts, table) -> tuple[list[list[int]], list[np.ndarray]]:
-    """GREEDY_TOKENS greedy tokens per prompt and the prefill's last logits; the session is freed."""
-    tokens, logits = [], []
+def _prefill_logits(run: _PortableRun, prompts) -> list[np.ndarray]:
+    """The last position's logits of each prompt's prefill; the session is freed."""
+    logits = [run(prompt, 0, run.empty())[0][0] for prompt in prompts]
+    del run.session
+    return logits
+
+
+def _worst_error(expected: list[np.ndarray], got: list[np.ndarray]) -> float:
+    return max(
+        float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-30)) for a, b in zip(expected, got, strict=True)
+    )
+
+
+@contextlib.contextmanager
+def _at_level(path: Path, level: int):
+    """The graph at `path` with every MatMulNBits at accuracy `level`: its structure written beside
+    it (the weights are the same side file), removed after."""
+    model = onnx.load(str(path), load_external_data=False)
+    for node in model.graph.node:
+        for attribute in node.attribute:
+            if node.op_type == "MatMulNBits" and attribute.name == "accuracy_level":
+                attribute.i = level
+    copy = path.with_name(f".{path.stem}.level{level}.onnx")
+    onnx.save(model, str(copy))
+    try:
+        yield copy
+    finally:
+        copy.unlink(missing_ok=True)
+
+
+def _greedy(run: _PortableRun, prompts, table) -> list[list[int]]:
+    """GREEDY_TOKENS greedy tokens per prompt; the session is freed."""
+    tokens = []
     for prompt in prompts:
         last, past = run(prompt, 0, run.empty())
-        logits.append(last[0])
         found, length = [], prompt.shape[1]
         for _ in range(GREEDY_TOKENS):
             found.append(int(last[0].argmax()))
@@ -168,4 +208,4 @@ def _greedy(run: _PortableRun, prompts, table) -> tuple[list[list[int]], list[np
             length += 1
         tokens.append(found)
     del run.session
-    return tokens, logits
+    return tokens
