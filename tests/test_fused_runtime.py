@@ -150,4 +150,6 @@ def test_an_fp32_build_fuses_the_exported_decoder(tiny_package, tmp_path):
     report = build(folder, "fp32", progress=False)
     fused = load_manifest(folder).graphs[DECODER].fused["fp32"]
     assert report.recorded and report.problems == [] and fused.accuracy["greedy_tokens_equal"] > 0
-    assert isinstance(Pipeline.load(folder, verbose=False, precision="fp32").backend(DECODER), FusedDecoderBackend)
+    assert isinstance(
+        Pipeline.load(folder, verbose=False, precision="fp32").backend(DECODER), FusedDecoderBackend
+    )

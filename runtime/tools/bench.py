@@ -20,6 +20,8 @@ per-clip encoder cache is cleared before every run. For each stage: median, min 
   the GEMM rate (FLOPs counted from the config: every matmul and convolution, attention included).
 * Peak memory: the process's RSS high-water mark (VmHWM), the runtime's before the reference
   starts and the reference child's own.
+* Peers (`--llm-dir DIR`, the checkpoint folder the package's LLM came from): vsal's decoder beside
+  onnxruntime-genai and llama.cpp on the same weights, in interleaved rounds (`runtime.tools.peers`).
 """
 
 from __future__ import annotations
@@ -480,16 +482,23 @@ def run_bench(
     quick_limits: bool = False,
     low_memory: bool = False,
     portable_decoder: bool = False,
+    llm_dir: str | os.PathLike | None = None,
+    peer_rounds: int = 3,
 ) -> dict:
     """The whole bench as a JSON-ready dict (see the module docstring). low_memory: the pipeline's
     (each run loads its encoders again: their stage times include their sessions' loading);
-    portable_decoder: the decoder's portable graph even where its fused variant is built."""
+    portable_decoder: the decoder's portable graph even where its fused variant is built;
+    llm_dir: the checkpoint folder of the package's LLM, to measure the peers on it in `peer_rounds`
+    interleaved rounds (None: no peers)."""
     from vsal.runtime.manifest import load_manifest
-    from vsal.runtime.tools import machine_limits
+    from vsal.runtime.tools import machine_limits, peers
 
     model_dir = Path(model_dir)
     check_settings(runs, tokens, threads, reference, checkpoint)
-    load_manifest(model_dir)  # a clear error before anything else
+    manifest = load_manifest(model_dir)  # a clear error before anything else
+    if llm_dir is not None:  # the folder and the rounds are checked before minutes of work
+        peers.check_rounds(peer_rounds)
+        peers.check_llm_dir(Path(llm_dir), model_dir, manifest)
     with tempfile.TemporaryDirectory(prefix="vsal-bench-") as tmp:
         generated = media is None
         if generated:
@@ -512,7 +521,9 @@ def run_bench(
     manifest = rt["_manifest"]
     decoder_precision = rt["precisions"].get("llm_decoder", "fp32")
     say("measuring this machine's limits (bandwidth, GEMM rates)")
-    weights = graph_bytes(model_dir, manifest, "llm_decoder", decoder_precision, rt.get("fused_decoder", False))
+    weights = graph_bytes(
+        model_dir, manifest, "llm_decoder", decoder_precision, rt.get("fused_decoder", False)
+    )
     limits = machine_limits.measure(working_set_bytes=weights, quick=quick_limits, threads=threads)
     out = {
         "model": {
@@ -542,6 +553,9 @@ def run_bench(
         "reference": ref,
         "roofline": roofline(rt, limits, model_dir, tokens),
     }
+    if llm_dir is not None:
+        say(f"peers: vsal's decoder beside onnxruntime-genai and llama.cpp on {llm_dir}")
+        out["peers"] = peers.compare(model_dir, llm_dir, peer_rounds, threads, quick_limits)
     if "stages" in ref:
         out["ratio"] = {  # reference / runtime: > 1 means the runtime is faster
             name: ref["stages"][name]["median"] / rt["stages"][name]["median"]
@@ -624,6 +638,10 @@ def table(result: dict) -> str:
             f"{graph} ({c['precision']}): {c['gflop']:.1f} GFLOP at {c['gflop_per_s']:.0f} GFLOP/s = "
             f"{100 * c['fraction_of_fp32_gemm']:.0f}% of fp32 GEMM{extra}"
         )
+    if "peers" in result:
+        from vsal.runtime.tools import peers
+
+        lines += ["", peers.table(result["peers"])]
     return "\n".join(lines)
 
 
@@ -676,6 +694,18 @@ def _jsonable(value):
     "--portable-decoder",
     is_flag=True,
     help="Time the decoder's portable graph even where its fused variant is built (vsal run's option).",
+)
+@click.option(
+    "--llm-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="The transformers Llama checkpoint folder the package's LLM came from: also measure "
+    "onnxruntime-genai and llama.cpp on it where installed (scripts/peers/), interleaved with vsal.",
+)
+@click.option(
+    "--peer-rounds",
+    default=3,
+    show_default=True,
+    help="With --llm-dir: rounds, each running every engine once in turn.",
 )
 def bench_cli(as_json, **options):
     result = _jsonable(run_bench(**options))  # click's names are run_bench's parameters
