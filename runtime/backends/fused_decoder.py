@@ -138,9 +138,7 @@ class FusedDecoderBackend(OnnxRuntimeBackend):
 
     def __init__(self, name: str, path: str | os.PathLike, info: GraphInfo, threads: int, precision: str):
         super().__init__(name, path, info, "cpu", threads, precision)
-        self.description = (
-            f"onnxruntime cpu {precision}, fused (GroupQueryAttention, MatMulNBits, cache in place)"
-        )
+        self.description += ", fused (GroupQueryAttention, MatMulNBits, the KV cache in place)"
 
     def in_place_run(self, host: Mapping[str, np.ndarray], past: Mapping[str, object], present) -> np.ndarray:
         """One run with each present bound to its past's OrtValue: the logits, on the host."""
