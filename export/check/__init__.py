@@ -61,6 +61,13 @@ def check_package(folder: str | Path, only: set[str] | None = None) -> CheckRepo
             )
             label = f"{name}.{precision}"
             report.graphs[label] = _check_graph(label, as_graph, manifest, folder)
+        if only is None and info.fused:  # ONNX Runtime's own ops: never TensorRT's to parse
+            fused = ", ".join(f"{name}.{p} ({v.file})" for p, v in info.fused.items())
+            report.package.append(
+                Finding(
+                    "info", "both", f"fused ONNX Runtime variants, not for TensorRT (not checked): {fused}"
+                )
+            )
     return report
 
 
