@@ -37,14 +37,18 @@ import hashlib
 import json
 import math
 import os
-import resource
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from peer_job import (  # noqa: E402
+    EvalError,
+    peak_rss_bytes,
+    read_job,
+    summarize,
+)
 
 
 def window_nll(logits: np.ndarray, targets: np.ndarray) -> float:
@@ -118,13 +122,8 @@ def perplexity_main(model_path: str, job_path: str) -> None:
 
 GGUF_TYPES = ("F32", "Q8_0", "Q4_0")  # F32 and Q8_0 by the converter; Q4_0 quantized from F32
 LLAMA_FTYPE_MOSTLY_Q4_0 = 2  # llama.h's llama_ftype
-DEFAULT_RUNS, DEFAULT_WARMUP = 7, 1  # as ort_genai_eval.py
 LOG_TAIL = 3000  # characters of a converter's log quoted in an error
 EMBEDDING, OUTPUT = "token_embd.weight", "output.weight"  # GGUF names of the table and the LM head
-
-
-class EvalError(Exception):
-    """A user mistake or a failed conversion: reported as {"error": message}."""
 
 
 def checkpoint_fingerprint(checkpoint: Path, version: str) -> str:
@@ -213,51 +212,6 @@ def weights_read_per_token(path: Path) -> tuple[int, int]:
 # --- decode timing: the job and the runs ---------------------------------------------------------
 
 
-def positive_int(job: dict, key: str, default: int | None, job_path: Path, least: int = 1) -> int:
-    value = job.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value < least:
-        raise EvalError(f"{job_path}: '{key}' must be an integer >= {least}, got {value!r}")
-    return value
-
-
-def read_decode_job(job_path: Path) -> dict:
-    try:
-        job = json.loads(job_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise EvalError(f"{job_path}: cannot read the job ({exc})") from exc
-    prompts = job.get("prompts") if isinstance(job, dict) else None
-    if not isinstance(prompts, list) or not prompts:
-        raise EvalError(f"{job_path}: 'prompts' must be a non-empty list of token-id lists")
-    for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, list) or not prompt or not all(isinstance(t, int) for t in prompt):
-            raise EvalError(f"{job_path}: prompts[{i}] must be a non-empty list of integer token ids")
-    return {
-        "prompts": prompts,
-        "new_tokens": positive_int(job, "new_tokens", None, job_path, least=2),
-        "runs": positive_int(job, "runs", DEFAULT_RUNS, job_path),
-        "warmup": positive_int(job, "warmup", DEFAULT_WARMUP, job_path, least=0),
-        "threads": positive_int(job, "threads", 0, job_path, least=0) or machine_cores(),
-    }
-
-
-def machine_cores() -> int:
-    """Cores this process may run on (the affinity mask, where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def summarize(values: list[float]) -> dict:
-    """Median, min, max, interquartile range and the runs (as runtime/tools/bench.py summarizes)."""
-    ordered = sorted(values)
-    q = statistics.quantiles(ordered, n=4) if len(ordered) > 1 else [ordered[0]] * 3
-    return {
-        "median": statistics.median(ordered),
-        "min": ordered[0],
-        "max": ordered[-1],
-        "iqr": q[2] - q[0],
-        "runs": values,
-    }
-
-
 def last_logits_argmax(llm) -> int:
     """Argmax of the last evaluated position's logits (logits_all is off: only that row exists)."""
     import llama_cpp
@@ -299,20 +253,6 @@ def measure_prompt(llm, prompt: list[int], job: dict) -> dict:
     }
 
 
-def peak_rss_bytes() -> int:
-    """This process's RSS high-water mark. Linux: VmHWM, which starts afresh at exec (getrusage's
-    ru_maxrss keeps the parent's peak across fork and exec); elsewhere getrusage."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
 def check_prompts(llm, job: dict, job_path: Path) -> None:
     vocab = llm.n_vocab()
     for i, prompt in enumerate(job["prompts"]):
@@ -333,7 +273,7 @@ def decode_evaluate(args: argparse.Namespace) -> dict:
             "(bash scripts/peers/install_llama_cpp.sh installs it)"
         ) from exc
     check_checkpoint(args.checkpoint)
-    job = read_decode_job(args.job) if args.job is not None else None
+    job = read_job(args.job) if args.job is not None else None
     fingerprint = checkpoint_fingerprint(args.checkpoint, llama_cpp.__version__)
     folder = args.out / f"{args.checkpoint.resolve().name}-{fingerprint}"
     start = time.perf_counter()

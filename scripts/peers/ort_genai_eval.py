@@ -31,23 +31,23 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from peer_job import (  # noqa: E402
+    EvalError,
+    peak_rss_bytes,
+    read_job,
+    summarize,
+)
+
 PRECISIONS = ("fp32", "int8", "int4")  # the builder's CPU weight types
 EXECUTION_PROVIDER = "cpu"
 BUILD_MARKER = "ort-genai-build.json"  # written last: a folder without it is no finished build
-DEFAULT_RUNS, DEFAULT_WARMUP = 7, 1
 LOG_TAIL = 3000  # characters of the builder's log quoted in an error
-
-
-class EvalError(Exception):
-    """A user mistake or a failed build: reported as {"error": message}."""
 
 
 # --- the genai model, built once -----------------------------------------------------------------
@@ -132,38 +132,6 @@ def set_threads(model_dir: Path, threads: int) -> dict:
 # --- the job ------------------------------------------------------------------------------------
 
 
-def machine_cores() -> int:
-    """Cores this process may run on (the affinity mask, where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def positive_int(job: dict, key: str, default: int | None, job_path: Path, least: int = 1) -> int:
-    value = job.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value < least:
-        raise EvalError(f"{job_path}: '{key}' must be an integer >= {least}, got {value!r}")
-    return value
-
-
-def read_job(job_path: Path) -> dict:
-    try:
-        job = json.loads(job_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise EvalError(f"{job_path}: cannot read the job ({exc})") from exc
-    prompts = job.get("prompts") if isinstance(job, dict) else None
-    if not isinstance(prompts, list) or not prompts:
-        raise EvalError(f"{job_path}: 'prompts' must be a non-empty list of token-id lists")
-    for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, list) or not prompt or not all(isinstance(t, int) for t in prompt):
-            raise EvalError(f"{job_path}: prompts[{i}] must be a non-empty list of integer token ids")
-    return {
-        "prompts": prompts,
-        "new_tokens": positive_int(job, "new_tokens", None, job_path, least=2),
-        "runs": positive_int(job, "runs", DEFAULT_RUNS, job_path),
-        "warmup": positive_int(job, "warmup", DEFAULT_WARMUP, job_path, least=0),
-        "threads": positive_int(job, "threads", 0, job_path, least=0) or machine_cores(),
-    }
-
-
 def check_prompts(job: dict, config: dict, job_path: Path) -> None:
     """Every id inside the model's vocabulary, every prompt plus its new tokens inside its context."""
     vocab, context = config["model"]["vocab_size"], config["model"]["context_length"]
@@ -181,19 +149,6 @@ def check_prompts(job: dict, config: dict, job_path: Path) -> None:
 
 
 # --- measuring ----------------------------------------------------------------------------------
-
-
-def summarize(values: list[float]) -> dict:
-    """Median, min, max, interquartile range and the runs (as runtime/tools/bench.py summarizes)."""
-    ordered = sorted(values)
-    q = statistics.quantiles(ordered, n=4) if len(ordered) > 1 else [ordered[0]] * 3
-    return {
-        "median": statistics.median(ordered),
-        "min": ordered[0],
-        "max": ordered[-1],
-        "iqr": q[2] - q[0],
-        "runs": values,
-    }
 
 
 def greedy_run(og, np, model, prompt: list[int], new_tokens: int) -> tuple[list[int], float, float]:
@@ -232,20 +187,6 @@ def measure_prompt(og, np, model, prompt: list[int], job: dict) -> dict:
         "greedy": sequences[0],
         "greedy_same_every_run": all(s == sequences[0] for s in sequences),
     }
-
-
-def peak_rss_bytes() -> int:
-    """This process's RSS high-water mark. Linux: VmHWM, which starts afresh at exec (getrusage's
-    ru_maxrss keeps the parent's peak across fork and exec); elsewhere getrusage."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 # --- main ---------------------------------------------------------------------------------------
