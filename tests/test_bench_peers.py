@@ -186,3 +186,18 @@ def test_embedding_table_reads_bfloat16_as_float32(tmp_path):
         len(encoded).to_bytes(8, "little") + encoded + upper.tobytes()
     )
     assert np.array_equal(peers.embedding_table(tmp_path), values)
+
+
+def test_fused_rows_are_compared_with_the_portable_graph_of_their_precision():
+    rows = [
+        {"engine": peers.VSAL, "precision": "fp32", "class": "fp32", "greedy": [1, 2, 3]},
+        {"engine": peers.VSAL_PORTABLE, "precision": "fp32", "class": "fp32", "greedy": [1, 2, 3]},
+        {"engine": peers.VSAL, "precision": "int4", "class": "4-bit", "greedy": [1, 5, 3]},
+        {"engine": peers.VSAL_PORTABLE, "precision": "int4", "class": "4-bit", "greedy": [1, 5, 4]},
+    ]
+    peers.add_greedy_equal(rows)
+    assert rows[2]["greedy_equal_to_fp32"]["prefix"] == 1
+    assert rows[2]["greedy_equal_to_portable"] == {"prefix": 2, "count": 2, "of": 3}
+    assert rows[0]["greedy_equal_to_portable"]["prefix"] == 3
+    assert "greedy_equal_to_portable" not in rows[1]  # the portable graph is the reference
+    assert peers._greedy(rows[2]) == "1/3 first, 2 in all; = portable graph: 2/3 first"

@@ -6,7 +6,9 @@ GroupQueryAttention reads and writes in place when its past and present are the 
 step binds each buffer (numpy memory wrapped as an OrtValue, no copy) as both, and the only tensors
 that cross per token are the new token's embedding and the logits: no cache is allocated or
 concatenated per token. The buffers grow by GROW positions when a step would pass their end (a copy
-once per GROW tokens), never past the profile's P max. Beam search reorders the buffers in place
+once per GROW tokens), never past the profile's P max. The IO binding itself is kept with the cache
+(`StepBinding`): while the cache and the step's shapes stay, a step only writes the new token's
+embedding and positions into the bound host arrays, so the per-token cost is ONNX Runtime's run. Beam search reorders the buffers in place
 (one gather of the filled positions per step); a new batch size (the prompt's row tiled to the
 beams) takes new buffers.
 
@@ -35,14 +37,43 @@ def _capacity(needed: int, most: int) -> int:
     return min(most, -(-(needed + GROW) // GROW) * GROW) if needed <= most else needed
 
 
+class StepBinding:
+    """One IO binding of a step's shape over a cache's buffers, reused step after step: the host
+    inputs are arrays of their own, bound as OrtValues over their memory, which a step overwrites."""
+
+    def __init__(self, session, host: Mapping[str, np.ndarray], past: Mapping, present: Mapping):
+        import onnxruntime as ort
+
+        self.key = _key(host)
+        self.host = {name: np.array(array, order="C") for name, array in host.items()}  # own copies
+        self.binding = session.io_binding()
+        for name, array in self.host.items():
+            self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
+        for name, value in past.items():
+            self.binding.bind_ortvalue_input(name, value)
+        self.binding.bind_output("logits", "cpu")  # first: get_outputs() lists them in binding order
+        for name, value in present.items():
+            self.binding.bind_ortvalue_output(name, value)
+
+    def fill(self, host: Mapping[str, np.ndarray]) -> None:
+        for name, array in host.items():
+            np.copyto(self.host[name], array)
+
+
+def _key(host: Mapping[str, np.ndarray]) -> tuple:
+    return tuple((name, np.shape(a), np.asarray(a).dtype.str) for name, a in host.items())
+
+
 @dataclass
 class FusedKVCache:
-    """The past in buffers [B, kvH, capacity, hd] per name, of which `length` positions are filled."""
+    """The past in buffers [B, kvH, capacity, hd] per name, of which `length` positions are filled;
+    `binding`: the last step's IO binding over these buffers."""
 
     layout: KVLayout
     buffers: tuple[np.ndarray, ...]
     values: tuple  # OrtValues over the same memory
     length: int
+    binding: StepBinding | None = None
 
     @classmethod
     def allocate(cls, layout: KVLayout, batch: int, capacity: int) -> FusedKVCache:
@@ -117,9 +148,15 @@ class FusedDecoderStep:
             "total_sequence_length": np.array(length + t, np.int32),
             "logits_to_keep": np.array(0 if self.all_logits else 1, np.int64),
         }
-        past = dict(zip(self.past, cache.values, strict=True))
-        self.backend.checker.check(host | {name: BoundTensor(v) for name, v in past.items()})
-        logits = self.backend.in_place_run(host, past, dict(zip(self.present, cache.values, strict=True)))
+        if cache.binding is None or cache.binding.key != _key(host):
+            past = dict(zip(self.past, cache.values, strict=True))
+            # the buffers and the host arrays keep their shapes while the binding lives: checked once
+            self.backend.checker.check(host | {name: BoundTensor(v) for name, v in past.items()})
+            present = dict(zip(self.present, cache.values, strict=True))
+            cache.binding = StepBinding(self.backend.session, host, past, present)
+        else:
+            cache.binding.fill(host)
+        logits = self.backend.bound_step(cache.binding)
         cache.length = length + t
         return logits, cache
 
@@ -140,23 +177,15 @@ class FusedDecoderBackend(OnnxRuntimeBackend):
         super().__init__(name, path, info, "cpu", threads, precision)
         self.description += ", fused (GroupQueryAttention, MatMulNBits, the KV cache in place)"
 
-    def in_place_run(self, host: Mapping[str, np.ndarray], past: Mapping[str, object], present) -> np.ndarray:
-        """One run with each present bound to its past's OrtValue: the logits, on the host."""
-        binding = self.session.io_binding()
-        for name, array in host.items():  # np.require keeps the scalars 0-d (ascontiguousarray: 1-d)
-            binding.bind_cpu_input(name, np.require(array, requirements="C"))
-        for name, value in past.items():
-            binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")  # first: get_outputs() lists them in binding order
-        for name, value in present.items():
-            binding.bind_ortvalue_output(name, value)
+    def bound_step(self, step: StepBinding) -> np.ndarray:
+        """One run of a step's binding, each present bound to its past's buffer: the logits, on the host."""
         try:
-            self.session.run_with_iobinding(binding)
+            self.session.run_with_iobinding(step.binding)
         except self.errors as exc:
             from vsal.runtime.backends.sessions import ort_failure
 
             raise ort_failure(self.name, exc) from None
-        return binding.get_outputs()[0].numpy()
+        return step.binding.get_outputs()[0].numpy()
 
     def decoder_step(self, layout: KVLayout, all_logits: bool = False) -> FusedDecoderStep:
         return FusedDecoderStep(self, self.info.kv_layout(layout), all_logits)

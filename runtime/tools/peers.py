@@ -456,6 +456,11 @@ def add_greedy_equal(rows: list[dict]) -> None:
             reference, name = fp32.get(VSAL_PORTABLE), VSAL_PORTABLE
         if reference is not None and "greedy" in row:
             row["greedy_equal_to_fp32"] = equal_to(row["greedy"], reference) | {"reference": f"{name} fp32"}
+    # the fused graph against the portable graph it was built from, precision by precision
+    portable = {r["precision"]: r["greedy"] for r in rows if r["engine"] == VSAL_PORTABLE and "greedy" in r}
+    for row in rows:
+        if row["engine"] == VSAL and "greedy" in row and row["precision"] in portable:
+            row["greedy_equal_to_portable"] = equal_to(row["greedy"], portable[row["precision"]])
 
 
 def add_roofline(row: dict, weights: int, kv_per_position: int, mean_context: float, bandwidth: dict) -> None:
@@ -570,7 +575,9 @@ def _greedy(row: dict) -> str:
     eq = row.get("greedy_equal_to_fp32")
     if eq is None:
         return "-"
-    return f"{eq['prefix']}/{eq['of']} first, {eq['count']} in all"
+    text = f"{eq['prefix']}/{eq['of']} first, {eq['count']} in all"
+    own = row.get("greedy_equal_to_portable")
+    return text if own is None else f"{text}; = portable graph: {own['prefix']}/{own['of']} first"
 
 
 def table(peers: dict) -> str:

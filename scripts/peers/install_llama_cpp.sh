@@ -31,7 +31,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 
 # The GGUF converter: convert_hf_to_gguf.py and its `conversion` package ship in the sdist's
 # vendored llama.cpp; its Python dependencies (gguf, torch, transformers, sentencepiece,
-# safetensors) go in the same venv (torch is the registry's default wheel: a few GB).
+# safetensors) go in the same venv (torch pinned to 2.13.0, the CPU build; unpinned it pulls a CUDA build of several GB).
 SDIST_DIR=$(mktemp -d)
 trap 'rm -rf "$SDIST_DIR"' EXIT
 "$VENV/bin/pip" download --no-deps --no-binary :all: --no-build-isolation -d "$SDIST_DIR" \
@@ -42,6 +42,6 @@ mkdir -p "$VENV/share/llama.cpp"
 cp "$VENDOR/convert_hf_to_gguf.py" "$VENV/share/llama.cpp/"
 rm -rf "$VENV/share/llama.cpp/conversion"
 cp -r "$VENDOR/conversion" "$VENV/share/llama.cpp/"
-"$VENV/bin/pip" install "$VENDOR/gguf-py" numpy sentencepiece safetensors transformers torch
+"$VENV/bin/pip" install "$VENDOR/gguf-py" numpy sentencepiece safetensors transformers "torch==2.13.0"
 
 "$VENV/bin/python" -c "import llama_cpp, gguf; print('llama-cpp:', llama_cpp.__version__, 'in $VENV')"
