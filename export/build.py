@@ -158,7 +158,9 @@ def build(
                 _build_exported_fused(report, package, manifest, allow_below, progress)
                 _save_report(report, package)
             else:
-                report.notes.append(f"{precision}: the exported graphs are used as they are (nothing to record)")
+                report.notes.append(
+                    f"{precision}: the exported graphs are used as they are (nothing to record)"
+                )
             _tensorrt_note(report)
             return report
         _verify(package, manifest)

@@ -8,9 +8,9 @@ that cross per token are the new token's embedding and the logits: no cache is a
 concatenated per token. The buffers grow by GROW positions when a step would pass their end (a copy
 once per GROW tokens), never past the profile's P max. The IO binding itself is kept with the cache
 (`StepBinding`): while the cache and the step's shapes stay, a step only writes the new token's
-embedding and positions into the bound host arrays, so the per-token cost is ONNX Runtime's run. Beam search reorders the buffers in place
-(one gather of the filled positions per step); a new batch size (the prompt's row tiled to the
-beams) takes new buffers.
+embedding and positions into the bound host arrays, so the per-token cost is ONNX Runtime's run.
+Beam search reorders the buffers in place (one gather of the filled positions per step); a new
+batch size (the prompt's row tiled to the beams) takes new buffers.
 
 The variant has no attention mask: every row attends to all of its past, as generation feeds it
 (one prompt, its beams). `FusedDecoderBackend.run` takes the portable graph's feeds too (the
