@@ -124,7 +124,15 @@ def _open_onnxruntime(
         fused = info.fused[got]
         return FusedDecoderBackend(name, folder / fused.file, info.fused_interface(got), threads, got)
     return OnnxRuntimeBackend(
-        name, folder / file, info, provider, threads, got, folder / ENGINE_DIR, low_memory=low_memory
+        name,
+        folder / file,
+        info,
+        provider,
+        threads,
+        got,
+        folder / ENGINE_DIR,
+        low_memory=low_memory,
+        spinning=name == "llm_decoder",  # it runs alone, token after token
     )
 
 

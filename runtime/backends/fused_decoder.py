@@ -174,7 +174,7 @@ class FusedDecoderBackend(OnnxRuntimeBackend):
     interface (GraphInfo.fused_interface)."""
 
     def __init__(self, name: str, path: str | os.PathLike, info: GraphInfo, threads: int, precision: str):
-        super().__init__(name, path, info, "cpu", threads, precision)
+        super().__init__(name, path, info, "cpu", threads, precision, spinning=True)
         self.description += ", fused (GroupQueryAttention, MatMulNBits, the KV cache in place)"
 
     def bound_step(self, step: StepBinding) -> np.ndarray:
