@@ -119,6 +119,7 @@ class OnnxRuntimeBackend(Runner):
                 threads=threads,
                 providers=providers,
                 stop_spinning=not spinning,
+                name=name,
                 config=LOW_MEMORY_CONFIG if low_memory else None,
             )
         except self.errors as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from vsal.runtime.backends.base import BackendError
 
@@ -19,6 +20,7 @@ PROVIDERS = {  # vsal's provider names -> ONNX Runtime's
     "cpu": "CPUExecutionProvider",
 }
 PREFERENCE = ("tensorrt", "cuda", "cpu")
+PROFILE_ENV = "VSAL_ORT_PROFILE"  # a folder: every session writes ONNX Runtime's profile there
 ORT_LOG_FATAL = 4  # ONNX Runtime's log severities: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal
 ORT_LOG_ERROR = 3
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")  # ONNX Runtime's graph optimisation
@@ -82,12 +84,16 @@ def ort_session(
     stop_spinning: bool = False,
     low_memory: bool = False,
     config: Mapping[str, str] | None = None,
+    name: str | None = None,
 ):
     """An ONNX Runtime InferenceSession of a graph file or serialized model (bytes).
 
     providers: ONNX Runtime's provider list (names or (name, options) pairs); None: the CPU only.
     The other arguments are `session_options`'. ONNX Runtime's own exceptions pass through
-    (`ort_errors()` names them): callers say what failing to load means for them.
+    (`ort_errors()` names them): callers say what failing to load means for them. With
+    $VSAL_ORT_PROFILE set to a folder, the session profiles its runs and writes ONNX Runtime's JSON
+    there when it ends, named after `name` (default: the file's stem); scripts/profile_ops.py
+    reads them.
     """
     import onnxruntime as ort
 
@@ -99,6 +105,12 @@ def ort_session(
         low_memory=low_memory,
         config=config,
     )
+    folder = os.environ.get(PROFILE_ENV)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        options.enable_profiling = True
+        label = name or ("graph" if isinstance(source, bytes) else Path(source).stem.split(".")[0])
+        options.profile_file_prefix = os.path.join(folder, label)
     model = source if isinstance(source, bytes) else str(source)
     return ort.InferenceSession(model, options, providers=list(providers or [PROVIDERS["cpu"]]))
 
