@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             media = Path(tmp) / "clip.mp4"
             write_clip(media)
         folder = Path(tmp) / "profiles"
-        command = [sys.executable, "-c", "from vsal.runtime.cli import main; main()", "run", str(args.package)]
+        entry = "from vsal.runtime.cli import main; main()"
+        command = [sys.executable, "-c", entry, "run", str(args.package)]
         command += ["--video", str(media)]
         command += ["--prompt", "What happens in this clip?", "--max-new-tokens", str(args.max_new_tokens)]
         if args.precision:
