@@ -11,11 +11,13 @@ runs where ONNX Runtime runs the decoder. It is checked against the portable var
   prefill's logits within FUSED_TOLERANCE of their scale: the same weights, values and math;
 * as they run: int8 activations in MatMulNBits (level 4, ONNX Runtime's default and 10-30x faster
   on this CPU than level 1), greedy tokens compared token for token. ONNX Runtime fuses the
-  portable graph into the same MatMulNBits (block 32, level 4), but the graphs' float32 math
-  around them (norms, attention) differs by 1e-7, which flips some int8 roundings of the
-  activations, layer after layer: their logits differ by about 2 % of their scale (SmolLM2-135M,
-  int4 and int8; with q, k, v unfused too), each as far from the exact math as from the other, and
-  greedy tokens may part. Reported; a problem only for float32 weights, where nothing is rounded.
+  portable int4 graph's blockwise DequantizeLinear -> MatMul into the same MatMulNBits (level 4),
+  but the graphs' float32 math around them (norms, attention) differs by 1e-7, which flips some
+  int8 roundings of the activations, layer after layer: their logits differ by about 2 % of their
+  scale (SmolLM2-135M; with q, k, v unfused too), each as far from the exact math as from the
+  other, and greedy tokens may part. The portable int8 graph's per-channel DequantizeLinear it
+  leaves unfused (float32 activations, 2x slower): there the fused graph rounds activations and
+  the other does not. Reported; a problem only for float32 weights, where nothing is rounded.
 
 Each graph runs and is freed before the next loads, so the 13b int4 check holds one at a time.
 """
