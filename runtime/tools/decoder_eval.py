@@ -5,7 +5,8 @@
 The job is the peers' (scripts/peers/ort_genai_eval.py, llama_cpp_eval.py --decode):
   {"prompts": [[ids...], ...], "new_tokens": 64, "runs": 7, "warmup": 1, "threads": 0}
 prompts are LLM token ids, bos first as the peers get them, embedded with the package's table
-(`Pipeline.embeddings`); threads 0: ONNX Runtime's default (one per core).
+(`Pipeline.embeddings`); threads 0: every core, set explicitly as the peers' runners set theirs
+(ONNX Runtime's own default of 0 also pins its threads).
 
 Only the package's decoder loads (its backends load lazily: no encoder runs), at PRECISION, which
 must be built (fp32 is the export; others by `vsal-export build --precision P`). Its fused variant
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 from vsal.runtime.errors import ConfigError, VsalError
+from vsal.runtime.tools.machine_limits import cores
 
 DEFAULT_RUNS, DEFAULT_WARMUP = 7, 1  # as the peers' runners
 
@@ -57,7 +59,7 @@ def read_job(path: Path) -> dict:
         "new_tokens": _count(job, "new_tokens", None, path, 2),
         "runs": _count(job, "runs", DEFAULT_RUNS, path, 1),
         "warmup": _count(job, "warmup", DEFAULT_WARMUP, path, 0),
-        "threads": _count(job, "threads", 0, path, 0),
+        "threads": _count(job, "threads", 0, path, 0) or cores(),  # 0: every core, set as the peers set it
     }
 
 
