@@ -87,17 +87,25 @@ def test_the_cache_grows_and_keeps_the_tokens(built, monkeypatch):
     def embed(ids):
         return fast.embeddings[ids]
 
-    caches = []
+    caches, bindings = [], []
     step = fast.decoder_step()
+    checks = []
+    checker = step.backend.checker
+    monkeypatch.setattr(checker, "check", lambda feeds, real=checker.check: checks.append(1) or real(feeds))
 
     def watched(*args):
         logits, cache = step(*args)
         caches.append((cache.capacity, cache.length))
+        bindings.append(cache.binding)
         return logits, cache
 
     got = list(generate_tokens(watched, embed, prompt, options))
     assert got == list(generate_tokens(portable.decoder_step(), embed, prompt, options))
     assert [caches[0], caches[-1]] == [(32, 12), (64, 12 + 23)]  # grew once
+    # one IO binding for the prefill, one for the decode steps in the first buffers, one after the
+    # growth: each checked once, then only filled
+    assert len({id(b) for b in bindings}) == 3 and len(checks) == 3
+    assert bindings[1] is bindings[2] and bindings[-1] is not bindings[1]
     beams = DecodingOptions(num_beams=3, max_new_tokens=8, eos_token_id=None)
     short = prompt[:, :20]
     assert beam_search(fast.decoder_step(), embed, short, beams) == beam_search(
