@@ -33,7 +33,6 @@ arguments or the job, or a failed conversion, prints {"error": ...} instead, wit
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -45,9 +44,11 @@ from pathlib import Path
 import numpy as np
 from peer_job import (  # noqa: E402
     EvalError,
+    check_checkpoint,
+    checkpoint_fingerprint,
+    measure_prompt,
     peak_rss_bytes,
     read_job,
-    summarize,
 )
 
 
@@ -124,24 +125,6 @@ GGUF_TYPES = ("F32", "Q8_0", "Q4_0")  # F32 and Q8_0 by the converter; Q4_0 quan
 LLAMA_FTYPE_MOSTLY_Q4_0 = 2  # llama.h's llama_ftype
 LOG_TAIL = 3000  # characters of a converter's log quoted in an error
 EMBEDDING, OUTPUT = "token_embd.weight", "output.weight"  # GGUF names of the table and the LM head
-
-
-def checkpoint_fingerprint(checkpoint: Path, version: str) -> str:
-    """Digest of what a conversion depends on: the folder's resolved path, each file's name, size
-    and mtime (not the contents: hashing the weights per run would cost more than a measurement)."""
-    digest = hashlib.sha256(f"{checkpoint.resolve()}\n{version}\n".encode())
-    for entry in sorted(checkpoint.iterdir()):
-        if entry.is_file():
-            stat = entry.stat()
-            digest.update(f"{entry.name} {stat.st_size} {stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:12]
-
-
-def check_checkpoint(checkpoint: Path) -> None:
-    if not (checkpoint / "config.json").is_file():
-        raise EvalError(f"{checkpoint}: no config.json; CHECKPOINT must be a Hugging Face model folder")
-    if not any(checkpoint.glob("*.safetensors")) and not any(checkpoint.glob("*.bin")):
-        raise EvalError(f"{checkpoint}: no *.safetensors or *.bin weights")
 
 
 def run_logged(cmd: list[str], log: Path, what: str) -> None:
@@ -234,25 +217,6 @@ def timed_greedy(llm, prompt: list[int], new_tokens: int) -> tuple[list[int], fl
     return tokens, first - start, time.perf_counter() - first
 
 
-def measure_prompt(llm, prompt: list[int], job: dict) -> dict:
-    new_tokens = job["new_tokens"]
-    for _ in range(job["warmup"]):  # first runs pay for page faults and the threads' start
-        timed_greedy(llm, prompt, new_tokens)
-    prefills, rates, sequences = [], [], []
-    for _ in range(job["runs"]):
-        tokens, prefill, decode = timed_greedy(llm, prompt, new_tokens)
-        prefills.append(1000 * prefill)
-        rates.append((new_tokens - 1) / decode)
-        sequences.append(tokens)
-    return {
-        "prompt_tokens": len(prompt),
-        "prefill_ms": summarize(prefills),
-        "decode_tokens_per_s": summarize(rates),
-        "greedy": sequences[0],
-        "greedy_same_every_run": all(s == sequences[0] for s in sequences),
-    }
-
-
 def check_prompts(llm, job: dict, job_path: Path) -> None:
     vocab = llm.n_vocab()
     for i, prompt in enumerate(job["prompts"]):
@@ -300,7 +264,9 @@ def decode_evaluate(args: argparse.Namespace) -> dict:
     )
     check_prompts(llm, job, args.job)
     result |= {"threads": job["threads"], "new_tokens": job["new_tokens"], "runs": job["runs"]}
-    result["prompts"] = [measure_prompt(llm, p, job) for p in job["prompts"]]
+    result["prompts"] = [
+        measure_prompt(lambda ids, n: timed_greedy(llm, ids, n), p, job) for p in job["prompts"]
+    ]
     result["peak_rss_bytes"] = peak_rss_bytes()
     return result
 

@@ -28,7 +28,6 @@ outside the vocabulary. Prints one JSON line; a mistake in the arguments or the 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -39,9 +38,11 @@ from pathlib import Path
 
 from peer_job import (  # noqa: E402
     EvalError,
+    check_checkpoint,
+    checkpoint_fingerprint,
+    measure_prompt,
     peak_rss_bytes,
     read_job,
-    summarize,
 )
 
 PRECISIONS = ("fp32", "int8", "int4")  # the builder's CPU weight types
@@ -51,24 +52,6 @@ LOG_TAIL = 3000  # characters of the builder's log quoted in an error
 
 
 # --- the genai model, built once -----------------------------------------------------------------
-
-
-def checkpoint_fingerprint(checkpoint: Path, builder_version: str) -> str:
-    """Digest of what a build depends on: the folder's resolved path, each file's name, size and
-    mtime (not the contents: hashing GBs of weights per run would cost more than a measurement)."""
-    digest = hashlib.sha256(f"{checkpoint.resolve()}\n{builder_version}\n".encode())
-    for entry in sorted(checkpoint.iterdir()):
-        if entry.is_file():
-            stat = entry.stat()
-            digest.update(f"{entry.name} {stat.st_size} {stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:12]
-
-
-def check_checkpoint(checkpoint: Path) -> None:
-    if not (checkpoint / "config.json").is_file():
-        raise EvalError(f"{checkpoint}: no config.json; CHECKPOINT must be a Hugging Face model folder")
-    if not any(checkpoint.glob("*.safetensors")) and not any(checkpoint.glob("*.bin")):
-        raise EvalError(f"{checkpoint}: no *.safetensors or *.bin weights")
 
 
 def run_builder(checkpoint: Path, precision: str, target: Path) -> None:
@@ -170,25 +153,6 @@ def greedy_run(og, np, model, prompt: list[int], new_tokens: int) -> tuple[list[
         generator.append_tokens(np.asarray(tokens[-1:], dtype=np.int32))
 
 
-def measure_prompt(og, np, model, prompt: list[int], job: dict) -> dict:
-    new_tokens = job["new_tokens"]
-    for _ in range(job["warmup"]):  # first runs pay for the session's lazy setup
-        greedy_run(og, np, model, prompt, new_tokens)
-    prefills, rates, sequences = [], [], []
-    for _ in range(job["runs"]):
-        tokens, prefill, decode = greedy_run(og, np, model, prompt, new_tokens)
-        prefills.append(1000 * prefill)
-        rates.append((new_tokens - 1) / decode)
-        sequences.append(tokens)
-    return {
-        "prompt_tokens": len(prompt),
-        "prefill_ms": summarize(prefills),
-        "decode_tokens_per_s": summarize(rates),
-        "greedy": sequences[0],
-        "greedy_same_every_run": all(s == sequences[0] for s in sequences),
-    }
-
-
 # --- main ---------------------------------------------------------------------------------------
 
 
@@ -230,7 +194,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     check_prompts(job, config, args.job)
     model = og.Model(str(model_dir))
     result |= {"threads": job["threads"], "new_tokens": job["new_tokens"], "runs": job["runs"]}
-    result["prompts"] = [measure_prompt(og, np, model, p, job) for p in job["prompts"]]
+    run = lambda ids, n: greedy_run(og, np, model, ids, n)  # noqa: E731
+    result["prompts"] = [measure_prompt(run, p, job) for p in job["prompts"]]
     result["peak_rss_bytes"] = peak_rss_bytes()
     return result
 

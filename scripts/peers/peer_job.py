@@ -1,15 +1,18 @@
-"""What the peer runners share (scripts/peers/*_eval.py): the job file, the statistics and the
-peak RSS, as vsal's bench defines them. Standard library only: each runner runs under its own
-peer's venv and never imports vsal; it finds this file beside it (its folder is on sys.path).
+"""What the peer runners share (scripts/peers/*_eval.py): the checkpoint's checks and fingerprint,
+the job file, the timed rounds, the statistics and the peak RSS, as vsal's bench defines them.
+Standard library only: each runner runs under its own peer's venv and never imports vsal; it finds
+this file beside it (its folder is on sys.path).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import resource
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 DEFAULT_RUNS, DEFAULT_WARMUP = 7, 1
@@ -17,6 +20,25 @@ DEFAULT_RUNS, DEFAULT_WARMUP = 7, 1
 
 class EvalError(Exception):
     """A user mistake or a failed build: reported as {"error": message}."""
+
+
+def checkpoint_fingerprint(checkpoint: Path, version: str) -> str:
+    """Digest of what a peer's model built from `checkpoint` depends on: the folder's resolved path,
+    each file's name, size and mtime (not the contents: hashing GBs of weights per run would cost
+    more than a measurement), and the peer's `version`."""
+    digest = hashlib.sha256(f"{checkpoint.resolve()}\n{version}\n".encode())
+    for entry in sorted(checkpoint.iterdir()):
+        if entry.is_file():
+            stat = entry.stat()
+            digest.update(f"{entry.name} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:12]
+
+
+def check_checkpoint(checkpoint: Path) -> None:
+    if not (checkpoint / "config.json").is_file():
+        raise EvalError(f"{checkpoint}: no config.json; CHECKPOINT must be a Hugging Face model folder")
+    if not any(checkpoint.glob("*.safetensors")) and not any(checkpoint.glob("*.bin")):
+        raise EvalError(f"{checkpoint}: no *.safetensors or *.bin weights")
 
 
 def machine_cores() -> int:
@@ -49,6 +71,30 @@ def read_job(job_path: Path) -> dict:
         "runs": positive_int(job, "runs", DEFAULT_RUNS, job_path),
         "warmup": positive_int(job, "warmup", DEFAULT_WARMUP, job_path, least=0),
         "threads": positive_int(job, "threads", 0, job_path, least=0) or machine_cores(),
+    }
+
+
+GreedyRun = Callable[[list[int], int], tuple[list[int], float, float]]  # tokens, prefill s, decode s
+
+
+def measure_prompt(greedy_run: GreedyRun, prompt: list[int], job: dict) -> dict:
+    """The job's warm-up and timed runs of one prompt: prefill ms, decode tokens/s (from the first
+    token to the last), the greedy tokens and whether every run made the same."""
+    new_tokens = job["new_tokens"]
+    for _ in range(job["warmup"]):  # first runs pay for lazy setup, page faults, the threads' start
+        greedy_run(prompt, new_tokens)
+    prefills, rates, sequences = [], [], []
+    for _ in range(job["runs"]):
+        tokens, prefill, decode = greedy_run(prompt, new_tokens)
+        prefills.append(1000 * prefill)
+        rates.append((new_tokens - 1) / decode)
+        sequences.append(tokens)
+    return {
+        "prompt_tokens": len(prompt),
+        "prefill_ms": summarize(prefills),
+        "decode_tokens_per_s": summarize(rates),
+        "greedy": sequences[0],
+        "greedy_same_every_run": all(s == sequences[0] for s in sequences),
     }
 
 
