@@ -39,6 +39,7 @@ from pathlib import Path
 
 import click
 import numpy as np
+from vsal.runtime import hugepages
 from vsal.runtime.errors import ConfigError
 from vsal.runtime.log import sayer
 from vsal.runtime.observe import Stopwatch
@@ -548,7 +549,7 @@ def run_bench(
             "threads": threads or "library default",
             "prompt": prompt,
         },
-        "machine": limits,
+        "machine": limits | {"huge_pages": hugepages.state()},
         "runtime": {k: v for k, v in rt.items() if not k.startswith("_") and k != "shapes"},
         "reference": ref,
         "roofline": roofline(rt, limits, model_dir, tokens),
@@ -621,7 +622,8 @@ def table(result: dict) -> str:
             else ""
         ),
         f"         fp32 GEMM {m['gemm_fp32']['flop_per_s'] / 1e9:.0f} GFLOP/s"
-        + (f", int8 GEMM {m['gemm_int8']['op_per_s'] / 1e9:.0f} GOP/s" if m.get("gemm_int8") else ""),
+        + (f", int8 GEMM {m['gemm_int8']['op_per_s'] / 1e9:.0f} GOP/s" if m.get("gemm_int8") else "")
+        + (f"; {m['huge_pages']}" if "huge_pages" in m else ""),
     ]
     d = result["roofline"]["decode"]
     lines.append(

@@ -439,7 +439,7 @@ def engine_row(engine: Engine, results: list[dict], error: str | None) -> dict:
         "greedy": greedy[0],
         "greedy_same_every_round": all(g == greedy[0] for g in greedy),
     }
-    for key in ("decoder_graph", "backend", "version", "threads"):
+    for key in ("decoder_graph", "backend", "version", "threads", "huge_pages"):
         if key in results[0]:
             row[key] = results[0][key]
     return row
@@ -590,6 +590,9 @@ def table(peers: dict) -> str:
         "| MB/token | roofline tokens/s | of roofline |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    pages = {r["huge_pages"] for r in peers["engines"] if "huge_pages" in r}
+    if pages:  # vsal restarts itself to get them (runtime/hugepages.py); the peers run as they ship
+        lines.insert(1, f"vsal's decoder: {', '.join(sorted(pages))}; the peers run as installed")
     for cls in CLASSES:
         for row in (r for r in peers["engines"] if r["class"] == cls):
             head = f"| {cls} | {row['engine']} | {row['precision']} |"
