@@ -8,16 +8,18 @@ runs where ONNX Runtime runs the decoder. It is checked against the portable var
 
 * exact: both graphs with float32 activations (the fused graph's MatMulNBits at accuracy level 1,
   the portable graph's DequantizeLinear -> MatMul fused by ONNX Runtime at level 1 too), the
-  prefill's logits within FUSED_TOLERANCE of their scale: the same weights, values and math;
-* as they run: int8 activations in MatMulNBits (level 4, ONNX Runtime's default and 10-30x faster
-  on this CPU than level 1), greedy tokens compared token for token. ONNX Runtime fuses the
-  portable int4 graph's blockwise DequantizeLinear -> MatMul into the same MatMulNBits (level 4),
-  but the graphs' float32 math around them (norms, attention) differs by 1e-7, which flips some
-  int8 roundings of the activations, layer after layer: their logits differ by about 2 % of their
-  scale (SmolLM2-135M; with q, k, v unfused too), each as far from the exact math as from the
-  other, and greedy tokens may part. The portable int8 graph's per-channel DequantizeLinear it
-  leaves unfused (float32 activations, 2x slower): there the fused graph rounds activations and
-  the other does not. Reported; a problem only for float32 weights, where nothing is rounded.
+  prefill's logits within FUSED_TOLERANCE of their scale and the greedy tokens equal, token for
+  token: the same weights, values and math (a problem otherwise, at every precision);
+* as they run: int8 activations in MatMulNBits (level 4, ONNX Runtime's default; on this CPU
+  10-30x faster than level 1 at prefill, 1.8x at decode), greedy tokens compared token for token.
+  ONNX Runtime fuses the portable int4 graph's blockwise DequantizeLinear -> MatMul into the same
+  MatMulNBits (level 4), but the graphs' float32 math around them (norms, attention) differs by
+  1e-7, which flips some int8 roundings of the activations, layer after layer: their logits differ
+  by about 2 % of their scale (SmolLM2-135M; with q, k, v unfused too), each as far from the exact
+  math as from the other, and greedy tokens may part. The portable int8 graph's per-channel
+  DequantizeLinear it leaves unfused (float32 activations, 2x slower): there the fused graph rounds
+  activations and the other does not. Reported; a problem only for float32 weights, where nothing
+  is rounded.
 
 Each graph runs and is freed before the next loads, so the 13b int4 check holds one at a time.
 """
@@ -64,18 +66,23 @@ def build_fused(package: Path, manifest, precision: str, build_id: str, feeds, p
     report = fuse_decoder(src, dst, max_positions=context)
     table = manifest.load_embeddings(package)
     prompts = _prompts(feeds)
-    exact = _prefill_logits(_PortableRun(src, EXACT_LEVEL), prompts)
-    with _at_level(dst, EXACT_LEVEL) as exact_graph:
-        error = _worst_error(exact, _prefill_logits(_FusedRun(exact_graph), prompts))
-    expected = _greedy(_PortableRun(src), prompts, table)
-    got = _greedy(_FusedRun(dst), prompts, table)
-    equal = sum(int(x == y) for e, g in zip(expected, got, strict=True) for x, y in zip(e, g, strict=True))
-    total = sum(len(e) for e in expected)
+    exact_expected, exact = greedy(PortableRun(src, EXACT_LEVEL), prompts, table)
+    with at_level(dst, EXACT_LEVEL) as exact_graph:
+        exact_got, logits = greedy(FusedRun(exact_graph), prompts, table)
+    error = _worst_error(exact, logits)
+    exact_equal, total = _equal(exact_expected, exact_got)
+    as_run = greedy(PortableRun(src), prompts, table)[0], greedy(FusedRun(dst), prompts, table)[0]
+    equal, _ = _equal(*as_run)
     problems = []
     if error > FUSED_TOLERANCE:
         problems.append(
             f"{DECODER}: fused {precision} logits differ by {error:.2g} of their scale from its portable "
             f"graph's (float32 activations) > {FUSED_TOLERANCE}"
+        )
+    if exact_equal != total:
+        problems.append(
+            f"{DECODER}: fused {precision} greedy tokens equal to the portable graph's {exact_equal}/{total} "
+            "(float32 activations)"
         )
     if equal != total and precision == "fp32":
         problems.append(f"{DECODER}: fused fp32 greedy tokens equal to the portable graph's {equal}/{total}")
@@ -88,7 +95,8 @@ def build_fused(package: Path, manifest, precision: str, build_id: str, feeds, p
         external_data={str(f.relative_to(package)): sha256_file(f) for f in files},
         accuracy={
             "against": info.file_for(precision)[0],
-            "greedy_tokens_equal": equal,
+            "greedy_tokens_equal": equal,  # as they run (int8 activations in MatMulNBits)
+            "greedy_tokens_equal_exact": exact_equal,  # float32 activations
             "greedy_tokens": total,
             "prompts": len(prompts),
             "max_relative_logits_error": float(error),  # float32 activations (exact math)
@@ -98,9 +106,9 @@ def build_fused(package: Path, manifest, precision: str, build_id: str, feeds, p
         outputs=outputs,
     )
     summary = (
-        f"fused for ONNX Runtime: {report.src_nodes} -> {report.nodes} nodes; logits within {error:.2g} of "
-        f"the portable graph's (float32 activations); greedy tokens equal to its {equal}/{total} as they run "
-        f"({len(prompts)} prompts)"
+        f"fused for ONNX Runtime: {report.src_nodes} -> {report.nodes} nodes; with float32 activations "
+        f"logits within {error:.2g} of the portable graph's, greedy tokens equal to its "
+        f"{exact_equal}/{total}; as they run {equal}/{total} ({len(prompts)} prompts)"
     )
     return FusedBuild(variant, problems, summary)
 
@@ -126,7 +134,7 @@ def _interface(path: Path) -> tuple[list[TensorInfo], list[TensorInfo]]:
     return [info(v) for v in graph.input], [info(v) for v in graph.output]
 
 
-class _PortableRun:
+class PortableRun:
     """One step of the portable decoder: (logits of the last position [B, V], the presents).
     `level`: the accuracy level ONNX Runtime fuses its DequantizeLinear -> MatMul at (None: its own)."""
 
@@ -154,7 +162,7 @@ class _PortableRun:
         return values[0][:, -1], presents
 
 
-class _FusedRun(_PortableRun):
+class FusedRun(PortableRun):
     def __call__(self, x, length, past):
         t = x.shape[1]
         feed = {
@@ -170,13 +178,6 @@ class _FusedRun(_PortableRun):
         return values[0][:, -1], presents
 
 
-def _prefill_logits(run: _PortableRun, prompts) -> list[np.ndarray]:
-    """The last position's logits of each prompt's prefill; the session is freed."""
-    logits = [run(prompt, 0, run.empty())[0][0] for prompt in prompts]
-    del run.session
-    return logits
-
-
 def _worst_error(expected: list[np.ndarray], got: list[np.ndarray]) -> float:
     return max(
         float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-30)) for a, b in zip(expected, got, strict=True)
@@ -184,7 +185,7 @@ def _worst_error(expected: list[np.ndarray], got: list[np.ndarray]) -> float:
 
 
 @contextlib.contextmanager
-def _at_level(path: Path, level: int):
+def at_level(path: Path, level: int):
     """The graph at `path` with every MatMulNBits at accuracy `level`: its structure written beside
     it (the weights are the same side file), removed after."""
     model = onnx.load(str(path), load_external_data=False)
@@ -200,16 +201,25 @@ def _at_level(path: Path, level: int):
         copy.unlink(missing_ok=True)
 
 
-def _greedy(run: _PortableRun, prompts, table) -> list[list[int]]:
-    """GREEDY_TOKENS greedy tokens per prompt; the session is freed."""
-    tokens = []
+def _equal(expected: list[list[int]], got: list[list[int]]) -> tuple[int, int]:
+    """(tokens equal at the same place, tokens in all)."""
+    pairs = [(x, y) for e, g in zip(expected, got, strict=True) for x, y in zip(e, g, strict=True)]
+    return sum(int(x == y) for x, y in pairs), len(pairs)
+
+
+def greedy(
+    run: PortableRun, prompts, table, tokens: int = GREEDY_TOKENS
+) -> tuple[list[list[int]], list[np.ndarray]]:
+    """`tokens` greedy tokens per prompt, and each prefill's last logits; the session is freed."""
+    answers, prefill = [], []
     for prompt in prompts:
         last, past = run(prompt, 0, run.empty())
+        prefill.append(last[0])
         found, length = [], prompt.shape[1]
-        for _ in range(GREEDY_TOKENS):
+        for _ in range(tokens):
             found.append(int(last[0].argmax()))
             last, past = run(np.asarray(table[found[-1]], np.float32)[None, None], length, past)
             length += 1
-        tokens.append(found)
+        answers.append(found)
     del run.session
-    return tokens
+    return answers, prefill

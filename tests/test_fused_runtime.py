@@ -4,7 +4,9 @@ cache in place and answers as the portable graph does (greedy, beams, past a buf
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +20,8 @@ from vsal.runtime.manifest import load_manifest, verify_files
 from vsal.runtime.pipeline import Pipeline
 from vsal.runtime.prompt import DecodingOptions
 from vsal.runtime.tools.perplexity import perplexity
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +47,7 @@ def test_the_build_records_the_fused_twin_checked_against_its_portable_graph(bui
     assert fused.file.endswith(".fused.onnx") and fused.file in manifest.files()
     assert fused.accuracy["against"] == decoder.variants["int4"].file
     assert fused.accuracy["greedy_tokens_equal"] == fused.accuracy["greedy_tokens"] > 0
+    assert fused.accuracy["greedy_tokens_equal_exact"] == fused.accuracy["greedy_tokens"]
     assert fused.accuracy["max_relative_logits_error"] < 1e-3
     assert [t.name for t in fused.inputs][:5] == [
         "inputs_embeds",
@@ -158,6 +163,21 @@ def test_an_fp32_build_fuses_the_exported_decoder(tiny_package, tmp_path):
     report = build(folder, "fp32", progress=False)
     fused = load_manifest(folder).graphs[DECODER].fused["fp32"]
     assert report.recorded and report.problems == [] and fused.accuracy["greedy_tokens_equal"] > 0
+    assert fused.accuracy["greedy_tokens_equal_exact"] == fused.accuracy["greedy_tokens"]
     assert isinstance(
         Pipeline.load(folder, verbose=False, precision="fp32").backend(DECODER), FusedDecoderBackend
     )
+
+
+def test_the_longer_greedy_check_script_finds_the_fused_twin_exact(built, capsys):
+    """scripts/fused_greedy_check.py on the tiny int4 package: equal from the first token to the
+    last at float32 activations; an absent precision is named, with what is built."""
+    spec = importlib.util.spec_from_file_location("fused_greedy_check", SCRIPTS / "fused_greedy_check.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    folder, _ = built
+    exact, as_run = script.check(folder, "int4", 12)
+    assert exact.startswith("| int4 | exact | 12/12 | never |")
+    assert as_run.startswith("| int4 | as run | ")
+    assert script.main([str(folder), "--precisions", "int8"]) == 2
+    assert "no fused decoder at int8 (built: int4)" in capsys.readouterr().out
