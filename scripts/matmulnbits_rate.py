@@ -1,6 +1,6 @@
 """How fast ONNX Runtime's MatMulNBits reads weights at decode (M = 1), beside the machine's bandwidth.
 
-  python scripts/matmulnbits_rate.py [--layers 30] [--runs 15] [--threads 1,2]
+  python scripts/matmulnbits_rate.py [--layers 30] [--runs 15] [--threads 1,2] [--config KEY=VALUE ...]
 
 One graph of LAYERS decoder layers of MatMulNBits only, SmolLM2-135M's shapes (q/k/v 576 x 960,
 o 576 x 576, gate/up 576 x 3072, down 1536 x 576: 66 MB at int4 in blocks of 32, more than this
@@ -8,6 +8,8 @@ machine's L3), random weights, one token's activation, for each (bits, block siz
 level 4 (int8 activations, what vsal's fused decoder runs) and each thread count; median of RUNS
 runs after 3 warm-ups. Prints ms per pass and weight bytes read per second, then the read bandwidth
 of `vsal bench` (runtime.tools.machine_limits) at the same size: the decode roofline's numerator.
+--config adds a session config entry to every session (e.g. mlas.use_lut_gemm=1, ONNX Runtime's
+LUT GEMM path).
 A kernel that reads far below it is compute-bound: no graph change brings decode to the roofline.
 """
 
@@ -65,11 +67,11 @@ def layers_graph(layers: int, bits: int, block: int, seed: int = 0):
     return helper.make_model(graph, opset_imports=opsets), total
 
 
-def rate(model, threads: int, runs: int) -> float:
+def rate(model, threads: int, runs: int, config: dict[str, str] | None = None) -> float:
     """Median seconds per pass."""
     from vsal.runtime.backends.sessions import ort_session
 
-    session = ort_session(model.SerializeToString(), threads=threads)
+    session = ort_session(model.SerializeToString(), threads=threads, config=config)
     x = np.random.default_rng(1).random((1, HIDDEN), dtype=np.float32)
     for _ in range(3):
         session.run(None, {"x": x})
@@ -86,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--threads", default="1,2", help="comma-separated intra-op thread counts")
+    parser.add_argument("--config", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
+    if any("=" not in item for item in args.config):
+        parser.error(f"--config takes KEY=VALUE, got {args.config}")
+    config = dict(item.split("=", 1) for item in args.config)
     threads = [int(t) for t in args.threads.split(",")]
     print("| bits | block | threads | ms per pass | MB | GB/s |", "|---|---|---|---|---|---|", sep="\n")
     largest = 0
@@ -94,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         model, total = layers_graph(args.layers, bits, block)
         largest = max(largest, total)
         for count in threads:
-            seconds = rate(model, count, args.runs)
+            seconds = rate(model, count, args.runs, config)
             cells = [
                 bits,
                 block,
