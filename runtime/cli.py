@@ -57,9 +57,6 @@ def _report_bug(prog: str) -> None:
 
 
 def main() -> None:
-    from vsal.runtime.hugepages import restart_with_hugepages
-
-    restart_with_hugepages()  # before anything allocates: glibc reads its tunables at start
     run_cli(cli, "vsal")
 
 

@@ -10,6 +10,8 @@ import pytest
 from vsal.runtime import hugepages
 from vsal.runtime.hugepages import TUNABLE, hugepage_environment, thp_mode
 
+import vsal
+
 GLIBC = (2, 36)
 
 
@@ -80,3 +82,18 @@ def test_state_names_what_the_process_has(monkeypatch):
     assert hugepages.state({}) == "huge pages: off (THP madvise)"
     monkeypatch.setattr(hugepages, "thp_mode", lambda: "always")
     assert hugepages.state({}) == "huge pages: on (THP always)"
+
+
+def test_the_vsal_command_restarts_before_it_imports_the_command_line():
+    """The console script's entry: the restart comes first (the command line's imports are paid
+    once), then the command runs."""
+    code = (
+        "import sys; import vsal.runtime.hugepages as h\n"
+        "h.restart_with_hugepages = lambda: print('cli loaded:', 'vsal.runtime.cli' in sys.modules)\n"
+        "from vsal.runtime.entry import main\n"
+        "sys.argv = ['vsal', '--version']\n"
+        "main()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["cli loaded: False", f"vsal, version {vsal.__version__}"]
