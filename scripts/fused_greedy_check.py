@@ -8,7 +8,9 @@ both graphs at once:
   exact   float32 activations (MatMulNBits at accuracy level 1 in both): the same math;
   as run  as the runtime runs them (level 4, int8 activations).
 Prints, per precision and mode, how many tokens are equal from the first, the first place they
-part, and the prefill logits' largest difference over their scale. The build runs the same check
+part with the portable graph's margin there (best - second best logit, over the largest: a
+near-tie is what 1e-7 of float difference can flip), and the prefill logits' largest difference
+over their scale. The build runs the same check
 (vsal.export.build_fused) on up to 3 prompts of 16 tokens.
 """
 
@@ -44,15 +46,16 @@ def check(package: Path, precision: str, tokens: int) -> list[str]:
     lines = []
     for mode in ("exact", "as run"):
         level = EXACT_LEVEL if mode == "exact" else None
-        want, want_logits = greedy(PortableRun(portable, level), [prompt], table, tokens)
+        want = greedy(PortableRun(portable, level), [prompt], table, tokens)
         if level is None:
-            got, got_logits = greedy(FusedRun(fused), [prompt], table, tokens)
+            got = greedy(FusedRun(fused), [prompt], table, tokens)
         else:
             with at_level(fused, level) as graph:
-                got, got_logits = greedy(FusedRun(graph), [prompt], table, tokens)
-        error = float(np.abs(want_logits[0] - got_logits[0]).max() / np.abs(want_logits[0]).max())
-        same = prefix(want[0], got[0])
-        where = "never" if same == tokens else f"at token {same + 1}"
+                got = greedy(FusedRun(graph), [prompt], table, tokens)
+        a, b = want.prefill[0], got.prefill[0]
+        error = float(np.abs(a - b).max() / np.abs(a).max())
+        same = prefix(want.tokens[0], got.tokens[0])
+        where = "never" if same == tokens else f"at token {same + 1} (margin {want.margins[0][same]:.2g})"
         lines.append(f"| {precision} | {mode} | {same}/{tokens} | {where} | {error:.2g} |")
         print(lines[-1], flush=True)
     return lines

@@ -9,7 +9,7 @@ level 4 (int8 activations, what vsal's fused decoder runs) and each thread count
 runs after 3 warm-ups. Prints ms per pass and weight bytes read per second, then the read bandwidth
 of `vsal bench` (runtime.tools.machine_limits) at the same size: the decode roofline's numerator.
 --config adds a session config entry to every session (e.g. mlas.use_lut_gemm=1, ONNX Runtime's
-LUT GEMM path).
+LUT GEMM path, which its source takes for 2-bit weights only).
 A kernel that reads far below it is compute-bound: no graph change brings decode to the roofline.
 """
 

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             media = Path(tmp) / "clip.mp4"
             write_clip(media)
         folder = Path(tmp) / "profiles"
-        entry = "from vsal.runtime.cli import main; main()"
+        entry = "from vsal.runtime.entry import main; main()"  # as the `vsal` command: on huge pages
         command = [sys.executable, "-c", entry, "run", str(args.package)]
         command += ["--video", str(media)]
         command += ["--prompt", "What happens in this clip?", "--max-new-tokens", str(args.max_new_tokens)]

@@ -161,6 +161,12 @@ def test_peers_run_interleaved_grouped_by_class_and_a_missing_peer_is_reported(
     fp32_line, int8_line = text.index("| fp32 | onnxruntime-genai"), text.index("| 8-bit | onnxruntime-genai")
     assert fp32_line < int8_line < text.index("| 4-bit | onnxruntime-genai")
     assert "llama.cpp: not installed: run scripts/peers/install_llama_cpp.sh" in text
+    # which pages every child ran on (they inherit the bench's environment), and vsal's own child's
+    assert (
+        text.splitlines()[1]
+        == f"every engine's process: {result['settings']['huge_pages']} (the bench's environment, inherited)"
+    )
+    assert vsal["huge_pages"].startswith("huge pages: ")
 
 
 def test_bench_refuses_an_llm_dir_that_is_not_the_packages(tiny_package, llm_dir):

@@ -131,6 +131,18 @@ def test_reorder_gathers_rows_in_place(built):
     assert wider.batch == 5 and wider.length == 5 and wider.buffers[0][:, 0, 4, 0].tolist() == [2, 2, 2, 2, 0]
 
 
+def test_a_steps_logits_outlive_the_next_step(built):
+    """The step's logits land in an array bound once; what a step returns is its own copy."""
+    fast, _ = pipelines(built[0])
+    step = fast.decoder_step()
+    x = np.random.default_rng(0).standard_normal((1, 6, fast.llm["hidden_size"])).astype(np.float32)
+    first, cache = step(x[:, :5], np.ones((1, 5), np.int64), np.arange(5)[None], None)
+    kept = first.copy()
+    second, cache = step(x[:, 5:], np.ones((1, 6), np.int64), np.array([[5]]), cache)
+    assert np.array_equal(first, kept) and not np.array_equal(first, second)
+    assert second is not cache.binding.logits
+
+
 def test_a_padded_mask_is_refused_by_name(built):
     fast, _ = pipelines(built[0])
     step = fast.decoder_step()
@@ -181,3 +193,14 @@ def test_the_longer_greedy_check_script_finds_the_fused_twin_exact(built, capsys
     assert as_run.startswith("| int4 | as run | ")
     assert script.main([str(folder), "--precisions", "int8"]) == 2
     assert "no fused decoder at int8 (built: int4)" in capsys.readouterr().out
+
+
+def test_only_a_parting_beyond_a_near_tie_is_a_problem():
+    """At float32 activations the graphs differ by 1e-7: a pick whose two best logits are that close
+    may go either way (reported); any other parting is a problem."""
+    from vsal.export.build_fused import Greedy, parted_beyond_ties
+
+    expected = Greedy(tokens=[[1, 2, 3], [4, 5, 6]], prefill=[], margins=[[0.5, 0.5, 0.5], [0.5, 1e-6, 0.5]])
+    assert parted_beyond_ties(expected, [[1, 2, 3], [4, 5, 6]]) == []
+    assert parted_beyond_ties(expected, [[1, 2, 3], [4, 9, 9]]) == []  # prompt 2 parts at a near-tie
+    assert parted_beyond_ties(expected, [[1, 7, 3], [4, 5, 6]]) == ["#1 at token 2 (margin 0.5)"]

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 from vsal.runtime import hugepages
-from vsal.runtime.hugepages import TUNABLE, hugepage_environment, thp_mode
+from vsal.runtime.hugepages import OFF_SWITCH, RESTARTED, TUNABLE, hugepage_environment, thp_mode
 
 import vsal
 
@@ -28,7 +28,7 @@ def test_thp_mode_reads_the_bracketed_word(tmp_path, text, mode):
 
 def test_restart_sets_the_tunable_beside_the_users_own():
     env = hugepage_environment({"PATH": "/bin"}, "madvise", GLIBC)
-    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": f"{TUNABLE}=1"}
+    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": f"{TUNABLE}=1", RESTARTED: "1"}
     env = hugepage_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, "madvise", GLIBC)
     assert env["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{TUNABLE}=1"
 
@@ -44,6 +44,7 @@ def test_restart_sets_the_tunable_beside_the_users_own():
         ({"VSAL_HUGEPAGES": "0"}, "madvise", GLIBC),
         ({"GLIBC_TUNABLES": f"{TUNABLE}=1"}, "madvise", GLIBC),  # the restarted process: no loop
         ({"GLIBC_TUNABLES": f"{TUNABLE}=0"}, "madvise", GLIBC),  # the user's own choice stands
+        ({RESTARTED: "1"}, "madvise", GLIBC),  # restarted once, even if something dropped the tunable
     ],
 )
 def test_no_restart_where_it_would_change_nothing(environ, mode, glibc):
@@ -59,7 +60,8 @@ def _restarted(env_extra: dict[str, str], tmp_path) -> list[str]:
         "print(os.getpid(), os.environ.get('GLIBC_TUNABLES', ''), sys.argv[1:], flush=True)\n"
         "restart_with_hugepages()\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"} | env_extra
+    ours = ("GLIBC_TUNABLES", OFF_SWITCH, RESTARTED)
+    env = {k: v for k, v in os.environ.items() if k not in ours} | env_extra
     out = subprocess.run(
         [sys.executable, str(script), "a b", "--flag"], capture_output=True, text=True, env=env, check=True
     )
@@ -78,8 +80,13 @@ def test_a_command_restarts_once_with_its_arguments(tmp_path):
 
 def test_state_names_what_the_process_has(monkeypatch):
     monkeypatch.setattr(hugepages, "thp_mode", lambda: "madvise")
-    assert hugepages.state({"GLIBC_TUNABLES": f"{TUNABLE}=1"}).startswith("huge pages: on")
+    monkeypatch.setattr(hugepages, "glibc_version", lambda: GLIBC)
+    assert hugepages.state({"GLIBC_TUNABLES": f"{TUNABLE}=1"}) == f"huge pages: on (THP madvise, {TUNABLE}=1)"
+    assert hugepages.state({"GLIBC_TUNABLES": f"a=1:{TUNABLE}=2"}).startswith("huge pages: on")
+    assert hugepages.state({"GLIBC_TUNABLES": f"{TUNABLE}=0"}) == "huge pages: off (THP madvise)"
     assert hugepages.state({}) == "huge pages: off (THP madvise)"
+    monkeypatch.setattr(hugepages, "glibc_version", lambda: (2, 34))  # the tunable means nothing there
+    assert hugepages.state({"GLIBC_TUNABLES": f"{TUNABLE}=1"}) == "huge pages: off (THP madvise)"
     monkeypatch.setattr(hugepages, "thp_mode", lambda: "always")
     assert hugepages.state({}) == "huge pages: on (THP always)"
 

@@ -53,7 +53,7 @@ class StepBinding:
     ):
         import onnxruntime as ort
 
-        self.key = _key(host)
+        self.key = _key(host, logits_shape)
         self.host = {name: np.array(array, order="C") for name, array in host.items()}  # own copies
         self.logits = np.zeros(logits_shape, np.float32)
         self.binding = session.io_binding()
@@ -72,14 +72,16 @@ class StepBinding:
 
 def _vocab(info, name: str) -> int:
     """The logits' last axis, a number in the fused variant's interface."""
-    shape = next(o.shape for o in info.outputs if o.name == "logits")
+    shape = next((o.shape for o in info.outputs if o.name == "logits"), None)
+    if shape is None:
+        raise BackendError(f"{name}: the fused decoder's interface has no logits output")
     if not isinstance(shape[-1], int):
         raise BackendError(f"{name}: the fused decoder's logits have no fixed vocabulary axis: {shape}")
     return shape[-1]
 
 
-def _key(host: Mapping[str, np.ndarray]) -> tuple:
-    return tuple((name, np.shape(a), np.asarray(a).dtype.str) for name, a in host.items())
+def _key(host: Mapping[str, np.ndarray], logits_shape: tuple[int, ...]) -> tuple:
+    return (*((name, np.shape(a), np.asarray(a).dtype.str) for name, a in host.items()), logits_shape)
 
 
 @dataclass
@@ -167,12 +169,12 @@ class FusedDecoderStep:
             "total_sequence_length": np.array(length + t, np.int32),
             "logits_to_keep": np.array(0 if self.all_logits else 1, np.int64),
         }
-        if cache.binding is None or cache.binding.key != _key(host):
+        logits = (batch, t if self.all_logits else 1, self.vocab)
+        if cache.binding is None or cache.binding.key != _key(host, logits):
             past = dict(zip(self.past, cache.values, strict=True))
             # the buffers and the host arrays keep their shapes while the binding lives: checked once
             self.backend.checker.check(host | {name: BoundTensor(v) for name, v in past.items()})
             present = dict(zip(self.present, cache.values, strict=True))
-            logits = (batch, t if self.all_logits else 1, self.vocab)
             cache.binding = StepBinding(self.backend.session, host, past, present, logits)
         else:
             cache.binding.fill(host)

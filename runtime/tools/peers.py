@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from vsal.runtime import hugepages
 from vsal.runtime.errors import ConfigError, PackageError
 from vsal.runtime.log import sayer
 
@@ -555,6 +556,7 @@ def compare(
             "greedy": "argmax, no stop token",
             "per_child": "1 warm-up generation + 1 timed",
             "threads": threads or "every core",
+            "huge_pages": hugepages.state(),  # the children run in this environment
             "peers_dir": str(peers_dir),
         },
         "engines": rows,
@@ -590,9 +592,8 @@ def table(peers: dict) -> str:
         "| MB/token | roofline tokens/s | of roofline |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    pages = {r["huge_pages"] for r in peers["engines"] if "huge_pages" in r}
-    if pages:  # vsal restarts itself to get them (runtime/hugepages.py); the peers run as they ship
-        lines.insert(1, f"vsal's decoder: {', '.join(sorted(pages))}; the peers run as installed")
+    if "huge_pages" in s:  # every child inherits the bench's environment (runtime/hugepages.py)
+        lines.insert(1, f"every engine's process: {s['huge_pages']} (the bench's environment, inherited)")
     for cls in CLASSES:
         for row in (r for r in peers["engines"] if r["class"] == cls):
             head = f"| {cls} | {row['engine']} | {row['precision']} |"

@@ -1,19 +1,21 @@
 /* How fast a hand-written int4 GEMV can read its weights on this CPU, beside a plain read.
 
-   gcc -O3 -mavx2 -mfma -pthread scripts/kernel_ceiling/int4_gemv.c -o /tmp/int4_gemv && /tmp/int4_gemv [MB] [threads]
+   gcc -O3 -mavx2 -mfma -pthread scripts/kernel_ceiling/int4_gemv.c -o /tmp/int4_gemv -lm
+   /tmp/int4_gemv [MB] [threads]
 
-   Weights in blocks of 32 along K (16 bytes of nibbles, weight j low and j + 16 high, and a float
-   scale: the layout of llama.cpp's Q4_0 and MatMulNBits' int4 at block 32), activations rounded to
-   int8 per block (MatMulNBits' accuracy level 4). One token (M = 1) through MB megabytes of weights
-   (default 88, the small preset's int4 decoder), rows split over the threads; median of 21 passes.
-   Prints GB/s of weights read by the GEMV and by a plain AVX2 read of the same bytes. Not part of
-   vsal: the evidence behind docs/performance.md's "why decode stops at about half the roofline". */
+   Weights in blocks of 32 along K: 16 bytes of nibbles (weight j low, j + 16 high: llama.cpp's
+   Q4_0 order; MatMulNBits' int4 at block 32 has the same bytes a block) and a float scale.
+   Activations rounded to int8 per block (MatMulNBits' accuracy level 4). One token (M = 1) through
+   MB megabytes of weights (default 88, the small preset's int4 decoder), rows split over the
+   threads; median of 21 passes; row 0 checked against plain C. Prints GB/s of weights and scales
+   read by the GEMV, and of a plain AVX2 read of the nibbles alone. Not part of vsal: the evidence
+   behind docs/performance.md's "why decode stops at about half the roofline". */
 #include <immintrin.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
+#include <math.h>
 #include <time.h>
 
 enum { K = 2048, BLOCKS = K / 32, RUNS = 21 };
@@ -57,8 +59,16 @@ static void *plain_read(void *arg) {
   return NULL;
 }
 
-static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec * 1e-9; }
-static int by_value(const void *a, const void *b) { double x = *(const double *)a, y = *(const double *)b; return (x > y) - (x < y); }
+static double now(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+static int by_value(const void *a, const void *b) {
+  double x = *(const double *)a, y = *(const double *)b;
+  return (x > y) - (x < y);
+}
 
 static double median_pass(Job *jobs, int threads, void *(*fn)(void *)) {
   double t[RUNS];
@@ -77,10 +87,19 @@ static double median_pass(Job *jobs, int threads, void *(*fn)(void *)) {
 int main(int argc, char **argv) {
   double mb = argc > 1 ? atof(argv[1]) : 88.0;
   int threads = argc > 2 ? atoi(argv[2]) : 2;
-  if (threads < 1 || threads > 64 || mb <= 0) { fprintf(stderr, "usage: int4_gemv [MB > 0] [threads 1-64]\n"); return 2; }
+  if (threads < 1 || threads > 64 || mb <= 0) {
+    fprintf(stderr, "usage: int4_gemv [MB > 0] [threads 1-64]\n");
+    return 2;
+  }
   size_t rows = (size_t)(mb * 1e6 / (K / 2 + BLOCKS * sizeof(float)));
+  rows -= rows % 64;  /* aligned_alloc wants a multiple of the alignment */
+  if (rows < 64) {
+    fprintf(stderr, "int4_gemv: %g MB is less than 64 rows of %d weights\n", mb, K);
+    return 2;
+  }
   uint8_t *q = aligned_alloc(64, rows * (K / 2));
   float *s = aligned_alloc(64, rows * BLOCKS * sizeof(float)), *y = calloc(rows, sizeof(float));
+  if (!q || !s || !y) { fprintf(stderr, "int4_gemv: out of memory for %g MB\n", mb); return 1; }
   int8_t a[K]; float as[BLOCKS]; int asum[BLOCKS];
   srand(1);
   for (size_t i = 0; i < rows * (K / 2); i++) q[i] = (uint8_t)rand();
@@ -94,7 +113,21 @@ int main(int argc, char **argv) {
     jobs[i] = (Job){q, s, a, as, asum, y, rows * i / threads, rows * (i + 1) / threads, 0, 0};
   double bytes = (double)rows * (K / 2 + BLOCKS * sizeof(float));
   double g = median_pass(jobs, threads, gemv), r = median_pass(jobs, threads, plain_read);
-  printf("%.1f MB of int4 weights, %d threads: GEMV %.2f ms = %.1f GB/s; plain read of the nibbles %.1f GB/s (y[0] %.3f)\n",
-         bytes / 1e6, threads, g * 1e3, bytes / g / 1e9, rows * (K / 2) / r / 1e9, y[0]);
+  double want = 0;  /* row 0 in plain C: sum over blocks of scale * as * sum((w - 8) * a) */
+  for (int b = 0; b < BLOCKS; b++) {
+    long dot = 0;
+    for (int i = 0; i < 16; i++) {
+      uint8_t byte = q[b * 16 + i];
+      dot += ((byte & 15) - 8) * a[b * 32 + i] + ((byte >> 4) - 8) * a[b * 32 + 16 + i];
+    }
+    want += (double)s[b] * as[b] * dot;
+  }
+  if (fabs(y[0] - want) > 1e-3 * (fabs(want) + 1)) {
+    fprintf(stderr, "int4_gemv: row 0 is %g, plain C says %g\n", y[0], want);
+    return 1;
+  }
+  printf("%.1f MB of int4 weights, %d threads: GEMV %.2f ms = %.1f GB/s; ", bytes / 1e6, threads, g * 1e3,
+         bytes / g / 1e9);
+  printf("plain read of the nibbles %.1f GB/s\n", rows * (K / 2) / r / 1e9);
   return 0;
 }
