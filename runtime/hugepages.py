@@ -49,6 +49,11 @@ def glibc_version() -> tuple[int, int] | None:
         return None
 
 
+def _tunables(environ: Mapping[str, str]) -> dict[str, str]:
+    """GLIBC_TUNABLES ("name=value:name=value") as a dict."""
+    return dict(item.partition("=")[::2] for item in environ.get("GLIBC_TUNABLES", "").split(":") if item)
+
+
 def hugepage_environment(
     environ: Mapping[str, str], mode: str | None, glibc: tuple[int, int] | None
 ) -> dict[str, str] | None:
@@ -58,7 +63,7 @@ def hugepage_environment(
     if mode != "madvise" or glibc is None or glibc < FIRST_GLIBC:
         return None
     tunables = environ.get("GLIBC_TUNABLES", "")
-    if any(item.split("=")[0] == TUNABLE for item in tunables.split(":")):
+    if TUNABLE in _tunables(environ):
         return None  # set already (by us before the restart, or by the user): never loop
     env = dict(environ)
     env["GLIBC_TUNABLES"] = f"{tunables}:{TUNABLE}=1" if tunables else f"{TUNABLE}=1"
@@ -72,7 +77,7 @@ def state(environ: Mapping[str, str] = os.environ) -> str:
     mode = thp_mode()
     if mode == "always":
         return "huge pages: on (THP always)"
-    values = dict(item.partition("=")[::2] for item in environ.get("GLIBC_TUNABLES", "").split(":") if item)
+    values = _tunables(environ)
     glibc = glibc_version()
     if values.get(TUNABLE) in ("1", "2") and glibc is not None and glibc >= FIRST_GLIBC:
         return f"huge pages: on (THP {mode or 'absent'}, {TUNABLE}={values[TUNABLE]})"

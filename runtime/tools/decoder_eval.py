@@ -112,6 +112,8 @@ def greedy_run(pipeline, prompt: list[int], new_tokens: int) -> tuple[list[int],
 
 
 def measure_prompt(pipeline, prompt: list[int], job: dict) -> dict:
+    """The peers' timed rounds (scripts/peers/peer_job.py measure_prompt), kept twice on purpose:
+    the peers' runners run in their own venvs and never import vsal."""
     from vsal.runtime.tools.bench import summarize
 
     new_tokens = job["new_tokens"]
